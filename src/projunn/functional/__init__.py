@@ -1,0 +1,21 @@
+"""Pure tensor functions: projUNN updates, low-rank sketches, unitarity tools.
+
+Every function is batched over leading dimensions, works for real
+(orthogonal) and complex (unitary) float32/float64 tensors, returns results in
+the input's dtype and device, and never modifies its arguments.
+"""
+
+from ._sketch import SKETCHES, lowrank
+from ._unitary import INITS, closest_unitary, unitarity_error, unitary_init
+from ._update import projunn_d, projunn_t
+
+__all__ = [
+    "INITS",
+    "SKETCHES",
+    "closest_unitary",
+    "lowrank",
+    "projunn_d",
+    "projunn_t",
+    "unitarity_error",
+    "unitary_init",
+]

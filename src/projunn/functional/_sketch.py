@@ -1,0 +1,149 @@
+"""Rank-k sketches of a step matrix: D ~ a @ b.mH.
+
+All sketches are batched over leading dimensions, work for real and complex D,
+use no absolute epsilon (so a step of any scale keeps its direction: unitary
+learning rates are small and a threshold would swallow their updates), and
+draw their random numbers only from the ``generator`` they are given, so a
+fixed generator state reproduces the sketch exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validate import check_choice, check_positive_int, check_tensor
+
+__all__ = ["SKETCHES", "lowrank"]
+
+#: Names accepted by :func:`lowrank`.
+SKETCHES = ("lsi", "column", "rsvd", "exact")
+
+
+def lowrank(
+    D: torch.Tensor,
+    rank: int,
+    method: str = "lsi",
+    *,
+    generator: torch.Generator | None = None,
+    samples: int | None = None,
+    oversample: int = 4,
+    power_iters: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Rank-``rank`` factors (a, b) with ``D ~ a @ b.mH``.
+
+    Methods:
+
+    - ``"lsi"`` (random projection, the paper's LSI): draw a Gaussian
+      R (..., n, k), take an orthonormal basis V of the row-space sample
+      D^H R, and return ``a = D V``, ``b = V``, i.e. ``D ~ D V V^H``.
+      Two products of D with a thin block: O(k n m).
+    - ``"column"`` (Drineas-Kannan-Mahoney): sample ``samples`` columns of D
+      with probability proportional to their squared norms, rescale them by
+      1/sqrt(samples * p_j), and keep the *top* k left singular vectors H of
+      the sample: ``a = H``, ``b = D^H H``. O(k n m).
+    - ``"rsvd"`` (Halko-Martinsson-Tropp randomized SVD): Gaussian test matrix
+      with ``oversample`` extra columns and ``power_iters`` re-orthonormalised
+      power iterations, then an exact SVD of the small projected matrix.
+      O((k + oversample) n m (1 + 2 power_iters)). Written here rather than
+      calling ``torch.svd_lowrank`` because that function draws from the
+      global RNG and takes no generator, which would make the sketch
+      irreproducible from a saved optimiser state.
+    - ``"exact"``: truncated SVD, the best rank-k approximation
+      (Eckart-Young). O(n m min(n, m)): a reference, not for large matrices.
+
+    Args:
+        D: (..., n, m) real or complex, float32/float64/complex64/complex128.
+        rank: k, 1 <= k <= min(n, m).
+        method: one of :data:`SKETCHES`.
+        generator: source of randomness for ``lsi``, ``column`` and ``rsvd``,
+            on D's device; None uses torch's global generator.
+        samples: number of columns drawn by ``column`` (default ``2 * rank + 4``).
+        oversample, power_iters: ``rsvd`` settings.
+
+    Returns:
+        a: (..., n, k) and b: (..., m, k), dtype and device of D.
+
+    Raises:
+        TypeError: D not a supported tensor, or rank not an int.
+        ValueError: rank outside [1, min(n, m)], unknown method, a generator
+            on another device.
+
+    Example:
+        >>> D = torch.randn(6, 1, dtype=torch.float64) @ torch.randn(1, 5, dtype=torch.float64)
+        >>> a, b = lowrank(D, 1, "lsi", generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(a @ b.mT, D)
+        True
+    """
+    check_tensor("D", D)
+    check_positive_int("rank", rank)
+    check_choice("method", method, SKETCHES)
+    n, m = D.shape[-2:]
+    if rank > min(n, m):
+        raise ValueError(f"rank must be <= min(n, m) = {min(n, m)} for D of shape {tuple(D.shape)}, got {rank}")
+    if generator is not None and torch.device(generator.device).type != D.device.type:
+        raise ValueError(f"generator is on {generator.device} but D is on {D.device}")
+    if method == "lsi":
+        return _lsi(D, rank, generator)
+    if method == "column":
+        count = 2 * rank + 4 if samples is None else check_positive_int("samples", samples)
+        return _column(D, rank, count, generator)
+    if method == "rsvd":
+        if oversample < 0 or power_iters < 0:
+            raise ValueError(f"oversample and power_iters must be >= 0, got {oversample} and {power_iters}")
+        return _rsvd(D, rank, oversample, power_iters, generator)
+    return _exact(D, rank)
+
+
+def _gaussian(D: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(shape, dtype=D.dtype, device=D.device, generator=generator)
+
+
+def _lsi(D: torch.Tensor, k: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # The span of D^H R equals the row space of R^H D, whose right singular
+    # vectors the paper takes; a QR gives an orthonormal basis of it with no
+    # threshold and no SVD. Householder QR is orthonormal even if D^H R = 0.
+    R = _gaussian(D, (*D.shape[:-1], k), generator)
+    V, _ = torch.linalg.qr(D.mH @ R)
+    return D @ V, V
+
+
+def _column(
+    D: torch.Tensor, k: int, samples: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, m = D.shape[-2:]
+    batch = D.shape[:-2]
+    weights = torch.linalg.vector_norm(D, dim=-2).square()  # (..., m), real
+    total = weights.sum(-1, keepdim=True)
+    # A zero matrix has no column distribution; any columns give the right
+    # (zero) answer, so fall back to uniform rather than dividing by zero.
+    probs = torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), 1.0 / m)
+    flat_probs = probs.reshape(-1, m)
+    picks = torch.multinomial(flat_probs, samples, replacement=True, generator=generator)  # (B, c)
+    scale = torch.rsqrt(samples * flat_probs.gather(-1, picks)).to(D.dtype)  # (B, c)
+    columns = D.reshape(-1, n, m).gather(-1, picks.unsqueeze(-2).expand(-1, n, -1))  # (B, n, c)
+    sample = (columns * scale.unsqueeze(-2)).reshape(*batch, n, samples)
+    H = torch.linalg.svd(sample, full_matrices=False)[0][..., :k]  # top-k left singular vectors
+    return H, D.mH @ H
+
+
+def _rsvd(
+    D: torch.Tensor, k: int, oversample: int, power_iters: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, m = D.shape[-2:]
+    width = min(k + oversample, n, m)
+    Y = D @ _gaussian(D, (*D.shape[:-2], m, width), generator)
+    for _ in range(power_iters):
+        # Re-orthonormalise between products so the small singular
+        # directions are not lost to rounding (Halko et al., Alg. 4.4).
+        Z = D.mH @ torch.linalg.qr(Y)[0]
+        Y = D @ torch.linalg.qr(Z)[0]
+    basis = torch.linalg.qr(Y)[0]  # (..., n, width)
+    small_u, s, small_vh = torch.linalg.svd(basis.mH @ D, full_matrices=False)
+    a = (basis @ small_u[..., :k]) * s[..., None, :k].to(D.dtype)
+    return a, small_vh[..., :k, :].mH
+
+
+def _exact(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(D, full_matrices=False)
+    return u[..., :k] * s[..., None, :k].to(D.dtype), vh[..., :k, :].mH
+

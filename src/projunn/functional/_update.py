@@ -1,0 +1,220 @@
+"""projUNN-D and projUNN-T: exact unitary updates by a low-rank step in O(k N^2).
+
+Note [The 2k-dimensional subspace]
+----------------------------------
+Both updates reduce to a problem of size r = min(N, 2k). Let c = U^H a and take
+a Householder QR of the N x 2k block [b, c] = Q R, so that b = Q R_b and
+c = Q R_c with R_b, R_c the first and last k columns of R (r x k each).
+Householder QR returns an orthonormal Q even when [b, c] is rank deficient
+(zero update, b parallel to c, ...), so span(Q) always contains b and c and
+nothing below divides by anything that can vanish.
+
+Because U is unitary, a = U c, hence
+
+    U + a b^H = U (I + c b^H) = U (P + Q T0 Q^H),   T0 = I + R_c R_b^H,
+
+with P = I - Q Q^H the projector onto span(Q)^perp. The matrix in brackets is
+block diagonal in the basis [Q, Q_perp], so any matrix function that respects
+that split acts only on the r x r block:
+
+    projUNN-D:  polar(U + a b^H) = U + (U Q)(polar(T0) - I) Q^H
+    projUNN-T:  U exp(K)         = U + (U Q)(exp(S)  - I) Q^H,
+                K = (c b^H - b c^H) / 2 = Q S Q^H,  S = (R_c R_b^H - R_b R_c^H) / 2.
+
+The N-sized work is one product U^H a (N x N by N x k), one product U Q
+(N x N by N x r) and one rank-r update of an N x N matrix. Real inputs stay
+real throughout: Q, R, S and T0 are real when U, a, b are.
+
+Note [Singular projUNN-D steps]
+-------------------------------
+U + a b^H is singular exactly when T0 is. The closest unitary matrix in
+Frobenius norm is then not unique (every unitary polar factor attains the
+minimum). polar(T0) is taken from the SVD T0 = X diag(s) Y^H as X Y^H, which
+is always unitary and always one of the minimisers, so projunn_d returns a
+closest unitary matrix, never NaN, with no special case.
+
+Note [Double-precision small problem]
+-------------------------------------
+The thin QR of [b, c] and the r x r exponential / SVD cost O(N k^2) and
+O(k^3), so they are always solved in float64 (complex128), whatever the
+dtype of U, and only the N x N products run in U's dtype. In float32 this is
+what keeps the update at the rounding floor: with a float32 QR the basis Q is
+orthonormal only to ~N * eps and every step adds that defect to U, which
+measured ~100x more drift from unitarity over 2,000 large steps at N = 128
+than rounding U + (U Q) B Q^H once per step (the unavoidable floor of any
+method that stores U in float32).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._validate import check_out, check_update_args
+
+__all__ = ["projunn_d", "projunn_t"]
+
+
+def _subspace(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Orthonormal basis of span[b, U^H a] and the coordinates of b and U^H a in it.
+
+    See Note [The 2k-dimensional subspace]. The thin QR is taken in double
+    precision (Note [Double-precision small problem]).
+
+    Args:
+        U: (..., N, N) unitary.
+        a, b: (..., N, k).
+
+    Returns:
+        Q: (..., N, r) orthonormal columns, r = min(N, 2k), in double precision.
+        R_b, R_c: (..., r, k) with b = Q R_b and U^H a = Q R_c, in double precision.
+    """
+    k = a.shape[-1]
+    wide = _double(U.dtype)
+    c = U.mH @ a
+    Q, R = torch.linalg.qr(torch.cat([b.to(wide), c.to(wide)], dim=-1))
+    return Q, R[..., :k], R[..., k:]
+
+
+def _double(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype.is_complex else torch.float64
+
+
+def _tangent_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
+    """exp(S) - I for S = (R_c R_b^H - R_b R_c^H) / 2, shape (..., r, r)."""
+    M = R_c @ R_b.mH
+    S = (M - M.mH) / 2  # skew-Hermitian by construction, not up to rounding
+    return torch.linalg.matrix_exp(S) - _eye_like(S)
+
+
+def _direct_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
+    """polar(I + R_c R_b^H) - I, shape (..., r, r). See Note [Singular projUNN-D steps]."""
+    eye = _eye_like(R_c, size=R_c.shape[-2])
+    X, _, Yh = torch.linalg.svd(eye + R_c @ R_b.mH)
+    return X @ Yh - eye
+
+
+def _eye_like(M: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    n = M.shape[-1] if size is None else size
+    return torch.eye(n, dtype=M.dtype, device=M.device)
+
+
+def _apply_block(
+    U: torch.Tensor,
+    Q: torch.Tensor,
+    block: torch.Tensor,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Return U + (U Q) block Q^H, written into ``out`` (allocated if None).
+
+    The rank-r correction is added in place with one batched GEMM, so no N x N
+    temporary is created beyond the result itself.
+
+    Args:
+        U: (..., N, N). Q: (..., N, r). block: (..., r, r).
+        out: (..., N, N) or None. May be U itself for an in-place update.
+    """
+    left = (U @ Q) @ block  # (..., N, r); computed before out is written
+    if out is None:
+        out = torch.empty_like(U, memory_format=torch.contiguous_format)
+    if out is not U:
+        out.copy_(U)
+    if not out.is_contiguous():
+        # A strided view cannot be flattened for the batched GEMM; correct
+        # but with one N x N temporary.
+        return out.add_(left @ Q.mH)
+    n, r = U.shape[-1], Q.shape[-1]
+    out.view(-1, n, n).baddbmm_(left.reshape(-1, n, r), Q.mH.reshape(-1, r, n))
+    return out
+
+
+def _projunn(
+    block_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    U: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    check_update_args(U, a, b)
+    if out is not None:
+        check_out(out, U)
+    Q, R_b, R_c = _subspace(U, a, b)
+    block = block_fn(R_b, R_c)
+    return _apply_block(U, Q.to(U.dtype), block.to(U.dtype), out)
+
+
+def projunn_d(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    r"""projUNN-D: the unitary matrix closest to the stepped matrix ``U + a b^H``.
+
+    .. math::
+        U_{new} = \operatorname{polar}(U + a b^H) = A (A^H A)^{-1/2},\quad A = U + a b^H,
+
+    computed in O(k N^2) through the 2k-dimensional subspace spanned by b and
+    U^H a (Note [The 2k-dimensional subspace]). Real inputs give a real
+    orthogonal result.
+
+    When ``U + a b^H`` is singular the closest unitary matrix is not unique;
+    the function then returns one of them (a unitary matrix at the minimal
+    Frobenius distance), never NaN. See Note [Singular projUNN-D steps].
+
+    Args:
+        U: (..., N, N) unitary (orthogonal if real) matrix; float32, float64,
+            complex64 or complex128. The result assumes U is unitary: the
+            update uses U^H as its inverse.
+        a, b: (..., N, k) factors of the step ``D = a @ b.mH``, any k >= 1
+            (2k >= N is allowed), same dtype and device as U.
+        out: optional (..., N, N) tensor for the result; may be U
+            itself to update in place. U, a and b are otherwise never modified.
+
+    Returns:
+        (..., N, N) unitary tensor, dtype and device of U.
+
+    Raises:
+        TypeError: a non-tensor argument, unsupported dtype, or mismatched dtypes.
+        ValueError: U not square, a/b shapes that do not match U, k < 1,
+            mismatched devices, or a badly shaped ``out``.
+
+    Example:
+        >>> U = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
+        >>> a, b = torch.randn(5, 1, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+        >>> V = projunn_d(U, 0.1 * a, b)
+        >>> torch.allclose(V.mT @ V, torch.eye(5, dtype=torch.float64))
+        True
+    """
+    return _projunn(_direct_block, U, a, b, out)
+
+
+def projunn_t(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    r"""projUNN-T: follow the geodesic of U in the tangent direction of the step ``a b^H``.
+
+    .. math::
+        U_{new} = U \exp(K),\qquad K = \tfrac12\,(U^H a b^H - b a^H U),
+
+    K being the skew-Hermitian part of ``U^H D`` for the step ``D = a b^H``.
+    K has rank <= 2k, so the exponential is taken of a min(N, 2k)-square
+    skew-Hermitian matrix and applied in O(k N^2)
+    (Note [The 2k-dimensional subspace]). No inversion is involved: the
+    result is unitary for any step size, and a zero step returns U.
+
+    Args:
+        U: (..., N, N) unitary (orthogonal if real); float32, float64,
+            complex64 or complex128.
+        a, b: (..., N, k), any k >= 1, same dtype and device as U.
+        out: optional (..., N, N) tensor for the result; may be U
+            itself to update in place. U, a and b are otherwise never modified.
+
+    Returns:
+        (..., N, N) unitary tensor, dtype and device of U.
+
+    Raises:
+        TypeError, ValueError: as for :func:`projunn_d`.
+
+    Example:
+        >>> U = torch.eye(4, dtype=torch.float64)
+        >>> a, b = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        >>> K = (a @ b.mT - b @ a.mT) / 2
+        >>> torch.allclose(projunn_t(U, a, b), torch.linalg.matrix_exp(K))
+        True
+    """
+    return _projunn(_tangent_block, U, a, b, out)

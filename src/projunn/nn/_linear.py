@@ -1,0 +1,99 @@
+"""Square linear layers whose weight is orthogonal (real) or unitary (complex)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import INITS, unitary_init
+from ..functional._validate import SUPPORTED_DTYPES, check_choice
+
+__all__ = ["UnitaryLinear", "OrthogonalLinear", "init_unitary_"]
+
+
+def init_unitary_(tensor: torch.Tensor, kind: str = "haar", *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill a (..., N, N) tensor in place with orthogonal/unitary matrices; return it.
+
+    The in-place counterpart of :func:`projunn.functional.unitary_init`, in
+    the style of ``torch.nn.init``. Real tensors get orthogonal matrices,
+    complex ones unitary matrices.
+    """
+    if tensor.dim() < 2 or tensor.shape[-1] != tensor.shape[-2]:
+        raise ValueError(f"init_unitary_ needs a square (..., N, N) tensor, got shape {tuple(tensor.shape)}")
+    value = unitary_init(
+        tensor.shape[-1],
+        kind,
+        batch_shape=tuple(tensor.shape[:-2]),
+        dtype=tensor.dtype,
+        device=tensor.device,
+        generator=generator,
+    )
+    with torch.no_grad():
+        return tensor.copy_(value)
+
+
+class UnitaryLinear(torch.nn.Module):
+    r"""y = x W^T (+ bias) with W an N x N orthogonal (real dtype) or unitary (complex dtype) matrix.
+
+    The weight is a plain parameter kept on the group by the optimiser
+    (:class:`projunn.optim.ProjUNN`): the forward pass costs exactly what
+    ``nn.Linear`` costs. The class declares ``weight`` in
+    ``unitary_parameter_names``, which is how :func:`projunn.optim.param_groups`
+    finds it. Without a bias the map preserves the norm of every input.
+
+    Args:
+        features: N, the input and output size.
+        bias: add a learned bias (off by default: it breaks norm preservation).
+        init: one of :data:`projunn.functional.INITS`.
+        dtype: float32/float64 (orthogonal) or complex64/complex128 (unitary);
+            default ``torch.get_default_dtype()``.
+        device: where to allocate the weight.
+        generator: source of randomness for the initialisation.
+
+    Shape:
+        input (..., N), output (..., N).
+
+    Example:
+        >>> layer = UnitaryLinear(4, dtype=torch.float64)
+        >>> x = torch.randn(3, 4, dtype=torch.float64)
+        >>> torch.allclose(layer(x).norm(dim=-1), x.norm(dim=-1))
+        True
+    """
+
+    unitary_parameter_names = ("weight",)
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        bias: bool = False,
+        init: str = "haar",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"features must be an int >= 1, got {features!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+        self.features = features
+        self.init = check_choice("init", init, INITS)
+        self.weight = torch.nn.Parameter(
+            unitary_init(features, init, dtype=dtype, device=device, generator=generator)
+        )
+        self.bias = torch.nn.Parameter(torch.zeros(features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.features:
+            raise ValueError(f"expected input of shape (..., {self.features}), got {tuple(x.shape)}")
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        kind = "unitary" if self.weight.is_complex() else "orthogonal"
+        return f"{self.features}, {kind}, bias={self.bias is not None}, init={self.init!r}, dtype={self.weight.dtype}"
+
+
+#: The same layer; the name reads better for real weights.
+OrthogonalLinear = UnitaryLinear

@@ -1,0 +1,342 @@
+"""Make any torch.optim optimiser keep chosen parameters exactly unitary.
+
+Note [Composition with the base optimiser]
+------------------------------------------
+The base optimiser (SGD, RMSprop, Adam, ...) runs unchanged: its momentum and
+second-moment statistics are kept on the raw Euclidean gradients, as in the
+paper. ProjUNN attaches two step hooks to it:
+
+1. before the step, each unitary weight U is copied into a buffer that is
+   allocated once and reused (a fresh N x N allocation per step is page-faulted
+   on every call at large N);
+2. after the step the weight holds U + D, where D is the step the optimiser
+   proposed. D is recovered in place, sketched as a b^H of rank k, and the
+   weight is overwritten with projunn_t(U, a, b) or projunn_d(U, a, b).
+
+The per-group settings live in the base optimiser's own ``param_groups``
+(keys ``unitary``, ``method``, ``rank``, ``sketch``), so learning rates,
+LR schedulers and ``state_dict`` work exactly as for the base optimiser, and
+which weights are unitary is said by explicit groups, never by attributes on
+Parameter objects. ProjUNN's own state (step counter, skipped-step counter,
+sketch RNG state) is stored inside the base optimiser's ``state_dict`` under
+the key ``"projunn"`` by state-dict hooks, so one ``state_dict`` round trip
+restores everything.
+
+Note [Non-finite steps]
+-----------------------
+If any unitary weight's gradient is NaN/Inf, its gradient is hidden (set to
+None) for the duration of the step so the base optimiser skips it entirely:
+neither the weight nor its optimiser state is touched. If the proposed step D
+of any unitary weight is non-finite (overflow, a poisoned state), every
+unitary weight is restored to its value before the step. Either way the step
+counts in ``skipped_steps`` and a RuntimeWarning is issued (or
+FloatingPointError raised with ``on_nonfinite="raise"``, after restoring).
+Non-unitary parameters are left to the base optimiser, as in plain torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..functional import SKETCHES, closest_unitary, lowrank, projunn_d, projunn_t
+from ..functional._validate import SUPPORTED_DTYPES, check_choice, check_positive_int
+
+__all__ = ["METHODS", "ProjUNN"]
+
+#: Update rules a unitary parameter group may ask for. ``"none"`` leaves the
+#: group unconstrained (the plain base optimiser step), for comparisons.
+METHODS = ("t", "d", "none")
+
+_UPDATES = {"t": projunn_t, "d": projunn_d}
+_STATE_KEY = "projunn"
+_NONFINITE_POLICIES = ("skip", "raise")
+
+
+class ProjUNN:
+    r"""Wrap a torch optimiser so that parameters in groups marked ``unitary`` stay unitary.
+
+    For every parameter U in a group with ``"unitary": True`` the base
+    optimiser's proposed step D (for SGD, D = -lr * grad) is replaced by
+
+    .. math::
+        D \approx a b^H \ (\text{rank-}k\ \text{sketch}),\qquad
+        U \leftarrow \begin{cases}
+            U \exp\big(\tfrac12 (U^H a b^H - b a^H U)\big) & \text{method "t"} \\
+            \operatorname{polar}(U + a b^H) & \text{method "d"}
+        \end{cases}
+
+    in O(k N^2). See Note [Composition with the base optimiser].
+
+    Group keys (each optional, defaulting to the constructor's arguments):
+    ``unitary`` (bool), ``method`` ("t", "d" or "none"), ``rank`` (int >= 1,
+    capped at N), ``sketch`` (one of :data:`projunn.functional.SKETCHES`), and
+    the base optimiser's own ``lr`` (the paper uses lr/32 for unitary RNN
+    weights and lr/10 for convolutions). :func:`projunn.optim.param_groups`
+    builds such groups from a model.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``. It keeps working as before
+            (call ``optimizer.step()`` or ``projunn.step()``, attach LR
+            schedulers to it); ProjUNN registers hooks on it.
+        method, rank, sketch: defaults for unitary groups that do not set them.
+        seed: seed of the sketch's random generator; None draws one from
+            torch's global generator, so ``torch.manual_seed`` fixes it.
+        reorthogonalize_every: every this many steps, snap unitary weights
+            back to the group with an exact O(N^3) polar decomposition,
+            removing accumulated rounding drift; 0 (default) never does.
+        on_nonfinite: ``"skip"`` (default: leave unitary weights untouched,
+            count the step in ``skipped_steps``, warn) or ``"raise"``
+            (same, then raise FloatingPointError). See Note [Non-finite steps].
+
+    Raises:
+        TypeError: ``optimizer`` is not a torch optimiser; a unitary
+            parameter has an unsupported dtype.
+        ValueError: unknown method/sketch/policy, rank < 1, a unitary
+            parameter that is not square (..., N, N), or an optimiser that
+            already has a ProjUNN attached.
+
+    Example:
+        >>> model = torch.nn.Sequential(projunn.nn.UnitaryLinear(16), torch.nn.Linear(16, 1))
+        >>> base = torch.optim.Adam(projunn.optim.param_groups(model, unitary_lr=1e-4), lr=1e-3)
+        >>> opt = ProjUNN(base, method="t", rank=1, sketch="lsi", seed=0)
+        >>> model(torch.randn(8, 16)).square().mean().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        method: str = "t",
+        rank: int = 1,
+        sketch: str = "lsi",
+        seed: int | None = None,
+        reorthogonalize_every: int = 0,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if getattr(optimizer, "_projunn_attached", False):
+            raise ValueError("this optimizer already has a ProjUNN attached; attach it once")
+        self.optimizer = optimizer
+        self.defaults = {
+            "method": check_choice("method", method, METHODS),
+            "rank": check_positive_int("rank", rank),
+            "sketch": check_choice("sketch", sketch, SKETCHES),
+        }
+        if isinstance(reorthogonalize_every, bool) or not isinstance(reorthogonalize_every, int):
+            raise TypeError(f"reorthogonalize_every must be an int, got {type(reorthogonalize_every).__name__}")
+        if reorthogonalize_every < 0:
+            raise ValueError(f"reorthogonalize_every must be >= 0, got {reorthogonalize_every}")
+        self.reorthogonalize_every = reorthogonalize_every
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.seed = int(seed)
+        self.steps = 0
+        self.skipped_steps = 0
+        self._generators: dict[str, torch.Generator] = {}
+        self._saved: dict[torch.Tensor, torch.Tensor] = {}
+        self._hidden_grads: dict[torch.Tensor, torch.Tensor] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._in_step: list[torch.Tensor] = []
+        for group in self.optimizer.param_groups:
+            self._check_group(group)
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+            optimizer.register_state_dict_post_hook(self._add_state),
+            optimizer.register_load_state_dict_pre_hook(self._take_state),
+            optimizer.register_load_state_dict_post_hook(self._restore_state),
+        ]
+        optimizer._projunn_attached = True
+
+    # -- the optimiser-like surface -------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The base optimiser's parameter groups (shared, not copied)."""
+        return self.optimizer.param_groups
+
+    def step(self, closure=None):
+        """Run the base optimiser's step; the hooks apply the projUNN updates."""
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimiser's state dict, including ProjUNN's state under ``"projunn"``."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        """Add a group to the base optimiser, validating its unitary settings first."""
+        self._check_group(group)
+        self.optimizer.add_param_group(group)
+
+    def remove(self) -> None:
+        """Detach from the base optimiser, which then behaves as plain torch again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._saved.clear()
+        self.optimizer._projunn_attached = False
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
+        return (
+            f"ProjUNN({type(self.optimizer).__name__}, {settings}, "
+            f"reorthogonalize_every={self.reorthogonalize_every}, steps={self.steps}, "
+            f"skipped_steps={self.skipped_steps})"
+        )
+
+    # -- which parameters, with which settings ----------------------------------------
+
+    def _setting(self, group: dict[str, Any], key: str) -> Any:
+        return group.get(key, self.defaults[key])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        if not group.get("unitary", False):
+            return
+        check_choice("method", self._setting(group, "method"), METHODS)
+        check_positive_int("rank", self._setting(group, "rank"))
+        check_choice("sketch", self._setting(group, "sketch"), SKETCHES)
+        params = group["params"]
+        for p in [params] if isinstance(params, torch.Tensor) else params:
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"unitary parameter of shape {tuple(p.shape)} has unsupported dtype {p.dtype}")
+            if p.dim() < 2 or p.shape[-1] != p.shape[-2]:
+                raise ValueError(f"unitary parameters must be square (..., N, N), got shape {tuple(p.shape)}")
+
+    def _unitary_params(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        for group in self.optimizer.param_groups:
+            if group.get("unitary", False) and self._setting(group, "method") != "none":
+                for p in group["params"]:
+                    yield p, group
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    # -- the hooks -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        # With a closure (e.g. LBFGS) gradients appear during the step, so
+        # every unitary weight is saved; otherwise only those with a gradient.
+        has_closure = bool(args[1:]) or kwargs.get("closure") is not None
+        params = [p for p, _ in self._unitary_params() if has_closure or p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not _all_finite(grads):
+            # Note [Non-finite steps]: the base optimiser skips parameters whose grad is None.
+            for p in params:
+                if p.grad is not None:
+                    self._hidden_grads[p] = p.grad
+                    p.grad = None
+            return
+        for p in params:
+            buffer = self._saved.get(p)
+            if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
+                buffer = self._saved[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            buffer.copy_(p)
+        self._in_step = params
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._hidden_grads:
+            for p, grad in self._hidden_grads.items():
+                p.grad = grad
+            self._hidden_grads.clear()
+            self._report_skip("a unitary parameter's gradient is NaN or Inf")
+            return
+        params, self._in_step = self._in_step, []
+        # Each weight now holds U + D; recover D in place (the buffer holds U).
+        for p in params:
+            p.sub_(self._saved[p])
+        if params and not _all_finite(params):
+            for p in params:
+                p.copy_(self._saved[p])
+            self._report_skip("the optimiser's proposed step for a unitary parameter is NaN or Inf")
+            return
+        stepped = {id(p) for p in params}
+        for p, group in self._unitary_params():
+            if id(p) not in stepped:
+                continue
+            U, D = self._saved[p], p
+            rank = min(self._setting(group, "rank"), p.shape[-1])
+            a, b = lowrank(D, rank, self._setting(group, "sketch"), generator=self._generator(p.device))
+            _UPDATES[self._setting(group, "method")](U, a, b, out=p)
+        self.steps += 1
+        if self.reorthogonalize_every and self.steps % self.reorthogonalize_every == 0:
+            for p, _ in self._unitary_params():
+                p.copy_(closest_unitary(p))
+
+    def _report_skip(self, reason: str) -> None:
+        self.skipped_steps += 1
+        message = f"projUNN step skipped: {reason}; unitary weights left unchanged (skipped_steps={self.skipped_steps})"
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    # -- state dict hooks --------------------------------------------------------------
+
+    def _add_state(self, optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict[_STATE_KEY] = {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "seed": self.seed,
+            "generators": {dev: g.get_state() for dev, g in self._generators.items()},
+        }
+        return state_dict
+
+    def _take_state(self, optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict = dict(state_dict)
+        entry = state_dict.pop(_STATE_KEY, None)
+        if entry is None:
+            warnings.warn(
+                "loading an optimizer state dict without projUNN state: step counters and the sketch "
+                "generator start afresh",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        elif not isinstance(entry, dict) or not {"steps", "skipped_steps", "seed", "generators"} <= set(entry):
+            raise ValueError("the state dict's 'projunn' entry is malformed; it was not written by ProjUNN")
+        # Applied only after the base optimiser has loaded successfully.
+        self._pending_state = entry
+        return state_dict
+
+    def _restore_state(self, optimizer) -> None:
+        entry, self._pending_state = self._pending_state, None
+        self._saved.clear()
+        if entry is None:
+            return
+        self.steps = int(entry["steps"])
+        self.skipped_steps = int(entry["skipped_steps"])
+        self.seed = int(entry["seed"])
+        self._generators = {}
+        for dev, state in entry["generators"].items():
+            generator = torch.Generator(device=torch.device(dev))
+            generator.set_state(state.cpu() if isinstance(state, torch.Tensor) else torch.as_tensor(state))
+            self._generators[dev] = generator
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True if no tensor holds NaN or Inf, with one device sync and no N x N temporary.
+
+    A sum is NaN/Inf if any term is (Inf - Inf gives NaN); it can also
+    overflow for finite entries above ~1e38 in float32, a step no training
+    run survives either, so treating it as non-finite is the safe reading.
+    """
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t.sum())
+    return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_kind.values())
