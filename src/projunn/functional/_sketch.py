@@ -37,10 +37,13 @@ def lowrank(
       R (..., n, k), take an orthonormal basis V of the row-space sample
       D^H R, and return ``a = D V``, ``b = V``, i.e. ``D ~ D V V^H``.
       Two products of D with a thin block: O(k n m).
-    - ``"column"`` (Drineas-Kannan-Mahoney): sample ``samples`` columns of D
-      with probability proportional to their squared norms, rescale them by
-      1/sqrt(samples * p_j), and keep the *top* k left singular vectors H of
-      the sample: ``a = H``, ``b = D^H H``. O(k n m).
+    - ``"column"`` (Drineas-Kannan-Mahoney): draw ``samples`` distinct
+      columns of D with probability proportional to their squared norms,
+      rescale them by 1/sqrt(samples * p_j), and keep the *top* k left
+      singular vectors H of the sample: ``a = H``, ``b = D^H H``. O(k n m).
+      Distinct draws (unlike the original with-replacement scheme) waste no
+      sample on repeats, so a rank-k D is reproduced whenever the drawn
+      columns span its range.
     - ``"rsvd"`` (Halko-Martinsson-Tropp randomized SVD): Gaussian test matrix
       with ``oversample`` extra columns and ``power_iters`` re-orthonormalised
       power iterations, then an exact SVD of the small projected matrix.
@@ -112,16 +115,22 @@ def _column(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, m = D.shape[-2:]
     batch = D.shape[:-2]
+    count = min(samples, m)
     weights = torch.linalg.vector_norm(D, dim=-2).square()  # (..., m), real
     total = weights.sum(-1, keepdim=True)
     # A zero matrix has no column distribution; any columns give the right
     # (zero) answer, so fall back to uniform rather than dividing by zero.
     probs = torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), 1.0 / m)
+    # Distinct columns (no replacement): a repeat adds nothing to the sampled
+    # span, and with replacement a rank-k matrix can be missed even with
+    # c > k draws. Zero columns get a tiny weight so that `count` distinct
+    # columns always exist; they are drawn last and contribute nothing.
     flat_probs = probs.reshape(-1, m)
-    picks = torch.multinomial(flat_probs, samples, replacement=True, generator=generator)  # (B, c)
-    scale = torch.rsqrt(samples * flat_probs.gather(-1, picks)).to(D.dtype)  # (B, c)
+    drawable = flat_probs.clamp_min(torch.finfo(flat_probs.dtype).tiny)
+    picks = torch.multinomial(drawable, count, replacement=False, generator=generator)  # (B, c)
+    scale = torch.rsqrt(count * drawable.gather(-1, picks)).to(D.dtype)  # DKM rescaling 1/sqrt(c p_j)
     columns = D.reshape(-1, n, m).gather(-1, picks.unsqueeze(-2).expand(-1, n, -1))  # (B, n, c)
-    sample = (columns * scale.unsqueeze(-2)).reshape(*batch, n, samples)
+    sample = (columns * scale.unsqueeze(-2)).reshape(*batch, n, count)
     H = torch.linalg.svd(sample, full_matrices=False)[0][..., :k]  # top-k left singular vectors
     return H, D.mH @ H
 
@@ -146,4 +155,3 @@ def _rsvd(
 def _exact(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     u, s, vh = torch.linalg.svd(D, full_matrices=False)
     return u[..., :k] * s[..., None, :k].to(D.dtype), vh[..., :k, :].mH
-

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from ..functional import INITS, unitary_init
 from ..functional._validate import SUPPORTED_DTYPES, check_choice
 
-__all__ = ["UnitaryLinear", "OrthogonalLinear", "init_unitary_"]
+__all__ = ["OrthogonalLinear", "UnitaryLinear", "init_unitary_"]
 
 
-def init_unitary_(tensor: torch.Tensor, kind: str = "haar", *, generator: torch.Generator | None = None) -> torch.Tensor:
+def init_unitary_(
+    tensor: torch.Tensor, kind: str = "haar", *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Fill a (..., N, N) tensor in place with orthogonal/unitary matrices; return it.
 
     The in-place counterpart of :func:`projunn.functional.unitary_init`, in
@@ -80,9 +82,7 @@ class UnitaryLinear(torch.nn.Module):
             raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
         self.features = features
         self.init = check_choice("init", init, INITS)
-        self.weight = torch.nn.Parameter(
-            unitary_init(features, init, dtype=dtype, device=device, generator=generator)
-        )
+        self.weight = torch.nn.Parameter(unitary_init(features, init, dtype=dtype, device=device, generator=generator))
         self.bias = torch.nn.Parameter(torch.zeros(features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,51 @@
+"""Shared helpers: exact dense references and dtype-scaled tolerances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+REAL_AND_COMPLEX = [torch.float64, torch.complex128]
+ALL_DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
+
+
+def haar(n: int, *, batch=(), dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """Haar-random unitary built in double precision, independent of the code under test."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    Q, R = torch.linalg.qr(torch.randn((*batch, n, n), dtype=wide, generator=g))
+    return (Q * torch.sgn(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)).to(dtype)
+
+
+def randn(*shape, dtype=torch.float64, seed: int = 1, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(shape, dtype=dtype, generator=g)
+
+
+def polar_reference(A: torch.Tensor) -> torch.Tensor:
+    """Polar factor of A from a full SVD."""
+    X, _, Yh = torch.linalg.svd(A)
+    return X @ Yh
+
+
+def tangent_reference(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """U @ matrix_exp(K), K = (U^H a b^H - b a^H U) / 2, with dense N x N matrices."""
+    K = (U.mH @ a @ b.mH - b @ a.mH @ U) / 2
+    return U @ torch.linalg.matrix_exp(K)
+
+
+def gram_defect(U: torch.Tensor) -> torch.Tensor:
+    """Max-entry distance of U^H U from I, computed in double precision."""
+    wide = U.to(torch.complex128 if U.is_complex() else torch.float64)
+    eye = torch.eye(U.shape[-1], dtype=wide.dtype)
+    return (wide.mH @ wide - eye).abs().amax()
+
+
+def eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(1234)
+    yield

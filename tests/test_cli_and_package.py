@@ -1,0 +1,81 @@
+"""The command line, the public surface, and repository hygiene."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import projunn
+from projunn.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_and_learns(capsys):
+    assert main(["demo", "--n", "16", "--steps", "200", "--quiet", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "projunn demo (n=16, steps=200" in out
+    initial, final = (float(x) for x in out.split("loss ")[1].split(" in ")[0].split(" -> "))
+    assert final < 0.1 * initial
+    error = float(out.rsplit("= ", 1)[1])
+    assert error < 1e-5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--rank", "0"], "argument --rank: expected a positive integer, got '0'"),
+        (["demo", "--lr", "-1"], "argument --lr: expected a positive finite number"),
+        (["demo", "--method", "cayley"], "argument --method: invalid choice"),
+        (["demo", "--dtype", "float16"], "argument --dtype: invalid choice"),
+        (["nonsense"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_command_prints_help_and_returns_2(capsys):
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_console_script_version():
+    result = subprocess.run([sys.executable, "-m", "projunn.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"projunn {projunn.__version__}"
+
+
+def test_public_names_import():
+    assert projunn.__version__
+    for module in ("projunn.functional", "projunn.optim", "projunn.nn"):
+        mod = importlib.import_module(module)
+        for name in mod.__all__:
+            assert getattr(mod, name) is not None, f"{module}.{name}"
+    assert {"projunn_d", "projunn_t", "lowrank", "unitarity_error"} <= set(projunn.functional.__all__)
+
+
+def _project_files():
+    for folder in ("src", "tests", "benchmarks", ".ci"):
+        yield from (p for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    yield from (p for p in ROOT.glob("*") if p.is_file())
+
+
+def test_no_merge_conflict_markers_and_every_python_file_parses():
+    markers = ("<" * 7 + " ", "=" * 7 + "\n", ">" * 7 + " ")
+    for path in _project_files():
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        for marker in markers:
+            assert marker not in text, f"merge-conflict marker in {path}"
+        if path.suffix == ".py":
+            ast.parse(text, filename=str(path))

@@ -1,0 +1,198 @@
+"""projunn_d / projunn_t against dense float64/complex128 references."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import ALL_DTYPES, REAL_AND_COMPLEX, eps, gram_defect, haar, polar_reference, randn, tangent_reference
+from projunn.functional import projunn_d, projunn_t
+
+SIZES = [2, 3, 8, 64]
+RANKS = [1, 2, 5]
+BATCHES = [(), (3,), (2, 2)]
+UPDATES = {"d": projunn_d, "t": projunn_t}
+
+
+def _reference(name, U, a, b):
+    return polar_reference(U + a @ b.mH) if name == "d" else tangent_reference(U, a, b)
+
+
+@pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
+@pytest.mark.parametrize("n,k,batch", list(itertools.product(SIZES, RANKS, BATCHES)))
+@pytest.mark.parametrize("name", ["d", "t"])
+def test_matches_dense_reference(name, n, k, batch, dtype):
+    U = haar(n, batch=batch, dtype=dtype, seed=n + k)
+    a = randn(*batch, n, k, dtype=dtype, seed=2, scale=0.3)
+    b = randn(*batch, n, k, dtype=dtype, seed=3)
+    result = UPDATES[name](U, a, b)
+    assert result.shape == U.shape and result.dtype == dtype
+    torch.testing.assert_close(result, _reference(name, U, a, b), atol=1e-10, rtol=0)
+    assert gram_defect(result) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["d", "t"])
+@pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
+def test_batched_equals_looped(name, dtype):
+    U = haar(6, batch=(4, 2), dtype=dtype)
+    a = randn(4, 2, 6, 2, dtype=dtype, seed=5)
+    b = randn(4, 2, 6, 2, dtype=dtype, seed=6)
+    batched = UPDATES[name](U, a, b)
+    for i, j in itertools.product(range(4), range(2)):
+        torch.testing.assert_close(batched[i, j], UPDATES[name](U[i, j], a[i, j], b[i, j]), atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["d", "t"])
+def test_real_input_gives_real_orthogonal_result(name):
+    U, a, b = haar(7), randn(7, 2), randn(7, 2, seed=9)
+    result = UPDATES[name](U, a, b)
+    assert not result.is_complex()
+    assert gram_defect(result) < 1e-13
+
+
+@pytest.mark.parametrize("name", ["d", "t"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_arguments_are_not_modified(name, dtype):
+    U, a, b = haar(9, dtype=dtype), randn(9, 2, dtype=dtype), randn(9, 2, dtype=dtype, seed=4)
+    copies = [t.clone() for t in (U, a, b)]
+    UPDATES[name](U, a, b)
+    for before, after in zip(copies, (U, a, b)):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("name", ["d", "t"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_out_and_in_place(name, dtype):
+    U, a, b = haar(10, dtype=dtype), randn(10, 1, dtype=dtype, scale=0.1), randn(10, 1, dtype=dtype, seed=7)
+    expected = UPDATES[name](U, a, b)
+    out = torch.full_like(U, float("nan"))
+    assert UPDATES[name](U, a, b, out=out) is out
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    in_place = U.clone()
+    assert UPDATES[name](in_place, a, b, out=in_place) is in_place
+    torch.testing.assert_close(in_place, expected, atol=10 * eps(dtype), rtol=0)
+    strided = torch.empty_like(U).mT  # not contiguous: the slower path must agree
+    torch.testing.assert_close(UPDATES[name](U, a, b, out=strided), expected, atol=10 * eps(dtype), rtol=0)
+
+
+@pytest.mark.parametrize("name", ["d", "t"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_stays_unitary_over_many_steps(name, dtype):
+    """Invariant after 300 random steps, with tolerance scaled to the dtype and N."""
+    n = 32
+    U = haar(n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        a = 0.05 * torch.randn(n, 2, dtype=dtype, generator=g)
+        b = torch.randn(n, 2, dtype=dtype, generator=g)
+        U = UPDATES[name](U, a, b)
+    # One rounding per step random-walks: sqrt(steps) * sqrt(n) * eps, with margin.
+    assert gram_defect(U) < 20 * (300**0.5) * eps(dtype)
+
+
+@pytest.mark.parametrize("name", ["d", "t"])
+@pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
+def test_two_k_at_least_n(name, dtype):
+    for n, k in [(3, 2), (4, 2), (4, 3), (2, 5)]:
+        U, a, b = haar(n, dtype=dtype), randn(n, k, dtype=dtype, scale=0.4), randn(n, k, dtype=dtype, seed=8)
+        torch.testing.assert_close(UPDATES[name](U, a, b), _reference(name, U, a, b), atol=1e-10, rtol=0)
+
+
+# -- degenerate input never yields NaN ---------------------------------------------------
+
+
+def _degenerate_cases(dtype):
+    n = 6
+    U = haar(n, dtype=dtype)
+    v = randn(n, 1, dtype=dtype, seed=11)
+    zero = torch.zeros(n, 2, dtype=dtype)
+    return U, {
+        "zero update": (zero, zero),
+        "a zero": (zero, randn(n, 2, dtype=dtype)),
+        "b zero": (randn(n, 2, dtype=dtype), zero),
+        "b parallel to U^H a": (U @ v, 3 * v),  # [b, U^H a] has rank 1
+        "repeated columns": (torch.cat([v, v], -1), torch.cat([v, v], -1)),
+        "tiny update": (1e-30 * randn(n, 1, dtype=dtype), randn(n, 1, dtype=dtype)),
+    }
+
+
+@pytest.mark.parametrize("name", ["d", "t"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_degenerate_inputs(name, dtype):
+    U, cases = _degenerate_cases(dtype)
+    for label, (a, b) in cases.items():
+        result = UPDATES[name](U, a, b)
+        assert torch.isfinite(result).all(), label
+        assert gram_defect(result) < 100 * eps(dtype), label
+        if dtype in REAL_AND_COMPLEX:
+            torch.testing.assert_close(result, _reference(name, U, a, b), atol=1e-10, rtol=0, msg=label)
+
+
+@pytest.mark.parametrize("name", ["d", "t"])
+def test_zero_update_is_identity(name):
+    U = haar(5)
+    zero = torch.zeros(5, 1, dtype=torch.float64)
+    assert torch.equal(UPDATES[name](U, zero, zero), U)
+
+
+def test_tangent_of_antisymmetric_step_is_exact_rotation():
+    """Repeated eigenvalues in the small exponential (a plane rotation by pi/2)."""
+    U = torch.eye(4, dtype=torch.float64)
+    e0, e1 = torch.eye(4, dtype=torch.float64)[:, :1], torch.eye(4, dtype=torch.float64)[:, 1:2]
+    a = torch.cat([e0, -e1], -1) * torch.pi / 2
+    b = torch.cat([e1, e0], -1)
+    torch.testing.assert_close(projunn_t(U, a, b), tangent_reference(U, a, b), atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
+def test_singular_direct_step_returns_a_closest_unitary(dtype):
+    """U + a b^H singular: the closest unitary is not unique; one of them comes back, never NaN."""
+    n = 5
+    U = haar(n, dtype=dtype)
+    x = randn(n, 1, dtype=dtype, seed=21)
+    x = x / torch.linalg.vector_norm(x)
+    a, b = -(U @ x), x  # (U - U x x^H) x = 0
+    A = U + a @ b.mH
+    assert torch.linalg.svdvals(A).min() < 1e-12
+    result = projunn_d(U, a, b)
+    assert torch.isfinite(result).all()
+    assert gram_defect(result) < 1e-13
+    singular_values = torch.linalg.svdvals(A)
+    minimum = torch.linalg.vector_norm(singular_values - 1)  # distance from A to any polar factor
+    torch.testing.assert_close(torch.linalg.matrix_norm(A - result), minimum, atol=1e-12, rtol=0)
+
+
+# -- bad arguments --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["d", "t"])
+def test_bad_arguments_name_the_problem(name):
+    f = UPDATES[name]
+    U, a = haar(4), randn(4, 1)
+    with pytest.raises(ValueError, match="square"):
+        f(torch.zeros(4, 3, dtype=torch.float64), randn(4, 1), randn(4, 1))
+    with pytest.raises(ValueError, match="a and b must have the same shape"):
+        f(U, a, randn(4, 2))
+    with pytest.raises(ValueError, match="matching U"):
+        f(U, randn(5, 1), randn(5, 1))
+    with pytest.raises(ValueError, match="rank k"):
+        f(U, randn(4, 0), randn(4, 0))
+    with pytest.raises(TypeError, match="b has dtype torch.float32 but U has dtype torch.float64"):
+        f(U, a, randn(4, 1, dtype=torch.float32))
+    with pytest.raises(TypeError, match="supported dtypes"):
+        f(U.to(torch.float16), a.to(torch.float16), a.to(torch.float16))
+    with pytest.raises(TypeError, match="supported dtypes"):
+        f(torch.eye(4, dtype=torch.int64), a.long(), a.long())
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        f(U.tolist(), a, a)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        f(U, a[:, 0], a[:, 0])
+    with pytest.raises(ValueError, match="out has shape"):
+        f(U, a, a, out=torch.empty(3, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="out has dtype"):
+        f(U, a, a, out=torch.empty(4, 4))
+    if torch.device("meta") != U.device:
+        with pytest.raises(ValueError, match="device"):
+            f(U, a, a.to("meta"))
