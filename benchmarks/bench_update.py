@@ -103,7 +103,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"# projUNN update step, {args.dtype}, {machine}")
     rows = []
     for n in args.sizes:
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
             f.write(f"projUNN update step, {args.dtype}, {machine}; medians; ratio to the floor in brackets\n\n")
             names = list(dict.fromkeys(r["case"] for r in rows))
             f.write("| N | k | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 2) + "\n")
-            for (n, k) in dict.fromkeys((r["N"], r["k"]) for r in rows):
+            for n, k in dict.fromkeys((r["N"], r["k"]) for r in rows):
                 cells = {r["case"]: r for r in rows if r["N"] == n and r["k"] == k}
                 row = [f"{cells[c]['ms']:.2f} ({cells[c]['x_floor']:.2f}x)" if c in cells else "-" for c in names]
                 f.write(f"| {n} | {k} | " + " | ".join(row) + " |\n")
