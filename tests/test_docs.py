@@ -20,6 +20,7 @@ MODULES = [
     "projunn.optim._projunn",
     "projunn.optim._groups",
     "projunn.nn._linear",
+    "projunn.nn._rnn",
 ]
 
 

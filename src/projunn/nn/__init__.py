@@ -1,5 +1,15 @@
 """Layers holding plain parameters that the optimiser keeps orthogonal/unitary."""
 
 from ._linear import OrthogonalLinear, UnitaryLinear, init_unitary_
+from ._rnn import NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
 
-__all__ = ["OrthogonalLinear", "UnitaryLinear", "init_unitary_"]
+__all__ = [
+    "NONLINEARITIES",
+    "ComplexToReal",
+    "ModReLU",
+    "OrthogonalLinear",
+    "UnitaryLinear",
+    "UnitaryRNN",
+    "UnitaryRNNCell",
+    "init_unitary_",
+]

@@ -1,0 +1,186 @@
+"""Recurrent layers with an orthogonal (real) or unitary (complex) recurrent matrix."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import INITS, unitary_init
+from ..functional._validate import check_choice
+
+__all__ = ["NONLINEARITIES", "ComplexToReal", "ModReLU", "UnitaryRNN", "UnitaryRNNCell"]
+
+#: Nonlinearities accepted by :class:`UnitaryRNNCell`.
+NONLINEARITIES = ("modrelu", "relu", "tanh", "identity")
+
+
+def _check_size(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class ModReLU(torch.nn.Module):
+    r"""modReLU (Arjovsky, Shah & Bengio 2016): shrink the modulus, keep the phase.
+
+    .. math::
+        \operatorname{modReLU}(z) = \operatorname{ReLU}(|z| + b)\, \frac{z}{|z|}
+        \quad (0 \text{ where } z = 0),
+
+    with one learned real bias per feature. For real z the phase is the sign.
+    It never increases a modulus when b <= 0, so it keeps a unitary recurrence
+    from exploding.
+
+    Args:
+        features: size of the last dimension.
+        bias_range: the bias starts uniform in [-bias_range, bias_range].
+        dtype: real dtype of the bias (float32 by default).
+
+    Shape:
+        input (..., features), real or complex; output the same.
+    """
+
+    def __init__(self, features: int, *, bias_range: float = 0.01, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.features = _check_size("features", features)
+        self.bias = torch.nn.Parameter(
+            torch.empty(features, dtype=dtype, device=device).uniform_(-bias_range, bias_range)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        modulus = z.abs()
+        # Safe division: where |z| = 0 the output is 0 and so is the gradient.
+        scale = F.relu(modulus + self.bias) / torch.where(modulus > 0, modulus, torch.ones_like(modulus))
+        return z * scale.to(z.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.features}"
+
+
+class ComplexToReal(torch.nn.Module):
+    """Real features of a complex state: ``cat([z.real, z.imag], -1)``; real input passes through.
+
+    Shape:
+        input (..., H) complex -> (..., 2H) real; real input (..., H) unchanged.
+    """
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z.real, z.imag], dim=-1) if z.is_complex() else z
+
+
+class UnitaryRNNCell(torch.nn.Module):
+    r"""One step h' = sigma(W_in x + U h + b) with U orthogonal (real) or unitary (complex).
+
+    The recurrent matrix U (``recurrent_weight``, declared in
+    ``unitary_parameter_names``) is a plain parameter that
+    :class:`projunn.optim.ProjUNN` keeps on the group; the input weight and
+    bias are ordinary parameters. With ``complex=True`` the hidden state is
+    complex and U unitary; real inputs are mapped in by a complex W_in.
+
+    Args:
+        input_size: features of x.
+        hidden_size: N, the size of U.
+        nonlinearity: ``"modrelu"`` (its bias is b), ``"relu"``, ``"tanh"`` or
+            ``"identity"`` (a linear recurrence: norm preserving for zero input).
+        complex: complex hidden state and unitary U.
+        init: initialisation of U, one of :data:`projunn.functional.INITS`
+            (the paper: ``"henaff"`` for the copy task, ``"cayley"`` for MNIST).
+        dtype: real dtype of the parameters (float32 by default); complex
+            cells use the matching complex dtype.
+        generator: source of randomness for initialisation.
+
+    Shape:
+        x (B, input_size) real or complex; h (B, hidden_size) -> (B, hidden_size).
+    """
+
+    unitary_parameter_names = ("recurrent_weight",)
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        nonlinearity: str = "modrelu",
+        complex: bool = False,
+        init: str = "henaff",
+        dtype: torch.dtype | None = None,
+        device=None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = _check_size("input_size", input_size)
+        self.hidden_size = _check_size("hidden_size", hidden_size)
+        self.nonlinearity = check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
+        self.init = check_choice("init", init, INITS)
+        real = torch.get_default_dtype() if dtype is None else dtype
+        if real not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real dtype), got {real}")
+        self.complex = bool(complex)
+        state = {torch.float32: torch.complex64, torch.float64: torch.complex128}[real] if complex else real
+        self.recurrent_weight = torch.nn.Parameter(
+            unitary_init(hidden_size, init, dtype=state, device=device, generator=generator)
+        )
+        # He initialisation of the input map (torch's complex randn has E|z|^2 = 1 too).
+        input_weight = torch.randn(hidden_size, input_size, dtype=state, device=device, generator=generator)
+        self.input_weight = torch.nn.Parameter(input_weight * math.sqrt(2.0 / input_size))
+        if self.nonlinearity == "modrelu":
+            self.activation = ModReLU(hidden_size, dtype=real, device=device)
+            self.bias = None
+        else:
+            self.activation = None
+            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=state, device=device))
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return self.recurrent_weight.dtype
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        """Zeros of shape (batch_size, hidden_size) in the state dtype."""
+        return torch.zeros(batch_size, self.hidden_size, dtype=self.state_dtype, device=self.recurrent_weight.device)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"expected input of shape (batch, {self.input_size}), got {tuple(x.shape)}")
+        if h is None:
+            h = self.initial_state(x.shape[0])
+        elif h.shape[-1] != self.hidden_size:
+            raise ValueError(f"expected hidden state of shape (batch, {self.hidden_size}), got {tuple(h.shape)}")
+        pre = F.linear(x.to(self.state_dtype), self.input_weight) + F.linear(h, self.recurrent_weight)
+        if self.activation is not None:
+            return self.activation(pre)
+        pre = pre + self.bias
+        if self.nonlinearity == "relu":
+            return torch.complex(F.relu(pre.real), F.relu(pre.imag)) if pre.is_complex() else F.relu(pre)
+        if self.nonlinearity == "tanh":
+            return torch.tanh(pre)
+        return pre
+
+    def extra_repr(self) -> str:
+        kind = "unitary" if self.complex else "orthogonal"
+        return f"{self.input_size}, {self.hidden_size}, {kind}, nonlinearity={self.nonlinearity!r}, init={self.init!r}"
+
+
+class UnitaryRNN(torch.nn.Module):
+    """Run a :class:`UnitaryRNNCell` over a sequence (batch first).
+
+    Args:
+        input_size, hidden_size, and keyword arguments: as for :class:`UnitaryRNNCell`.
+
+    Shape:
+        x (B, T, input_size) -> outputs (B, T, hidden_size), last state (B, hidden_size).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, **cell_options) -> None:
+        super().__init__()
+        self.cell = UnitaryRNNCell(input_size, hidden_size, **cell_options)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 3:
+            raise ValueError(f"expected input of shape (batch, time, {self.cell.input_size}), got {tuple(x.shape)}")
+        outputs = []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), h
