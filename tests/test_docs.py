@@ -21,6 +21,7 @@ MODULES = [
     "projunn.optim._groups",
     "projunn.nn._linear",
     "projunn.nn._rnn",
+    "projunn.tasks._synthetic",
 ]
 
 
