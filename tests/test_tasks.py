@@ -22,7 +22,7 @@ def test_copy_batch_structure():
 def test_copy_baseline_is_the_memoryless_cross_entropy():
     assert copy_baseline(1000) == pytest.approx(0.0204, abs=1e-4)
     assert copy_baseline(2000) == pytest.approx(0.0103, abs=1e-4)
-    x, y = copy_batch(256, 100, generator=torch.Generator().manual_seed(1))
+    _, y = copy_batch(256, 100, generator=torch.Generator().manual_seed(1))
     logits = torch.full((256, 120, 9), -1e9)
     logits[:, :110, 0] = 0.0  # certain blank while waiting,
     logits[:, 110:, 1:] = 0.0  # uniform over the 8 symbols when recalling
