@@ -419,3 +419,32 @@ def test_public_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ProjUNN(torch.optim.SGD(param_groups(Student()), lr=0.1))
+
+
+def test_a_failing_base_step_leaves_nothing_half_updated():
+    weight = torch.nn.Parameter(unitary_init(4, dtype=torch.float64))
+    before = weight.detach().clone()
+    opt = ProjUNN(torch.optim.LBFGS([{"params": [weight], "unitary": True}], lr=0.1, max_iter=3), seed=0)
+    calls = []
+    failing = [True]
+
+    def closure():
+        opt.zero_grad()
+        loss = (weight * torch.arange(16.0, dtype=torch.float64).reshape(4, 4)).sum()
+        loss.backward()
+        calls.append(1)
+        if failing[0] and len(calls) == 3:
+            raise RuntimeError("data loader failed")
+        return loss
+
+    with pytest.raises(RuntimeError, match="data loader failed"):
+        opt.step(closure)
+    assert torch.equal(weight, before)
+    # A closure-based optimiser works through the hooks. (LBFGS's own state
+    # is not valid after an interrupted step, so use a fresh one.)
+    opt.remove()
+    opt = ProjUNN(torch.optim.LBFGS([{"params": [weight], "unitary": True}], lr=0.1, max_iter=3), seed=0)
+    failing[0] = False
+    opt.step(closure)
+    assert not torch.equal(weight, before)
+    assert gram_defect(weight.detach()) < 1e-14

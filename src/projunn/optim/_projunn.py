@@ -163,8 +163,17 @@ class ProjUNN:
         return self.optimizer.param_groups
 
     def step(self, closure=None):
-        """Run the base optimiser's step; the hooks apply the projUNN updates."""
-        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        """Run the base optimiser's step; the hooks apply the projUNN updates.
+
+        If the base step raises, unitary weights are restored to their values
+        before the step and hidden gradients are handed back, so nothing is
+        left half-updated.
+        """
+        try:
+            return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        except BaseException:
+            self._abort()
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -230,7 +239,23 @@ class ProjUNN:
     # -- the hooks -----------------------------------------------------------------
 
     @torch.no_grad()
+    def _abort(self) -> None:
+        """Undo an interrupted step: restore saved unitary weights and hidden gradients."""
+        for p in self._in_step:
+            p.copy_(self._saved[p])
+        self._in_step = []
+        for p, grad in self._hidden_grads.items():
+            p.grad = grad
+        self._hidden_grads.clear()
+
+    @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
+        # A previous base step that raised without going through ProjUNN.step
+        # may have left grads hidden; hand them back before anything else.
+        for p, grad in self._hidden_grads.items():
+            p.grad = grad
+        self._hidden_grads.clear()
+        self._in_step = []
         # With a closure (e.g. LBFGS) gradients appear during the step, so
         # every unitary weight is saved; otherwise only those with a gradient.
         has_closure = bool(args[1:]) or kwargs.get("closure") is not None
