@@ -89,12 +89,19 @@ def lowrank(
         return _lsi(D, rank, generator)
     if method == "column":
         count = 2 * rank + 4 if samples is None else check_positive_int("samples", samples)
+        if count < rank:
+            raise ValueError(f"samples must be >= rank = {rank} for the column sketch, got {samples}")
         return _column(D, rank, count, generator)
     if method == "rsvd":
         if oversample < 0 or power_iters < 0:
             raise ValueError(f"oversample and power_iters must be >= 0, got {oversample} and {power_iters}")
         return _rsvd(D, rank, oversample, power_iters, generator)
     return _exact(D, rank)
+
+
+def _adjoint_times(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """D^H X as (X^H D)^H: for complex D, ``D.mH @ X`` copies D to resolve the conjugate view."""
+    return (X.mH @ D).mH
 
 
 def _gaussian(D: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
@@ -106,7 +113,7 @@ def _lsi(D: torch.Tensor, k: int, generator: torch.Generator | None) -> tuple[to
     # vectors the paper takes; a QR gives an orthonormal basis of it with no
     # threshold and no SVD. Householder QR is orthonormal even if D^H R = 0.
     R = _gaussian(D, (*D.shape[:-1], k), generator)
-    V, _ = torch.linalg.qr(D.mH @ R)
+    V, _ = torch.linalg.qr(_adjoint_times(D, R))
     return D @ V, V
 
 
@@ -132,7 +139,7 @@ def _column(
     columns = D.reshape(-1, n, m).gather(-1, picks.unsqueeze(-2).expand(-1, n, -1))  # (B, n, c)
     sample = (columns * scale.unsqueeze(-2)).reshape(*batch, n, count)
     H = torch.linalg.svd(sample, full_matrices=False)[0][..., :k]  # top-k left singular vectors
-    return H, D.mH @ H
+    return H, _adjoint_times(D, H)
 
 
 def _rsvd(
@@ -144,7 +151,7 @@ def _rsvd(
     for _ in range(power_iters):
         # Re-orthonormalise between products so the small singular
         # directions are not lost to rounding (Halko et al., Alg. 4.4).
-        Z = D.mH @ torch.linalg.qr(Y)[0]
+        Z = _adjoint_times(D, torch.linalg.qr(Y)[0])
         Y = D @ torch.linalg.qr(Z)[0]
     basis = torch.linalg.qr(Y)[0]  # (..., n, width)
     small_u, s, small_vh = torch.linalg.svd(basis.mH @ D, full_matrices=False)

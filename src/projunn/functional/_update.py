@@ -83,7 +83,9 @@ def _subspace(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.
     """
     k = a.shape[-1]
     wide = _double(U.dtype)
-    c = U.mH @ a
+    # (a^H U)^H rather than U^H a: for complex U the latter resolves the
+    # conjugate view into a full N x N copy before the product.
+    c = (a.mH @ U).mH
     Q, R = torch.linalg.qr(torch.cat([b.to(wide), c.to(wide)], dim=-1))
     return Q, R[..., :k], R[..., k:]
 
@@ -189,6 +191,9 @@ def projunn_d(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.T
 
     Returns:
         (..., N, N) unitary tensor, dtype and device of U.
+
+    An update rule, not a layer: call it outside autograd (as optimisers do).
+    Its gradient is not finite at degenerate inputs such as a zero step.
 
     Raises:
         TypeError: a non-tensor argument, unsupported dtype, or mismatched dtypes.

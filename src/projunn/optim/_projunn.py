@@ -27,8 +27,10 @@ Note [Non-finite steps]
 If any unitary weight's gradient is NaN/Inf, its gradient is hidden (set to
 None) for the duration of the step so the base optimiser skips it entirely:
 neither the weight nor its optimiser state is touched. If the proposed step D
-of any unitary weight is non-finite (overflow, a poisoned state), every
-unitary weight is restored to its value before the step. Either way the step
+of any unitary weight is non-finite (overflow, a poisoned state, or NaN
+gradients made inside a closure), every unitary weight is restored to its
+value before the step; the base optimiser has then already updated its own
+state, which cannot be undone generically. Either way the step
 counts in ``skipped_steps`` and a RuntimeWarning is issued (or
 FloatingPointError raised with ``on_nonfinite="raise"``, after restoring).
 Non-unitary parameters are left to the base optimiser, as in plain torch.
@@ -83,8 +85,9 @@ class ProjUNN:
             (call ``optimizer.step()`` or ``projunn.step()``, attach LR
             schedulers to it); ProjUNN registers hooks on it.
         method, rank, sketch: defaults for unitary groups that do not set them.
-        seed: seed of the sketch's random generator; None draws one from
-            torch's global generator, so ``torch.manual_seed`` fixes it.
+        seed: seed of the sketch's random generator; None uses
+            ``torch.initial_seed()``, so ``torch.manual_seed`` fixes it
+            without the global random stream being consumed.
         reorthogonalize_every: every this many steps, snap unitary weights
             back to the group with an exact O(N^3) polar decomposition,
             removing accumulated rounding drift; 0 (default) never does.
@@ -135,7 +138,8 @@ class ProjUNN:
         self.reorthogonalize_every = reorthogonalize_every
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            # Follows torch.manual_seed without drawing from (and so shifting) the global stream.
+            seed = torch.initial_seed()
         self.seed = int(seed)
         self.steps = 0
         self.skipped_steps = 0
@@ -218,17 +222,22 @@ class ProjUNN:
         check_positive_int("rank", self._setting(group, "rank"))
         check_choice("sketch", self._setting(group, "sketch"), SKETCHES)
         params = group["params"]
-        for p in [params] if isinstance(params, torch.Tensor) else params:
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        group["params"] = params  # a generator would be exhausted by this check
+        for p in params:
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"unitary parameter of shape {tuple(p.shape)} has unsupported dtype {p.dtype}")
             if p.dim() < 2 or p.shape[-1] != p.shape[-2]:
                 raise ValueError(f"unitary parameters must be square (..., N, N), got shape {tuple(p.shape)}")
 
     def _unitary_params(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        seen: set[int] = set()  # torch only warns about a parameter listed twice
         for group in self.optimizer.param_groups:
             if group.get("unitary", False) and self._setting(group, "method") != "none":
                 for p in group["params"]:
-                    yield p, group
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        yield p, group
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -256,12 +265,15 @@ class ProjUNN:
             p.grad = grad
         self._hidden_grads.clear()
         self._in_step = []
+        for group in optimizer.param_groups:  # groups may be added to the base directly
+            self._check_group(group)
         # With a closure (e.g. LBFGS) gradients appear during the step, so
-        # every unitary weight is saved; otherwise only those with a gradient.
+        # every unitary weight is saved and only the proposed step is checked
+        # for NaN/Inf; otherwise only weights with a gradient take part.
         has_closure = bool(args[1:]) or kwargs.get("closure") is not None
         params = [p for p, _ in self._unitary_params() if has_closure or p.grad is not None]
         grads = [p.grad for p in params if p.grad is not None]
-        if grads and not _all_finite(grads):
+        if not has_closure and grads and not _all_finite(grads):
             # Note [Non-finite steps]: the base optimiser skips parameters whose grad is None.
             for p in params:
                 if p.grad is not None:
@@ -283,23 +295,27 @@ class ProjUNN:
             self._hidden_grads.clear()
             self._report_skip("a unitary parameter's gradient is NaN or Inf")
             return
-        params, self._in_step = self._in_step, []
-        # Each weight now holds U + D; recover D in place (the buffer holds U).
-        for p in params:
-            p.sub_(self._saved[p])
-        if params and not _all_finite(params):
+        params = self._in_step
+        try:
+            # Each weight now holds U + D; recover D in place (the buffer holds U).
             for p in params:
-                p.copy_(self._saved[p])
-            self._report_skip("the optimiser's proposed step for a unitary parameter is NaN or Inf")
-            return
-        stepped = {id(p) for p in params}
-        for p, group in self._unitary_params():
-            if id(p) not in stepped:
-                continue
-            U, D = self._saved[p], p
-            rank = min(self._setting(group, "rank"), p.shape[-1])
-            a, b = lowrank(D, rank, self._setting(group, "sketch"), generator=self._generator(p.device))
-            _UPDATES[self._setting(group, "method")](U, a, b, out=p)
+                p.sub_(self._saved[p])
+            if params and not _all_finite(params):
+                self._abort()
+                self._report_skip("the optimiser's proposed step for a unitary parameter is NaN or Inf")
+                return
+            stepped = {id(p) for p in params}
+            for p, group in self._unitary_params():
+                if id(p) not in stepped:
+                    continue
+                U, D = self._saved[p], p
+                rank = min(self._setting(group, "rank"), p.shape[-1])
+                a, b = lowrank(D, rank, self._setting(group, "sketch"), generator=self._generator(p.device))
+                _UPDATES[self._setting(group, "method")](U, a, b, out=p)
+        except BaseException:
+            self._abort()
+            raise
+        self._in_step = []
         self.steps += 1
         if self.reorthogonalize_every and self.steps % self.reorthogonalize_every == 0:
             for p, _ in self._unitary_params():
@@ -335,7 +351,10 @@ class ProjUNN:
             )
         elif not isinstance(entry, dict) or not {"steps", "skipped_steps", "seed", "generators"} <= set(entry):
             raise ValueError("the state dict's 'projunn' entry is malformed; it was not written by ProjUNN")
-        # Applied only after the base optimiser has loaded successfully.
+        else:
+            # Built now, so a bad entry fails before the base optimiser loads
+            # anything; applied only after it has loaded successfully.
+            entry = {**entry, "generators": _restore_generators(entry["generators"])}
         self._pending_state = entry
         return state_dict
 
@@ -347,11 +366,23 @@ class ProjUNN:
         self.steps = int(entry["steps"])
         self.skipped_steps = int(entry["skipped_steps"])
         self.seed = int(entry["seed"])
-        self._generators = {}
-        for dev, state in entry["generators"].items():
+        self._generators = entry["generators"]
+
+
+def _restore_generators(states: dict[str, torch.Tensor]) -> dict[str, torch.Generator]:
+    """Generators from saved states; a state for a device this process lacks is refused."""
+    generators = {}
+    for dev, state in states.items():
+        try:
             generator = torch.Generator(device=torch.device(dev))
             generator.set_state(state.cpu() if isinstance(state, torch.Tensor) else torch.as_tensor(state))
-            self._generators[dev] = generator
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"cannot restore the projUNN sketch generator for device {dev!r} ({error}); "
+                "load the checkpoint on a machine with that device"
+            ) from error
+        generators[dev] = generator
+    return generators
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -1,0 +1,109 @@
+"""Edge cases of the optimiser integration and of memory use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ALL_DTYPES, gram_defect
+from projunn.functional import lowrank, projunn_d, projunn_t, unitary_init
+from projunn.optim import ProjUNN
+
+
+def _largest_allocation(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_no_n_by_n_temporary(dtype):
+    """Given ``out``, the update and the LSI sketch allocate only thin blocks, real or complex.
+
+    (The largest allocation seen is an N x 64-element GEMM workspace.)
+    """
+    n = 512
+    U = unitary_init(n, dtype=dtype)
+    D = 1e-3 * torch.randn(n, n, dtype=dtype)
+    out = torch.empty_like(U)
+    generator = torch.Generator().manual_seed(0)
+    a, b = lowrank(D, 1, "lsi", generator=generator)
+    matrix_bytes = n * n * U.element_size()
+    for fn in (
+        lambda: projunn_t(U, a, b, out=out),
+        lambda: projunn_d(U, a, b, out=out),
+        lambda: lowrank(D, 1, "lsi", generator=generator),
+    ):
+        assert _largest_allocation(fn) < matrix_bytes / 4
+
+
+def test_duplicate_parameter_is_updated_once():
+    weight = torch.nn.Parameter(unitary_init(6, dtype=torch.float64))
+    U = weight.detach().clone()
+    with pytest.warns(UserWarning, match="duplicate"):
+        base = torch.optim.SGD([{"params": [weight, weight], "unitary": True}], lr=0.1)
+    opt = ProjUNN(base, sketch="exact", seed=0)
+    weight.grad = torch.randn(6, 6, dtype=torch.float64)
+    a, b = lowrank(-0.2 * weight.grad, 1, "exact")  # torch applies a twice-listed parameter twice
+    opt.step()
+    torch.testing.assert_close(weight.detach(), projunn_t(U, a, b), atol=1e-13, rtol=0)
+
+
+def test_add_param_group_accepts_a_generator():
+    opt = ProjUNN(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), seed=0)
+    extra = torch.nn.Parameter(torch.eye(3))
+    opt.add_param_group({"params": (p for p in [extra]), "unitary": True})
+    assert opt.param_groups[-1]["params"] == [extra]
+
+
+def test_bad_group_added_to_the_base_is_refused_before_any_change():
+    good = torch.nn.Parameter(unitary_init(4, dtype=torch.float64))
+    base = torch.optim.SGD([{"params": [good], "unitary": True}], lr=0.1)
+    opt = ProjUNN(base, seed=0)
+    bad = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    base.add_param_group({"params": [bad], "unitary": True})
+    before = [good.detach().clone(), bad.detach().clone()]
+    good.grad, bad.grad = torch.ones_like(good), torch.ones_like(bad)
+    with pytest.raises(ValueError, match="square"):
+        opt.step()
+    assert torch.equal(good, before[0]) and torch.equal(bad, before[1])
+
+
+def test_closure_optimiser_with_stale_nan_grads_still_projects():
+    weight = torch.nn.Parameter(unitary_init(5, dtype=torch.float64))
+    opt = ProjUNN(torch.optim.LBFGS([{"params": [weight], "unitary": True}], lr=0.1, max_iter=2), seed=0)
+    weight.grad = torch.full_like(weight, float("nan"))  # left over from an earlier failure
+
+    def closure():
+        opt.zero_grad()
+        loss = (weight * torch.arange(25.0, dtype=torch.float64).reshape(5, 5)).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.skipped_steps == 0
+    assert gram_defect(weight.detach()) < 1e-14
+
+
+def test_default_seed_does_not_consume_the_global_stream():
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    ProjUNN(torch.optim.SGD([torch.nn.Parameter(torch.eye(2))], lr=0.1))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_generator_state_for_a_missing_device_is_refused_before_loading():
+    weight = torch.nn.Parameter(unitary_init(3))
+    opt = ProjUNN(torch.optim.SGD([{"params": [weight], "unitary": True}], lr=0.1), seed=0)
+    state = opt.state_dict()
+    state["projunn"]["generators"] = {"cpu": torch.zeros(3, dtype=torch.uint8)}  # not a generator state
+    state["param_groups"][0]["lr"] = 0.5
+    with pytest.raises(ValueError, match="cannot restore the projUNN sketch generator"):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_column_samples_below_rank_is_refused():
+    with pytest.raises(ValueError, match="samples must be >= rank = 3"):
+        lowrank(torch.randn(8, 6), 3, "column", samples=1)
