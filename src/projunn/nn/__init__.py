@@ -1,6 +1,7 @@
 """Layers holding plain parameters that the optimiser keeps orthogonal/unitary."""
 
 from ._linear import OrthogonalLinear, UnitaryLinear, init_unitary_
+from ._models import SequenceModel
 from ._rnn import NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
 
 __all__ = [
@@ -8,6 +9,7 @@ __all__ = [
     "ComplexToReal",
     "ModReLU",
     "OrthogonalLinear",
+    "SequenceModel",
     "UnitaryLinear",
     "UnitaryRNN",
     "UnitaryRNNCell",

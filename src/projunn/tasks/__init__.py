@@ -1,5 +1,7 @@
-"""Tasks of the paper's experiments: data, baselines (models and training come with the CLI)."""
+"""Tasks of the paper's experiments: data, models, losses, metrics, baselines, defaults."""
 
+from ._mnist import DatasetMissingError, ImageSet, load_images, read_idx
+from ._registry import TASKS, Task, describe_tasks, get_task
 from ._synthetic import (
     COPY_ALPHABET,
     COPY_BLANK,
@@ -16,8 +18,16 @@ __all__ = [
     "COPY_BLANK",
     "COPY_MARKER",
     "COPY_SYMBOLS",
+    "TASKS",
+    "DatasetMissingError",
+    "ImageSet",
+    "Task",
     "adding_baseline",
     "adding_batch",
     "copy_baseline",
     "copy_batch",
+    "describe_tasks",
+    "get_task",
+    "load_images",
+    "read_idx",
 ]

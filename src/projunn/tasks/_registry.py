@@ -1,0 +1,316 @@
+"""The tasks ``projunn train`` knows: data, model, loss, metric, baseline, defaults.
+
+Every task makes its batches as a pure function of (seed, step), so a run
+resumed from a checkpoint sees exactly the batches an uninterrupted run
+would have seen, with no data-loader state to save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import unitary_init
+from ..nn import SequenceModel, UnitaryLinear
+from ._mnist import load_images
+from ._synthetic import COPY_ALPHABET, COPY_SYMBOLS, adding_baseline, adding_batch, copy_baseline, copy_batch
+
+__all__ = ["TASKS", "Task", "get_task"]
+
+_EVAL_STREAM = 10**9  # offset of the seed stream used for evaluation batches
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+@dataclass
+class Task:
+    """Base class. ``defaults`` fill unset options; ``paper`` is the ``--preset paper`` overlay."""
+
+    name: str = ""
+    description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    paper: dict[str, Any] = field(default_factory=dict)
+    has_accuracy: bool = False
+
+    def prepare(self, config, device: torch.device) -> None:
+        """Load data once before training (nothing for synthetic tasks)."""
+
+    def total_steps(self, config) -> int:
+        return config.steps
+
+    def baseline(self, config) -> float | None:
+        return None
+
+    def build_model(self, config) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def batch(self, config, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, model, x, y) -> tuple[torch.Tensor, float | None]:
+        """Mean loss and, where the task has one, accuracy in [0, 1]."""
+        raise NotImplementedError
+
+    def evaluate(self, model, config, device) -> dict[str, float]:
+        """Held-out loss (and accuracy) during training."""
+        x, y = self.batch(config, _EVAL_STREAM, device)
+        loss, accuracy = self.loss(model, x, y)
+        return {"eval_loss": loss.item(), **({"eval_accuracy": accuracy} if accuracy is not None else {})}
+
+    def test(self, model, config, device) -> dict[str, float]:
+        """Final numbers for summary.json (the held-out evaluation unless a test set exists)."""
+        return self.evaluate(model, config, device)
+
+
+class CopyTask(Task):
+    def __init__(self):
+        super().__init__(
+            name="copy",
+            description="recall 10 symbols after a delay T (cross-entropy; baseline 10 ln 8 / (T + 20))",
+            defaults=dict(
+                hidden=128,
+                seq_len=100,
+                steps=2000,
+                batch_size=128,
+                lr=1e-3,
+                unitary_lr_divider=32,
+                optimizer="rmsprop",
+                init="henaff",
+                nonlinearity="modrelu",
+                eval_every=100,
+            ),
+            paper=dict(hidden=190, seq_len=1000, steps=10000, batch_size=128, lr=1e-3, unitary_lr_divider=32),
+            has_accuracy=True,
+        )
+
+    def baseline(self, config):
+        return copy_baseline(config.seq_len)
+
+    def build_model(self, config):
+        return SequenceModel(
+            COPY_ALPHABET + 2,
+            config.hidden,
+            COPY_ALPHABET + 1,
+            tokens=True,
+            every_step=True,
+            nonlinearity=config.nonlinearity,
+            complex=config.complex,
+            init=config.init,
+        )
+
+    def batch(self, config, step, device):
+        return copy_batch(
+            config.batch_size, config.seq_len, generator=_step_generator(config.seed, step), device=device
+        )
+
+    def loss(self, model, x, y):
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        recall = logits[:, -COPY_SYMBOLS:].argmax(-1) == y[:, -COPY_SYMBOLS:]
+        return loss, recall.float().mean().item()
+
+
+class AddingTask(Task):
+    def __init__(self):
+        super().__init__(
+            name="adding",
+            description="sum the two marked numbers of a length-T sequence (MSE; baseline 1/6)",
+            defaults=dict(
+                hidden=128,
+                seq_len=200,
+                steps=3000,
+                batch_size=50,
+                lr=1e-3,
+                unitary_lr_divider=32,
+                optimizer="rmsprop",
+                init="henaff",
+                nonlinearity="modrelu",
+                eval_every=100,
+            ),
+            paper=dict(hidden=170, seq_len=750, steps=10000, batch_size=50, lr=1e-3, unitary_lr_divider=32),
+        )
+
+    def baseline(self, config):
+        return adding_baseline()
+
+    def build_model(self, config):
+        return SequenceModel(
+            2, config.hidden, 1, nonlinearity=config.nonlinearity, complex=config.complex, init=config.init
+        )
+
+    def batch(self, config, step, device):
+        return adding_batch(
+            config.batch_size, config.seq_len, generator=_step_generator(config.seed, step), device=device
+        )
+
+    def loss(self, model, x, y):
+        return F.mse_loss(model(x).squeeze(-1), y), None
+
+
+class PixelMNISTTask(Task):
+    """Pixel-by-pixel MNIST, in order (smnist) or under a fixed seeded permutation (pmnist)."""
+
+    def __init__(self, permuted: bool):
+        kind = "permuted" if permuted else "sequential"
+        super().__init__(
+            name="pmnist" if permuted else "smnist",
+            description=f"{kind} pixel-by-pixel MNIST, 784 steps (cross-entropy; test accuracy)",
+            defaults=dict(
+                hidden=170,
+                epochs=1,
+                batch_size=128,
+                lr=1e-3,
+                unitary_lr_divider=32,
+                optimizer="rmsprop",
+                init="cayley",
+                nonlinearity="modrelu",
+                eval_every=100,
+            ),
+            paper=dict(hidden=170, epochs=200, batch_size=128, lr=1e-3, unitary_lr_divider=32),
+            has_accuracy=True,
+        )
+        self.permuted = permuted
+        self._data: dict[str, torch.Tensor] = {}
+        self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)
+
+    def prepare(self, config, device):
+        images = load_images("mnist", config.data_dir)
+        pixels = torch.as_tensor(images.train_images).reshape(-1, 784)
+        labels = torch.as_tensor(images.train_labels)
+        held_out = len(pixels) // 10  # the paper's 10% validation split: the last tenth
+        order = torch.arange(784)
+        if self.permuted:
+            order = torch.randperm(784, generator=torch.Generator().manual_seed(config.permutation_seed))
+        self._order = order
+        self._epoch_order = (-1, None)
+        split = len(pixels) - held_out
+        self._data = {
+            "train_x": pixels[:split],
+            "train_y": labels[:split],
+            "val_x": pixels[split:],
+            "val_y": labels[split:],
+            "test_x": torch.as_tensor(images.test_images).reshape(-1, 784),
+            "test_y": torch.as_tensor(images.test_labels),
+        }
+        if len(self._data["train_x"]) < config.batch_size:
+            raise ValueError(f"batch size {config.batch_size} exceeds the {split} training images")
+        self.source = images.source
+
+    def steps_per_epoch(self, config) -> int:
+        return len(self._data["train_x"]) // config.batch_size
+
+    def total_steps(self, config):
+        return config.steps if config.steps is not None else config.epochs * self.steps_per_epoch(config)
+
+    def _inputs(self, pixels: torch.Tensor, device) -> torch.Tensor:
+        return (pixels[:, self._order].to(device=device, dtype=torch.get_default_dtype()) / 255.0).unsqueeze(-1)
+
+    def build_model(self, config):
+        return SequenceModel(
+            1, config.hidden, 10, nonlinearity=config.nonlinearity, complex=config.complex, init=config.init
+        )
+
+    def batch(self, config, step, device):
+        per_epoch = self.steps_per_epoch(config)
+        epoch, index = divmod(step, per_epoch)
+        if self._epoch_order[0] != epoch:
+            shuffle = _step_generator(config.seed, -1 - epoch)
+            self._epoch_order = (epoch, torch.randperm(len(self._data["train_x"]), generator=shuffle))
+        order = self._epoch_order[1]
+        rows = order[index * config.batch_size : (index + 1) * config.batch_size]
+        return self._inputs(self._data["train_x"][rows], device), self._data["train_y"][rows].to(device)
+
+    def loss(self, model, x, y):
+        logits = model(x)
+        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean().item()
+
+    def _score(self, model, split, config, device) -> tuple[float, float]:
+        xs, ys = self._data[f"{split}_x"], self._data[f"{split}_y"]
+        total_loss = correct = 0.0
+        with torch.no_grad():
+            for start in range(0, len(xs), 500):
+                x = self._inputs(xs[start : start + 500], device)
+                y = ys[start : start + 500].to(device)
+                logits = model(x)
+                total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+                correct += (logits.argmax(-1) == y).sum().item()
+        return total_loss / len(xs), correct / len(xs)
+
+    def evaluate(self, model, config, device):
+        loss, accuracy = self._score(model, "val", config, device)
+        return {"eval_loss": loss, "eval_accuracy": accuracy}
+
+    def test(self, model, config, device):
+        loss, accuracy = self._score(model, "test", config, device)
+        return {"test_loss": loss, "test_accuracy": accuracy}
+
+
+class UnitaryTargetTask(Task):
+    """Learn a random N x N unitary from input/output pairs (N = --hidden)."""
+
+    def __init__(self):
+        super().__init__(
+            name="unitary",
+            description="learn a Haar-random N x N orthogonal/unitary matrix from pairs (MSE; N = --hidden)",
+            defaults=dict(
+                hidden=256,
+                steps=1000,
+                batch_size=128,
+                lr=1e-3,
+                unitary_lr_divider=1,
+                optimizer="adam",
+                init="haar",
+                nonlinearity="identity",
+                eval_every=50,
+            ),
+            paper=dict(hidden=2048, steps=1000, batch_size=128),
+        )
+
+    def baseline(self, config):
+        return 2.0  # E|W x - T x|^2 per coordinate for unrelated rotations W, T
+
+    def prepare(self, config, device):
+        dtype = torch.complex64 if config.complex else torch.get_default_dtype()
+        generator = torch.Generator().manual_seed(config.seed + 7)
+        self._target = unitary_init(config.hidden, "haar", dtype=dtype, generator=generator).to(device)
+
+    def build_model(self, config):
+        dtype = torch.complex64 if config.complex else None
+        return UnitaryLinear(config.hidden, init=config.init, dtype=dtype)
+
+    def batch(self, config, step, device):
+        target = self._target
+        x = torch.randn(
+            config.batch_size, config.hidden, dtype=target.dtype, generator=_step_generator(config.seed, step)
+        ).to(device)
+        return x, x @ target.mT
+
+    def loss(self, model, x, y):
+        return (model(x) - y).abs().square().mean(), None
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        CopyTask(),
+        AddingTask(),
+        PixelMNISTTask(permuted=True),
+        PixelMNISTTask(permuted=False),
+        UnitaryTargetTask(),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def describe_tasks() -> str:
+    return "\n".join(f"  {name:8s} {task.description}" for name, task in TASKS.items())

@@ -1,0 +1,408 @@
+"""One generic training loop behind ``projunn train``.
+
+A run writes into its output folder:
+
+- ``config.json``: the resolved settings;
+- ``metrics.csv``: one row per evaluation (step, seconds, train/eval loss,
+  eval accuracy, max unitarity error of the recurrent/unitary matrices);
+- ``checkpoint.pt``: model, optimiser (with projUNN state), step, history;
+  written to a temporary file and renamed, so an interrupted write never
+  replaces a good checkpoint with a broken one;
+- ``summary.json`` and ``curves.png`` at the end (also after Ctrl-C).
+
+Batches are pure functions of (seed, step) (see :mod:`projunn.tasks`), so
+``--resume`` continues to exactly the weights an uninterrupted run reaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import pathlib
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch.nn.utils import parametrizations, parametrize
+
+from .functional import SKETCHES, unitarity_error
+from .optim import ProjUNN
+from .tasks import get_task
+
+__all__ = ["CHECKPOINT", "METHODS", "OPTIMIZERS", "RunError", "TrainConfig", "train"]
+
+#: ``--method`` choices: projUNN-T/-D, torch's orthogonal parametrisation, unconstrained.
+METHODS = ("t", "d", "expm", "cayley", "none")
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+CHECKPOINT = "checkpoint.pt"
+_CHECKPOINT_FORMAT = "projunn-run/1"
+_METRIC_FIELDS = ("step", "seconds", "train_loss", "eval_loss", "eval_accuracy", "max_unitarity_error")
+# Settings that may differ when resuming a run (they do not change the result).
+_RESUMABLE = {"steps", "epochs", "resume", "overwrite", "quiet", "device", "out", "data_dir"}
+
+
+class RunError(ValueError):
+    """A run cannot start as asked (bad settings, output folder, checkpoint); the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of ``projunn train``; None means "the task's default"."""
+
+    task: str
+    method: str = "t"
+    rank: int = 1
+    sketch: str = "lsi"
+    hidden: int | None = None
+    seq_len: int | None = None
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    unitary_lr: float | None = None
+    unitary_lr_divider: float | None = None
+    optimizer: str | None = None
+    init: str | None = None
+    nonlinearity: str | None = None
+    complex: bool = False
+    eval_every: int | None = None
+    reorthogonalize_every: int = 0
+    permutation_seed: int = 0
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str | None = None
+    preset: str | None = None
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill unset settings: explicit values, then ``--preset paper``, then the task's defaults."""
+    task = get_task(config.task)
+    if config.method not in METHODS:
+        raise RunError(f"--method must be one of {', '.join(METHODS)}; got {config.method!r}")
+    if config.sketch not in SKETCHES:
+        raise RunError(f"--sketch must be one of {', '.join(SKETCHES)}; got {config.sketch!r}")
+    if config.preset not in (None, "paper"):
+        raise RunError(f"--preset must be 'paper'; got {config.preset!r}")
+    layers = {**task.defaults, **(task.paper if config.preset == "paper" else {})}
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    for key, value in layers.items():
+        if values.get(key) is None:
+            values[key] = value
+    counts_epochs = "epochs" in task.defaults
+    if values["epochs"] is not None and not counts_epochs:
+        raise RunError(f"--epochs applies to the MNIST tasks; the {task.name} task counts --steps")
+    if values["optimizer"] not in OPTIMIZERS:
+        raise RunError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {values['optimizer']!r}")
+    if values["unitary_lr"] is None:
+        values["unitary_lr"] = values["lr"] / values["unitary_lr_divider"]
+    return TrainConfig(**values)
+
+
+# -- building the run -------------------------------------------------------------------------
+
+
+def _unitary_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(module, attribute) of every weight the model declares unitary."""
+    return [
+        (module, name)
+        for module in model.modules()
+        for name in getattr(type(module), "unitary_parameter_names", ())
+        if name in module._parameters or parametrize.is_parametrized(module, name)
+    ]
+
+
+def _constrain(model: torch.nn.Module, method: str) -> None:
+    """For ``expm``/``cayley`` re-express the unitary weights with torch's orthogonal parametrisation."""
+    if method in ("expm", "cayley"):
+        orthogonal_map = {"expm": "matrix_exp", "cayley": "cayley"}[method]
+        for module, name in _unitary_slots(model):
+            parametrizations.orthogonal(module, name, orthogonal_map=orthogonal_map)
+
+
+def _build_optimizer(model: torch.nn.Module, config: TrainConfig) -> ProjUNN:
+    unitary = []
+    for module, name in _unitary_slots(model):
+        if parametrize.is_parametrized(module, name):
+            unitary.append(module.parametrizations[name].original)
+        else:
+            unitary.append(module._parameters[name])
+    unitary_ids = {id(p) for p in unitary}
+    ordinary = [p for p in model.parameters() if id(p) not in unitary_ids]
+    projected = config.method in ("t", "d")
+    groups = [
+        {"params": ordinary},
+        {
+            "params": unitary,
+            "lr": config.unitary_lr,
+            "unitary": True,
+            "method": config.method if projected else "none",
+            "rank": config.rank,
+            "sketch": config.sketch,
+        },
+    ]
+    groups = [g for g in groups if g["params"]]
+    base = {
+        "rmsprop": lambda: torch.optim.RMSprop(groups, lr=config.lr),
+        "adam": lambda: torch.optim.Adam(groups, lr=config.lr),
+        "sgd": lambda: torch.optim.SGD(groups, lr=config.lr, momentum=0.9),
+    }[config.optimizer]()
+    return ProjUNN(base, seed=config.seed, reorthogonalize_every=config.reorthogonalize_every)
+
+
+def _max_unitarity_error(model: torch.nn.Module) -> float:
+    with torch.no_grad():
+        errors = [unitarity_error(getattr(m, name).detach()).max().item() for m, name in _unitary_slots(model)]
+    return max(errors, default=0.0)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise RunError(f"--device must be auto, cpu or cuda; got {name!r}")
+    return torch.device(name)
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+
+
+def _write_metrics(path: pathlib.Path, history: list[dict[str, Any]]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=_METRIC_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+
+    _atomic_write(path, write)
+
+
+def _prepare_out_dir(config: TrainConfig) -> pathlib.Path:
+    out = pathlib.Path(config.out or f"runs/{config.task}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if config.resume:
+        if not (out / CHECKPOINT).is_file():
+            raise RunError(f"--resume: no {CHECKPOINT} in {out}")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not config.overwrite:
+            raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        for name in ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _load_checkpoint(out: pathlib.Path, config: TrainConfig) -> dict[str, Any]:
+    path = out / CHECKPOINT
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say so, load nothing
+        raise RunError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != _CHECKPOINT_FORMAT:
+        raise RunError(f"{path} was not written by projunn train")
+    saved = checkpoint["config"]
+    for key, value in asdict(config).items():
+        if key not in _RESUMABLE and saved.get(key) != value:
+            raise RunError(f"--resume: the run in {out} has {key}={saved.get(key)!r}, not {value!r}")
+    return checkpoint
+
+
+def _plot(path: pathlib.Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in history]
+    has_accuracy = any(row.get("eval_accuracy") is not None for row in history)
+    fig, axes = plt.subplots(1, 3 if has_accuracy else 2, figsize=(13 if has_accuracy else 9, 3.6))
+    ax = axes[0]
+    ax.plot(steps, [row["train_loss"] for row in history], label="train")
+    ax.plot(steps, [row["eval_loss"] for row in history], label="held out")
+    if summary.get("baseline_loss") is not None:
+        ax.axhline(summary["baseline_loss"], color="k", linestyle="--", linewidth=1, label="baseline")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("loss")
+    ax.legend()
+    ax = axes[1]
+    ax.plot(steps, [max(row["max_unitarity_error"], 1e-16) for row in history], color="tab:red")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(r"max $\|U^H U - I\|_F$")
+    if has_accuracy:
+        ax = axes[2]
+        ax.plot(steps, [row.get("eval_accuracy") for row in history], color="tab:green")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step")
+        ax.set_title("held-out accuracy")
+    fig.suptitle(f"{summary['task']} - method {summary['method']}", fontsize=10)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
+    """Run (or resume) a training run; return its summary (also written to summary.json).
+
+    Raises:
+        RunError: bad settings, an occupied output folder, or an unusable checkpoint.
+        DatasetMissingError: the task's data set is not installed.
+    """
+    from tqdm.auto import tqdm
+
+    config = resolve(config)
+    task = get_task(config.task)
+    device = _pick_device(config.device)
+    out = _prepare_out_dir(config)
+    checkpoint = _load_checkpoint(out, config) if config.resume else None
+
+    torch.manual_seed(config.seed)
+    task.prepare(config, device)
+    model = task.build_model(config)
+    _constrain(model, config.method)
+    model.to(device)
+    optimizer = _build_optimizer(model, config)
+    total = task.total_steps(config)
+    eval_every = config.eval_every
+    step, seconds, history, nonfinite_losses = 0, 0.0, [], 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, seconds, history = checkpoint["step"], checkpoint["seconds"], checkpoint["history"]
+        nonfinite_losses = checkpoint.get("nonfinite_losses", 0)
+    _write_json(out / "config.json", asdict(config))
+    cached = parametrize.cached if config.method in ("expm", "cayley") else contextlib.nullcontext
+
+    def save_checkpoint():
+        state = {
+            "format": _CHECKPOINT_FORMAT,
+            "config": asdict(config),
+            "step": step,
+            "seconds": seconds,
+            "history": history,
+            "nonfinite_losses": nonfinite_losses,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        }
+        _atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+    best = min((row["eval_loss"] for row in history), default=math.inf)
+    window_loss, window_count = 0.0, 0
+    interrupted = False
+    bar = tqdm(total=total, initial=step, disable=config.quiet, unit="step", desc=f"{task.name}/{config.method}")
+    started = time.perf_counter() - seconds
+    try:
+        while step < total:
+            x, y = task.batch(config, step, device)
+            with cached():
+                loss, _ = task.loss(model, x, y)
+            if torch.isfinite(loss):
+                loss.backward()
+                optimizer.step()
+                window_loss += loss.item()
+                window_count += 1
+            else:
+                nonfinite_losses += 1
+            optimizer.zero_grad()
+            step += 1
+            bar.update(1)
+            if step % eval_every == 0 or step == total:
+                seconds = time.perf_counter() - started
+                with torch.no_grad(), cached():
+                    scores = task.evaluate(model, config, device)
+                row = {
+                    "step": step,
+                    "seconds": round(seconds, 3),
+                    "train_loss": window_loss / max(window_count, 1),
+                    "eval_loss": scores["eval_loss"],
+                    "eval_accuracy": scores.get("eval_accuracy"),
+                    "max_unitarity_error": _max_unitarity_error(model),
+                }
+                window_loss, window_count = 0.0, 0
+                history.append(row)
+                best = min(best, row["eval_loss"])
+                _write_metrics(out / "metrics.csv", history)
+                save_checkpoint()
+                postfix = {"loss": f"{row['eval_loss']:.4g}", "best": f"{best:.4g}"}
+                if row["eval_accuracy"] is not None:
+                    postfix["acc"] = f"{row['eval_accuracy']:.3f}"
+                postfix["unitarity"] = f"{row['max_unitarity_error']:.1e}"
+                bar.set_postfix(postfix)
+                if config.quiet:
+                    rate = step / max(seconds, 1e-9)
+                    log(
+                        f"step {step}/{total} "
+                        + " ".join(f"{k} {v}" for k, v in postfix.items())
+                        + f" {rate:.1f} step/s"
+                    )
+    except KeyboardInterrupt:
+        interrupted = True
+        seconds = time.perf_counter() - started
+        # The window's partial train loss is dropped; the weights are those after `step` steps.
+        save_checkpoint()
+        log(f"interrupted at step {step}; checkpoint saved in {out} (continue with --resume)")
+    finally:
+        bar.close()
+
+    final = {}
+    if not interrupted:
+        with torch.no_grad(), cached():
+            final = task.test(model, config, device)
+    last = history[-1] if history else {}
+    accuracy = final.get("test_accuracy", final.get("eval_accuracy", last.get("eval_accuracy")))
+    summary = {
+        "task": task.name,
+        "method": config.method,
+        "steps": step,
+        "final_loss": final.get("test_loss", final.get("eval_loss", last.get("eval_loss"))),
+        "best_loss": best if history else None,
+        "baseline_loss": task.baseline(config),
+        "accuracy": accuracy if task.has_accuracy else None,
+        "max_unitarity_error": max((row["max_unitarity_error"] for row in history), default=None),
+        "seconds": round(seconds, 3),
+        "interrupted": interrupted,
+        "rank": config.rank,
+        "sketch": config.sketch,
+        "hidden": config.hidden,
+        "seq_len": config.seq_len,
+        "skipped_steps": optimizer.skipped_steps,
+        "nonfinite_losses": nonfinite_losses,
+        **{key: value for key, value in final.items()},
+    }
+    _write_json(out / "summary.json", summary)
+    if history:
+        _plot(out / "curves.png", history, summary)
+    summary["out"] = str(out)
+    return summary
+
+
+def with_overrides(config: TrainConfig, **changes) -> TrainConfig:
+    """A copy of ``config`` with some fields changed."""
+    return replace(config, **changes)

@@ -1,0 +1,256 @@
+"""`projunn train`: every task end to end, files, resume, interruption, data loaders."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from projunn.cli import main
+from projunn.tasks import DatasetMissingError, load_images, read_idx
+from projunn.tasks._mnist import read_mnist_pickle
+from projunn.train import CHECKPOINT, TrainConfig, train
+
+SUMMARY_KEYS = {
+    "task",
+    "method",
+    "steps",
+    "final_loss",
+    "best_loss",
+    "baseline_loss",
+    "accuracy",
+    "max_unitarity_error",
+    "seconds",
+}
+TINY = ["--hidden", "8", "--batch-size", "4", "--steps", "2", "--eval-every", "1", "--quiet"]
+
+
+def _write_idx(path, array: np.ndarray, *, compress: bool = False) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    """A folder of IDX files with 60 training and 20 test images."""
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    _write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (60, 28, 28)), compress=True)
+    _write_idx(folder / "train-labels-idx1-ubyte", rng.integers(0, 10, 60))
+    _write_idx(folder / "t10k-images-idx3-ubyte", rng.integers(0, 256, (20, 28, 28)))
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 20), compress=True)
+    return folder
+
+
+def _run(tmp_path, *argv):
+    out = tmp_path / "run"
+    assert main(["train", *argv, *TINY, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "task, extra",
+    [("copy", ["--seq-len", "5"]), ("adding", ["--seq-len", "6"]), ("unitary", []), ("copy", ["--complex"])],
+)
+@pytest.mark.parametrize("method", ["t", "d", "expm", "cayley", "none"])
+def test_every_task_and_method_writes_all_files(tmp_path, task, extra, method):
+    out = _run(tmp_path, task, "--method", method, *extra)
+    for name in ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["task"] == task and summary["method"] == method and summary["steps"] == 2
+    if method != "none":
+        assert summary["max_unitarity_error"] < 1e-5
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == ["step", "seconds", "train_loss", "eval_loss", "eval_accuracy", "max_unitarity_error"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden"] == 8 and config["method"] == method
+
+
+@pytest.mark.parametrize("task", ["pmnist", "smnist"])
+def test_pixel_mnist_from_idx_files(tmp_path, tiny_mnist, task):
+    out = _run(tmp_path, task, "--data-dir", str(tiny_mnist))
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["accuracy"] <= 1 and "test_accuracy" in summary
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    common = dict(task="copy", hidden=8, seq_len=5, batch_size=4, eval_every=2, quiet=True, sketch="column")
+    full = train(TrainConfig(**common, steps=6, out=str(tmp_path / "full")), log=lambda _: None)
+    train(TrainConfig(**common, steps=2, out=str(tmp_path / "part")), log=lambda _: None)
+    resumed = train(TrainConfig(**common, steps=6, out=str(tmp_path / "part"), resume=True), log=lambda _: None)
+    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "part" / CHECKPOINT, weights_only=True)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert resumed["final_loss"] == full["final_loss"] and resumed["steps"] == 6
+    rows = list(csv.DictReader((tmp_path / "part" / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
+    from projunn.tasks import _registry
+
+    common = dict(task="adding", hidden=8, seq_len=5, batch_size=4, eval_every=1, quiet=True)
+    original = _registry.AddingTask.batch
+
+    def interrupt_at_step_3(self, config, step, device):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, config, step, device)
+
+    monkeypatch.setattr(_registry.AddingTask, "batch", interrupt_at_step_3)
+    out = tmp_path / "run"
+    summary = train(TrainConfig(**common, steps=5, out=str(out)), log=lambda _: None)
+    assert summary["interrupted"] and summary["steps"] == 3
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 3
+    monkeypatch.setattr(_registry.AddingTask, "batch", original)
+    resumed = train(TrainConfig(**common, steps=5, out=str(out), resume=True), log=lambda _: None)
+    reference = train(TrainConfig(**common, steps=5, out=str(tmp_path / "ref")), log=lambda _: None)
+    assert resumed["final_loss"] == reference["final_loss"] and not resumed["interrupted"]
+
+
+def test_interrupted_cli_exits_130(tmp_path, monkeypatch):
+    from projunn.tasks import _registry
+
+    def interrupt(self, config, step, device):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_registry.CopyTask, "batch", interrupt)
+    assert main(["train", "copy", *TINY, "--out", str(tmp_path / "r")]) == 130
+
+
+def test_training_keeps_the_recurrent_matrix_at_float_precision(tmp_path):
+    summary = train(
+        TrainConfig(
+            task="copy",
+            hidden=32,
+            seq_len=10,
+            batch_size=16,
+            steps=60,
+            eval_every=20,
+            quiet=True,
+            out=str(tmp_path / "r"),
+            lr=1e-2,
+        ),
+        log=lambda _: None,
+    )
+    assert summary["max_unitarity_error"] < 1e-5
+    assert summary["final_loss"] < 2.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "copy", "--epochs", "2"], "--epochs applies to the MNIST tasks"),
+        (["train", "sorting"], "invalid choice"),
+        (["train", "copy", "--method", "svd"], "invalid choice"),
+        (["train", "copy", "--lr", "0"], "expected a positive finite number"),
+        (["train", "copy", "--resume", "--out", "/nonexistent/run"], "no checkpoint.pt in /nonexistent/run"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    _run(tmp_path, "copy", "--seq-len", "5")
+    code = main(
+        ["train", "copy", *TINY, "--seq-len", "5", "--hidden", "16", "--resume", "--out", str(tmp_path / "run")]
+    )
+    assert code == 2 and "has hidden=8, not 16" in capsys.readouterr().err
+
+
+def test_a_corrupt_checkpoint_is_refused(tmp_path, capsys):
+    out = _run(tmp_path, "copy", "--seq-len", "5")
+    (out / CHECKPOINT).write_bytes(b"not a checkpoint")
+    assert main(["train", "copy", *TINY, "--seq-len", "5", "--resume", "--out", str(out)]) == 2
+    assert "is not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in (
+        "--method",
+        "--rank",
+        "--sketch",
+        "--hidden",
+        "--seq-len",
+        "--steps",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--unitary-lr",
+        "--optimizer",
+        "--seed",
+        "--device",
+        "--out",
+        "--resume",
+        "--preset",
+    ):
+        assert option in text
+    for task in ("copy", "adding", "pmnist", "smnist", "unitary"):
+        assert task in text
+
+
+# -- data loaders --------------------------------------------------------------------------
+
+
+def test_read_idx_round_trip_and_errors(tmp_path):
+    array = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a", array)
+    _write_idx(tmp_path / "b.gz", array, compress=True)
+    assert np.array_equal(read_idx(tmp_path / "a"), array) and np.array_equal(read_idx(tmp_path / "b.gz"), array)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes((tmp_path / "a").read_bytes()[:-1])
+    with pytest.raises(ValueError, match="header says shape"):
+        read_idx(tmp_path / "short")
+
+
+def test_load_images_from_a_folder(tiny_mnist, tmp_path):
+    data = load_images("mnist", tiny_mnist)
+    assert data.train_images.shape == (60, 28, 28) and data.test_labels.shape == (20,)
+    with pytest.raises(DatasetMissingError, match="no mnist IDX files"):
+        load_images("mnist", tmp_path / "empty")
+    with pytest.raises(ValueError, match="unknown image data set"):
+        load_images("cifar", tiny_mnist)
+
+
+def test_mnist_pickle_reader_and_restricted_unpickler(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return (rng.integers(0, 256, (n, 784)).astype(np.float32) / 256, rng.integers(0, 10, n).astype(np.int64))
+
+    path = tmp_path / "mnist.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump((split(5), split(3), split(4)), f, protocol=2)
+    data = read_mnist_pickle(path, verify=False)
+    assert data.train_images.shape == (8, 28, 28) and data.test_images.shape == (4, 28, 28)
+    with pytest.raises(ValueError, match="fingerprint"):
+        read_mnist_pickle(path, verify=True)
+    evil = tmp_path / "evil.pkl.gz"
+    with gzip.open(evil, "wb") as f:
+        pickle.dump(print, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+        read_mnist_pickle(evil, verify=False)
