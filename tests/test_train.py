@@ -254,3 +254,13 @@ def test_mnist_pickle_reader_and_restricted_unpickler(tmp_path):
         pickle.dump(print, f)
     with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
         read_mnist_pickle(evil, verify=False)
+
+
+def test_time_budget_stops_at_a_step_boundary(tmp_path):
+    summary = train(
+        TrainConfig(task="adding", hidden=8, seq_len=5, batch_size=4, steps=10**6, eval_every=10**5, quiet=True,
+                    max_minutes=0.02, out=str(tmp_path / "r")),
+        log=lambda _: None,
+    )
+    assert summary["stopped_by_time_budget"] and 0 < summary["steps"] < 10**6
+    assert summary["final_loss"] is not None and not summary["interrupted"]

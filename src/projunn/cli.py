@@ -119,6 +119,7 @@ def _add_train_parser(commands) -> None:
     add("--nonlinearity", choices=NONLINEARITIES, help="RNN nonlinearity (task default: modrelu)")
     add("--complex", action="store_true", help="complex hidden state with a unitary (not orthogonal) matrix")
     add("--eval-every", type=_positive_int, help="steps between evaluations, metric rows and checkpoints")
+    add("--max-minutes", type=_positive_float, help="stop (evaluate, save, summarise) after this much training time")
     add(
         "--reorthogonalize-every",
         type=_non_negative_int,

@@ -42,7 +42,7 @@ CHECKPOINT = "checkpoint.pt"
 _CHECKPOINT_FORMAT = "projunn-run/1"
 _METRIC_FIELDS = ("step", "seconds", "train_loss", "eval_loss", "eval_accuracy", "max_unitarity_error")
 # Settings that may differ when resuming a run (they do not change the result).
-_RESUMABLE = {"steps", "epochs", "resume", "overwrite", "quiet", "device", "out", "data_dir"}
+_RESUMABLE = {"steps", "epochs", "max_minutes", "resume", "overwrite", "quiet", "device", "out", "data_dir"}
 
 
 class RunError(ValueError):
@@ -70,6 +70,7 @@ class TrainConfig:
     nonlinearity: str | None = None
     complex: bool = False
     eval_every: int | None = None
+    max_minutes: float | None = None
     reorthogonalize_every: int = 0
     permutation_seed: int = 0
     seed: int = 0
@@ -333,7 +334,8 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
             optimizer.zero_grad()
             step += 1
             bar.update(1)
-            if step % eval_every == 0 or step == total:
+            out_of_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
+            if step % eval_every == 0 or step == total or out_of_time:
                 seconds = time.perf_counter() - started
                 with torch.no_grad(), cached():
                     scores = task.evaluate(model, config, device)
@@ -362,6 +364,9 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
                         + " ".join(f"{k} {v}" for k, v in postfix.items())
                         + f" {rate:.1f} step/s"
                     )
+                if out_of_time:
+                    log(f"time budget of {config.max_minutes} min reached at step {step}")
+                    break
     except KeyboardInterrupt:
         interrupted = True
         seconds = time.perf_counter() - started
@@ -388,6 +393,7 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
         "max_unitarity_error": max((row["max_unitarity_error"] for row in history), default=None),
         "seconds": round(seconds, 3),
         "interrupted": interrupted,
+        "stopped_by_time_budget": step < total and not interrupted,
         "rank": config.rank,
         "sketch": config.sketch,
         "hidden": config.hidden,
