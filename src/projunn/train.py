@@ -116,7 +116,7 @@ def _unitary_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
         (module, name)
         for module in model.modules()
         for name in getattr(type(module), "unitary_parameter_names", ())
-        if name in module._parameters or parametrize.is_parametrized(module, name)
+        if module._parameters.get(name) is not None or parametrize.is_parametrized(module, name)
     ]
 
 
@@ -260,7 +260,8 @@ def _plot(path: pathlib.Path, history: list[dict[str, Any]], summary: dict[str, 
         ax.set_ylim(0, 1)
         ax.set_xlabel("step")
         ax.set_title("held-out accuracy")
-    fig.suptitle(f"{summary['task']} - method {summary['method']}", fontsize=10)
+    length = f", T = {summary['seq_len']}" if summary.get("seq_len") else ""
+    fig.suptitle(f"{summary['task']}{length}, hidden {summary['hidden']}, method {summary['method']}", fontsize=10)
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

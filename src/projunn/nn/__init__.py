@@ -1,5 +1,6 @@
 """Layers holding plain parameters that the optimiser keeps orthogonal/unitary."""
 
+from ._conv import UnitaryConv2d, frequency_layout
 from ._linear import OrthogonalLinear, UnitaryLinear, init_unitary_
 from ._models import SequenceModel
 from ._rnn import NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
@@ -10,8 +11,10 @@ __all__ = [
     "ModReLU",
     "OrthogonalLinear",
     "SequenceModel",
+    "UnitaryConv2d",
     "UnitaryLinear",
     "UnitaryRNN",
     "UnitaryRNNCell",
+    "frequency_layout",
     "init_unitary_",
 ]

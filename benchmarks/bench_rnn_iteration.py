@@ -1,0 +1,91 @@
+"""Time per training iteration of the copy-task RNN: projUNN-T vs torch's orthogonal maps vs unconstrained.
+
+One iteration = make the batch, forward, backward, optimiser step (and, for
+``expm``/``cayley``, computing the parametrised weight once per forward, as
+``projunn train`` does with ``parametrize.cached``). All methods run in the
+same process on the same model, as medians after warm-up, so the ratios are
+comparable.
+
+Usage:
+    python benchmarks/bench_rnn_iteration.py                       # hidden 190, 512, 1024; T = 20
+    python benchmarks/bench_rnn_iteration.py --hidden 190 --seq-len 100 --out benchmarks/results/rnn-iteration
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+from torch.nn.utils import parametrize
+
+from projunn.tasks import get_task
+from projunn.train import TrainConfig, _build_optimizer, _constrain, resolve
+
+METHODS = ("t", "expm", "cayley", "none")
+
+
+def iteration_ms(hidden: int, seq_len: int, batch_size: int, method: str, repeats: int) -> float:
+    torch.manual_seed(0)
+    config = resolve(TrainConfig(task="copy", method=method, hidden=hidden, seq_len=seq_len, batch_size=batch_size))
+    task = get_task("copy")
+    model = task.build_model(config)
+    _constrain(model, method)
+    optimizer = _build_optimizer(model, config)
+    cached = parametrize.cached if method in ("expm", "cayley") else contextlib.nullcontext
+    device = torch.device("cpu")
+
+    def one(step):
+        x, y = task.batch(config, step, device)
+        with cached():
+            loss, _ = task.loss(model, x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for step in range(3):
+        one(step)
+    times = []
+    for step in range(repeats):
+        start = time.perf_counter()
+        one(3 + step)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[190, 512, 1024])
+    parser.add_argument("--seq-len", type=int, default=20, help="copy-task delay T (sequence length T + 20)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="folder for results.md")
+    args = parser.parse_args(argv)
+    cpu = platform.processor() or platform.machine()
+    header = (
+        f"copy task, T = {args.seq_len} (sequence length {args.seq_len + 20}), batch {args.batch_size}, "
+        f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; median ms per iteration"
+    )
+    print(header)
+    lines = ["| hidden | " + " | ".join(METHODS) + " | expm / t | cayley / t | t / none |", "|---" * 8 + "|"]
+    for hidden in args.hidden:
+        ms = {method: iteration_ms(hidden, args.seq_len, args.batch_size, method, args.repeats) for method in METHODS}
+        print(hidden, {k: round(v, 2) for k, v in ms.items()}, flush=True)
+        cells = " | ".join(f"{ms[m]:.1f}" for m in METHODS)
+        lines.append(
+            f"| {hidden} | {cells} | {ms['expm'] / ms['t']:.2f}x | {ms['cayley'] / ms['t']:.2f}x "
+            f"| {ms['t'] / ms['none']:.2f}x |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text(header + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

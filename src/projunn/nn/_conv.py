@@ -1,0 +1,225 @@
+"""Full-width circular 2-D convolutions that are exactly orthogonal or unitary, held in the Fourier domain.
+
+A circular convolution whose filter covers the whole n x m image is
+diagonalised by the 2-D DFT: at frequency f it multiplies the vector of C
+input channels by a C x C matrix W(f). The convolution is unitary exactly
+when every W(f) is, so the layer stores the W(f) themselves, a batch of
+unitary matrices that :class:`projunn.optim.ProjUNN` updates like any other
+unitary parameter (batched over frequencies).
+
+Note [Hermitian pairing]
+------------------------
+A real kernel has a spectrum with W(-f) = conj(W(f)), f and -f taken modulo
+(n, m). The real layer therefore keeps only independent frequencies of the
+half spectrum that ``rfft2`` returns (columns 0 .. m // 2):
+
+- *self-mirrored* frequencies, f = -f: rows {0, n/2} x columns {0, m/2}
+  (the halves only when even). There W(f) must be real, so it is stored as a
+  real orthogonal matrix (``weight_self``, up to 4 of them);
+- *free* frequencies, one of each mirrored pair inside the half spectrum,
+  stored as complex unitary matrices (``weight_free``);
+- the remaining half-spectrum frequencies (the lower halves of columns 0 and
+  m/2) are mirrors of free ones and are built as their conjugates on the fly.
+
+Every stored matrix is unitary (or real orthogonal) before and after each
+update, and the mirrors are conjugates by construction, so the layer is real
+and norm preserving at every step, with no projection needed afterwards.
+The complex layer stores all n x m frequencies as independent unitary
+matrices (``weight_free``) and no ``weight_self``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..functional import unitary_init
+from ..functional._validate import check_choice
+
+__all__ = ["UnitaryConv2d", "frequency_layout"]
+
+
+def frequency_layout(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index bookkeeping of Note [Hermitian pairing] for an n x m real input.
+
+    Frequencies of the half spectrum are numbered k1 * (m // 2 + 1) + k2.
+
+    Returns:
+        free: flat indices of the free frequencies, (F_free,).
+        self_mirrored: flat indices with f = -f, (F_self,).
+        mirrored: flat indices built as conjugates, (F_mirror,).
+        source: for each mirrored index, its partner's position in ``free``.
+    """
+    m2 = m // 2 + 1
+    mirror_columns = {0} | ({m // 2} if m % 2 == 0 else set())
+    free, self_mirrored, mirrored, partners = [], [], [], []
+    for k1 in range(n):
+        for k2 in range(m2):
+            flat = k1 * m2 + k2
+            if k2 not in mirror_columns:
+                free.append(flat)
+                continue
+            partner = (-k1) % n
+            if partner == k1:
+                self_mirrored.append(flat)
+            elif k1 < partner:
+                free.append(flat)
+            else:
+                mirrored.append(flat)
+                partners.append(partner * m2 + k2)
+    position = {flat: i for i, flat in enumerate(free)}
+    source = [position[p] for p in partners]
+    as_index = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
+    return as_index(free), as_index(self_mirrored), as_index(mirrored), as_index(source)
+
+
+class UnitaryConv2d(torch.nn.Module):
+    r"""Full-width circular convolution C -> C channels, orthogonal (real) or unitary (complex).
+
+    .. math::
+        \hat y(f) = W(f)\, \hat x(f),\qquad W(f) \in U(C)\ \text{for every frequency } f,
+
+    with the orthonormal 2-D DFT, so ``||layer(x)|| = ||x||`` for every input.
+    The input size (n, m) is fixed at construction. Storage: one C x C matrix
+    per independent frequency (see Note [Hermitian pairing]); updates with
+    projUNN cost O(k n m C^2) per step, FFTs O(n m C log(n m)).
+
+    Args:
+        channels: C.
+        size: (n, m), the spatial size of every input.
+        complex: a unitary convolution of complex images (all n x m
+            frequencies independent) instead of an orthogonal one of real images.
+        init: ``"identity"`` (the identity map) or ``"haar"`` (an independent
+            Haar-random matrix per frequency).
+        dtype: real dtype (float32 by default); frequencies use the matching
+            complex dtype.
+        generator: randomness for ``"haar"``.
+
+    Shape:
+        input (B, C, n, m), output (B, C, n, m); real unless ``complex``.
+
+    Example:
+        >>> conv = UnitaryConv2d(3, (8, 6), init="haar", dtype=torch.float64)
+        >>> x = torch.randn(2, 3, 8, 6, dtype=torch.float64)
+        >>> torch.allclose(conv(x).norm(), x.norm())
+        True
+    """
+
+    unitary_parameter_names = ("weight_free", "weight_self")
+
+    def __init__(
+        self,
+        channels: int,
+        size: tuple[int, int],
+        *,
+        complex: bool = False,
+        init: str = "identity",
+        dtype: torch.dtype | None = None,
+        device=None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be an int >= 1, got {channels!r}")
+        if len(tuple(size)) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
+            raise ValueError(f"size must be two ints >= 1 (n, m), got {size!r}")
+        check_choice("init", init, ("identity", "haar"))
+        real = torch.get_default_dtype() if dtype is None else dtype
+        if real not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real dtype), got {real}")
+        cdtype = torch.complex64 if real == torch.float32 else torch.complex128
+        self.channels, self.size, self.complex, self.init = channels, tuple(size), bool(complex), init
+        n, m = self.size
+
+        def matrices(count: int, dtype: torch.dtype) -> torch.nn.Parameter:
+            value = unitary_init(channels, init, batch_shape=(count,), dtype=dtype, device=device, generator=generator)
+            return torch.nn.Parameter(value)
+
+        if self.complex:
+            self.weight_free = matrices(n * m, cdtype)
+            self.weight_self = None
+        else:
+            free, self_mirrored, mirrored, source = frequency_layout(n, m)
+            self.weight_free = matrices(len(free), cdtype)
+            self.weight_self = matrices(len(self_mirrored), real)
+            # Position of every half-spectrum frequency in cat([free, self, mirrored]).
+            order = torch.cat([free, self_mirrored, mirrored])
+            self.register_buffer("_gather", torch.argsort(order), persistent=False)
+            self.register_buffer("_source", source, persistent=False)
+
+    def frequency_weights(self) -> torch.Tensor:
+        """W(f) for the frequencies the forward pass uses.
+
+        Returns:
+            complex layer: (n, m, C, C); real layer: (n, m // 2 + 1, C, C), the
+            half spectrum of ``rfft2`` with mirrored entries conjugated.
+        """
+        n, m = self.size
+        c = self.channels
+        if self.complex:
+            return self.weight_free.reshape(n, m, c, c)
+        parts = [self.weight_free, self.weight_self.to(self.weight_free.dtype), self.weight_free[self._source].conj()]
+        return torch.cat(parts)[self._gather].reshape(n, m // 2 + 1, c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, m = self.size
+        if x.dim() != 4 or x.shape[1] != self.channels or tuple(x.shape[-2:]) != self.size:
+            raise ValueError(
+                f"expected input of shape (batch, {self.channels}, {n}, {m}) fixed at construction, "
+                f"got {tuple(x.shape)}"
+            )
+        if x.is_complex() != self.complex:
+            kind = "complex" if self.complex else "real"
+            raise TypeError(f"this {kind} layer expects {kind} input, got dtype {x.dtype}")
+        W = self.frequency_weights()
+        if self.complex:
+            X = torch.fft.fft2(x, norm="ortho")
+            return torch.fft.ifft2(torch.einsum("uvoi,biuv->bouv", W, X), norm="ortho")
+        X = torch.fft.rfft2(x, norm="ortho")
+        return torch.fft.irfft2(torch.einsum("uvoi,biuv->bouv", W, X), s=(n, m), norm="ortho")
+
+    def spatial_kernel(self) -> torch.Tensor:
+        """The equivalent circular-convolution kernel k with y = sum_q k(q) x(. - q), shape (C, C, n, m).
+
+        Real for the real layer (its imaginary part is rounding and is dropped).
+        """
+        n, m = self.size
+        with torch.no_grad():
+            W = self.frequency_weights().permute(2, 3, 0, 1)  # (C_out, C_in, n, freq)
+            if self.complex:
+                return torch.fft.ifft2(W)
+            return torch.fft.irfft2(W, s=(n, m))
+
+    @classmethod
+    def from_spatial_kernel(cls, kernel: torch.Tensor, *, complex: bool = False, atol: float | None = None):
+        """The layer of a given (C, C, n, m) circular kernel, if that convolution is orthogonal/unitary.
+
+        Raises:
+            ValueError: the kernel's frequency matrices are not unitary within ``atol``
+                (default 1e3 * eps of the dtype), or it is not square in channels.
+        """
+        if kernel.dim() != 4 or kernel.shape[0] != kernel.shape[1]:
+            raise ValueError(f"kernel must have shape (C, C, n, m), got {tuple(kernel.shape)}")
+        c, _, n, m = kernel.shape
+        real = kernel.real.dtype
+        layer = cls(c, (n, m), complex=complex, dtype=real, device=kernel.device)
+        spectrum = torch.fft.fft2(kernel).permute(2, 3, 0, 1)  # (n, m, C, C)
+        eye = torch.eye(c, dtype=spectrum.dtype, device=kernel.device)
+        tolerance = 1e3 * torch.finfo(real).eps if atol is None else atol
+        defect = (spectrum.mH @ spectrum - eye).abs().amax().item()
+        if defect > tolerance:
+            raise ValueError(f"the kernel's convolution is not unitary: max |W^H W - I| = {defect:.2e}")
+        with torch.no_grad():
+            if complex:
+                layer.weight_free.copy_(spectrum.reshape(n * m, c, c))
+            else:
+                if kernel.is_complex():
+                    raise ValueError("a real layer needs a real kernel")
+                half = spectrum[:, : m // 2 + 1].reshape(-1, c, c)
+                free, self_mirrored, _, _ = frequency_layout(n, m)
+                layer.weight_free.copy_(half[free])
+                layer.weight_self.copy_(half[self_mirrored].real)
+        return layer
+
+    def extra_repr(self) -> str:
+        kind = "unitary" if self.complex else "orthogonal"
+        return f"{self.channels}, size={self.size}, {kind}, init={self.init!r}"
