@@ -126,6 +126,8 @@ def test_wrong_inputs_are_refused():
         conv(torch.randn(2, 4, 8, 8))
     with pytest.raises(TypeError, match="real layer expects real input"):
         conv(torch.randn(2, 3, 8, 8, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="input has dtype torch.float64 but the layer holds torch.float32"):
+        conv(torch.randn(2, 3, 8, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="size must be two ints"):
         UnitaryConv2d(3, (8,))
     with pytest.raises(ValueError, match="channels must be an int >= 1"):

@@ -59,6 +59,8 @@ class TrainConfig:
     sketch: str = "lsi"
     hidden: int | None = None
     seq_len: int | None = None
+    depth: int | None = None
+    channels: int | None = None
     steps: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -260,8 +262,9 @@ def _plot(path: pathlib.Path, history: list[dict[str, Any]], summary: dict[str, 
         ax.set_ylim(0, 1)
         ax.set_xlabel("step")
         ax.set_title("held-out accuracy")
-    length = f", T = {summary['seq_len']}" if summary.get("seq_len") else ""
-    fig.suptitle(f"{summary['task']}{length}, hidden {summary['hidden']}, method {summary['method']}", fontsize=10)
+    shown = [("T", "seq_len"), ("hidden", "hidden"), ("depth", "depth"), ("channels", "channels")]
+    details = "".join(f", {label} {summary[key]}" for label, key in shown if summary.get(key) is not None)
+    fig.suptitle(f"{summary['task']}{details}, method {summary['method']}", fontsize=10)
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
@@ -399,6 +402,8 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
         "sketch": config.sketch,
         "hidden": config.hidden,
         "seq_len": config.seq_len,
+        "depth": config.depth,
+        "channels": config.channels,
         "skipped_steps": optimizer.skipped_steps,
         "nonfinite_losses": nonfinite_losses,
         **{key: value for key, value in final.items()},

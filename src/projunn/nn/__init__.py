@@ -1,5 +1,6 @@
 """Layers holding plain parameters that the optimiser keeps orthogonal/unitary."""
 
+from ._cnn import ChannelPad, DeepUnitaryCNN, SpaceToDepth
 from ._conv import UnitaryConv2d, frequency_layout
 from ._linear import OrthogonalLinear, UnitaryLinear, init_unitary_
 from ._models import SequenceModel
@@ -7,10 +8,13 @@ from ._rnn import NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNN
 
 __all__ = [
     "NONLINEARITIES",
+    "ChannelPad",
     "ComplexToReal",
+    "DeepUnitaryCNN",
     "ModReLU",
     "OrthogonalLinear",
     "SequenceModel",
+    "SpaceToDepth",
     "UnitaryConv2d",
     "UnitaryLinear",
     "UnitaryRNN",

@@ -170,6 +170,9 @@ class UnitaryConv2d(torch.nn.Module):
         if x.is_complex() != self.complex:
             kind = "complex" if self.complex else "real"
             raise TypeError(f"this {kind} layer expects {kind} input, got dtype {x.dtype}")
+        expected = self.weight_free.dtype if self.complex else self.weight_self.dtype
+        if x.dtype != expected:
+            raise TypeError(f"input has dtype {x.dtype} but the layer holds {expected}; build it with dtype=")
         W = self.frequency_weights()
         if self.complex:
             X = torch.fft.fft2(x, norm="ortho")

@@ -55,7 +55,7 @@ class DatasetMissingError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Official train/test split. images: uint8 (N, 28, 28); labels: int64 (N,)."""
+    """Official train/test split. images: uint8 (N, 28, 28) or (N, 3, 32, 32); labels: int64 (N,)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -209,4 +209,46 @@ def load_images(name: str, data_dir: str | pathlib.Path | None = None) -> ImageS
                     return found
     raise DatasetMissingError(
         "Fashion-MNIST not found: run `apt-get install dataset-fashion-mnist`, or pass --data-dir with the IDX files"
+    )
+
+
+def load_cifar10(data_dir: str | pathlib.Path | None) -> ImageSet:
+    """CIFAR-10 from the standard python batches (``data_batch_1..5``, ``test_batch``).
+
+    ``data_dir`` may be the ``cifar-10-batches-py`` folder or its parent. The
+    pickles are read with the same restricted unpickler as MNIST.
+
+    Raises:
+        DatasetMissingError: no batches found; the message says where to get them.
+    """
+    hint = (
+        "CIFAR-10 is not bundled: download 'CIFAR-10 python version' (cifar-10-python.tar.gz) from the "
+        "dataset's home page, extract it, and pass --data-dir path/to/cifar-10-batches-py"
+    )
+    if data_dir is None:
+        raise DatasetMissingError(hint)
+    folder = pathlib.Path(data_dir)
+    if (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    if not all((folder / name).is_file() for name in names):
+        raise DatasetMissingError(f"no CIFAR-10 batches in {folder}. {hint}")
+
+    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
+        with open(folder / name, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+            raise ValueError(f"{folder / name}: expected data (N, 3072) and N labels, got {data.shape}")
+        return data.reshape(-1, 3, 32, 32), labels
+
+    train = [read(name) for name in names[:5]]
+    test_images, test_labels = read("test_batch")
+    return ImageSet(
+        np.concatenate([images for images, _ in train]),
+        np.concatenate([labels for _, labels in train]),
+        test_images,
+        test_labels,
+        f"CIFAR-10 batches in {folder}",
     )

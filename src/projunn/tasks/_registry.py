@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import unitary_init
-from ..nn import SequenceModel, UnitaryLinear
-from ._mnist import load_images
+from ..nn import DeepUnitaryCNN, SequenceModel, UnitaryLinear
+from ._mnist import load_cifar10, load_images
 from ._synthetic import COPY_ALPHABET, COPY_SYMBOLS, adding_baseline, adding_batch, copy_baseline, copy_batch
 
 __all__ = ["TASKS", "Task", "get_task"]
@@ -294,6 +294,117 @@ class UnitaryTargetTask(Task):
         return (model(x) - y).abs().square().mean(), None
 
 
+class ImageTask(Task):
+    """Image classification with the deep plain CNN of full-width orthogonal convolutions."""
+
+    def __init__(self, name: str, dataset: str, description: str):
+        super().__init__(
+            name=name,
+            description=description,
+            defaults=dict(
+                depth=8,
+                channels=32,
+                epochs=1,
+                batch_size=64,
+                lr=1e-3,
+                unitary_lr_divider=10,
+                optimizer="adam",
+                init="identity",
+                eval_every=100,
+            ),
+            paper=dict(depth=100, channels=32, epochs=20, batch_size=64, lr=1e-3, unitary_lr_divider=10),
+            has_accuracy=True,
+        )
+        self.dataset = dataset
+        self._data: dict[str, torch.Tensor] = {}
+        self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)
+
+    def prepare(self, config, device):
+        if self.dataset == "cifar10":
+            images = load_cifar10(config.data_dir)
+        else:
+            images = load_images(self.dataset, config.data_dir)
+        train_x = torch.as_tensor(images.train_images)
+        train_x = train_x.unsqueeze(1) if train_x.dim() == 3 else train_x  # (N, C, n, m)
+        test_x = torch.as_tensor(images.test_images)
+        test_x = test_x.unsqueeze(1) if test_x.dim() == 3 else test_x
+        labels = torch.as_tensor(images.train_labels)
+        split = len(train_x) - len(train_x) // 10  # last tenth held out for validation
+        scaled = train_x[:split].float() / 255.0
+        # Per-channel standardisation from the training split only.
+        self._mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
+        self._std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        self._data = {
+            "train_x": train_x[:split],
+            "train_y": labels[:split],
+            "val_x": train_x[split:],
+            "val_y": labels[split:],
+            "test_x": test_x,
+            "test_y": torch.as_tensor(images.test_labels),
+        }
+        self._epoch_order = (-1, None)
+        if split < config.batch_size:
+            raise ValueError(f"batch size {config.batch_size} exceeds the {split} training images")
+
+    def _inputs(self, images: torch.Tensor, device) -> torch.Tensor:
+        x = (images.float() / 255.0 - self._mean) / self._std
+        return x.to(device=device, dtype=torch.get_default_dtype())
+
+    def steps_per_epoch(self, config) -> int:
+        return len(self._data["train_x"]) // config.batch_size
+
+    def total_steps(self, config):
+        return config.steps if config.steps is not None else config.epochs * self.steps_per_epoch(config)
+
+    def build_model(self, config):
+        shape = self._data["train_x"].shape
+        return DeepUnitaryCNN(
+            config.depth, channels=config.channels, size=tuple(shape[-2:]), in_channels=shape[1], init=config.init
+        )
+
+    def batch(self, config, step, device):
+        epoch, index = divmod(step, self.steps_per_epoch(config))
+        if self._epoch_order[0] != epoch:
+            shuffle = _step_generator(config.seed, -1 - epoch)
+            self._epoch_order = (epoch, torch.randperm(len(self._data["train_x"]), generator=shuffle))
+        rows = self._epoch_order[1][index * config.batch_size : (index + 1) * config.batch_size]
+        return self._inputs(self._data["train_x"][rows], device), self._data["train_y"][rows].to(device)
+
+    def loss(self, model, x, y):
+        logits = model(x)
+        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean().item()
+
+    def _score(self, model, split, device) -> tuple[float, float]:
+        xs, ys = self._data[f"{split}_x"], self._data[f"{split}_y"]
+        was_training = model.training
+        model.eval()  # BatchNorm uses its running statistics
+        total_loss = correct = 0.0
+        try:
+            with torch.no_grad():
+                for start in range(0, len(xs), 500):
+                    logits = model(self._inputs(xs[start : start + 500], device))
+                    y = ys[start : start + 500].to(device)
+                    total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+                    correct += (logits.argmax(-1) == y).sum().item()
+        finally:
+            model.train(was_training)
+        return total_loss / len(xs), correct / len(xs)
+
+    def evaluate(self, model, config, device):
+        loss, accuracy = self._score(model, "val", device)
+        return {"eval_loss": loss, "eval_accuracy": accuracy}
+
+    def test(self, model, config, device):
+        loss, accuracy = self._score(model, "test", device)
+        train_loss, train_accuracy = self._score(model, "train", device)
+        return {
+            "test_loss": loss,
+            "test_accuracy": accuracy,
+            "train_eval_loss": train_loss,
+            "train_accuracy": train_accuracy,
+        }
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
@@ -302,6 +413,9 @@ TASKS: dict[str, Task] = {
         PixelMNISTTask(permuted=True),
         PixelMNISTTask(permuted=False),
         UnitaryTargetTask(),
+        ImageTask("mnist", "mnist", "MNIST digits with the deep orthogonal CNN (--depth, --channels; accuracy)"),
+        ImageTask("fashion-mnist", "fashion-mnist", "Fashion-MNIST with the deep orthogonal CNN (accuracy)"),
+        ImageTask("cifar10", "cifar10", "CIFAR-10 from --data-dir with the deep orthogonal CNN (accuracy)"),
     )
 }
 

@@ -1,0 +1,111 @@
+"""Shape changes that keep norms, and the deep plain CNN of the paper's MNIST experiment."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._conv import UnitaryConv2d
+
+__all__ = ["ChannelPad", "DeepUnitaryCNN", "SpaceToDepth"]
+
+
+class ChannelPad(torch.nn.Module):
+    """Append zero channels: C_in -> C_out >= C_in, an isometry (norms are unchanged).
+
+    The way up in channels that keeps a network norm preserving; going down
+    by dropping channels would be a contraction, so it is refused here.
+
+    Shape:
+        (B, C_in, ...) -> (B, C_out, ...).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        if not 1 <= in_channels <= out_channels:
+            raise ValueError(
+                f"ChannelPad needs 1 <= in_channels <= out_channels (dropping channels is not an isometry), "
+                f"got {in_channels} -> {out_channels}"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} channels, got shape {tuple(x.shape)}")
+        pad = [0, 0] * (x.dim() - 2) + [0, self.out_channels - self.in_channels]
+        return F.pad(x, pad)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels} -> {self.out_channels}"
+
+
+class SpaceToDepth(torch.nn.Module):
+    """Invertible stride: move each factor x factor block of pixels into channels.
+
+    (B, C, n, m) -> (B, C * factor^2, n / factor, m / factor). A permutation of
+    the entries, so exactly norm preserving, unlike strided subsampling or
+    pooling, which discard or average entries (not isometries).
+    """
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ValueError(f"spatial size {tuple(x.shape[-2:])} is not divisible by factor {self.factor}")
+        return F.pixel_unshuffle(x, self.factor)
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+class DeepUnitaryCNN(torch.nn.Module):
+    """The paper's deep plain CNN: (conv, BatchNorm, ReLU) x depth, then pool and a linear classifier.
+
+    Every conv is a full-width :class:`UnitaryConv2d` of ``channels``
+    channels on the full image; the input's channels are zero-padded up to
+    ``channels`` (an isometry). With projUNN the convs stay orthogonal; with
+    ``method none`` the same model trains unconstrained.
+
+    Args:
+        depth: number of conv blocks (the paper: up to 100).
+        channels: width (the paper: 32).
+        size: (n, m) image size.
+        in_channels, classes: input channels and output classes.
+        init: ``"identity"`` or ``"haar"`` for every conv.
+        dtype: real dtype of the model (float32 by default). Use this rather
+            than ``.double()``, which leaves complex parameters unchanged.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        *,
+        channels: int = 32,
+        size: tuple[int, int] = (28, 28),
+        in_channels: int = 1,
+        classes: int = 10,
+        init: str = "identity",
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+        self.stem = ChannelPad(in_channels, channels)
+        blocks = []
+        for _ in range(depth):
+            blocks += [
+                UnitaryConv2d(channels, size, init=init, dtype=dtype, generator=generator),
+                torch.nn.BatchNorm2d(channels, dtype=dtype),
+                torch.nn.ReLU(),
+            ]
+        self.blocks = torch.nn.Sequential(*blocks)
+        self.head = torch.nn.Linear(channels, classes, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.blocks(self.stem(x))
+        return self.head(features.mean(dim=(-2, -1)))

@@ -1,0 +1,83 @@
+"""Norm-preserving shape changes, the deep orthogonal CNN, and the image tasks."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from projunn.cli import main
+from projunn.nn import ChannelPad, DeepUnitaryCNN, SpaceToDepth
+from projunn.tasks import DatasetMissingError
+from projunn.tasks._mnist import load_cifar10
+from test_train import TINY, tiny_mnist  # noqa: F401  (fixture)
+
+
+def test_channel_pad_and_space_to_depth_preserve_norms():
+    x = torch.randn(3, 2, 6, 4, dtype=torch.float64)
+    padded = ChannelPad(2, 5)(x)
+    assert padded.shape == (3, 5, 6, 4)
+    torch.testing.assert_close(padded.norm(), x.norm())
+    moved = SpaceToDepth(2)(x)
+    assert moved.shape == (3, 8, 3, 2)
+    torch.testing.assert_close(moved.norm(), x.norm())
+    torch.testing.assert_close(torch.nn.functional.pixel_shuffle(moved, 2), x)  # invertible
+    with pytest.raises(ValueError, match="not an isometry"):
+        ChannelPad(5, 2)
+    with pytest.raises(ValueError, match="not divisible by factor 4"):
+        SpaceToDepth(4)(x)
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        ChannelPad(3, 4)(x)
+
+
+def test_deep_cnn_is_norm_preserving_before_batchnorm():
+    model = DeepUnitaryCNN(3, channels=4, size=(8, 8), in_channels=2, init="haar", dtype=torch.float64)
+    x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
+    h = model.stem(x)
+    for block in model.blocks:
+        if isinstance(block, torch.nn.BatchNorm2d):
+            break
+        h = block(h)
+    torch.testing.assert_close(h.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
+    assert model(x).shape == (5, 10)
+
+
+def test_mnist_image_task_runs(tmp_path, tiny_mnist):  # noqa: F811
+    out = tmp_path / "run"
+    argv = ["train", "mnist", *TINY, "--depth", "2", "--channels", "4", "--data-dir", str(tiny_mnist)]
+    assert main([*argv, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["max_unitarity_error"] < 1e-5 and 0 <= summary["accuracy"] <= 1
+    assert {"test_accuracy", "train_accuracy"} <= set(summary) and summary["depth"] == 2
+
+
+def _write_cifar(folder, rng):
+    folder.mkdir()
+    for name, count in [*((f"data_batch_{i}", 12) for i in range(1, 6)), ("test_batch", 10)]:
+        batch = {
+            b"data": rng.integers(0, 256, (count, 3072)).astype(np.uint8),
+            b"labels": rng.integers(0, 10, count).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def test_cifar10_from_python_batches(tmp_path):
+    _write_cifar(tmp_path / "cifar-10-batches-py", np.random.default_rng(0))
+    data = load_cifar10(tmp_path)  # the parent folder works too
+    assert data.train_images.shape == (60, 3, 32, 32) and data.test_labels.shape == (10,)
+    out = tmp_path / "run"
+    argv = ["train", "cifar10", *TINY, "--depth", "1", "--channels", "4", "--data-dir", str(tmp_path)]
+    assert main([*argv, "--out", str(out)]) == 0
+    with pytest.raises(DatasetMissingError, match="CIFAR-10 is not bundled"):
+        load_cifar10(None)
+    with pytest.raises(DatasetMissingError, match="no CIFAR-10 batches"):
+        load_cifar10(tmp_path / "run")
+
+
+def test_missing_cifar_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", "cifar10", *TINY, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --data-dir" in err and err.count("\n") == 1
