@@ -1,0 +1,91 @@
+"""Per-step update time of a full-width orthogonal convolution: projUNN vs dense per-frequency steps.
+
+An orthogonal conv on n x n images with C channels holds one C x C matrix
+per independent frequency (about n * (n / 2 + 1) of them). Per step this
+measures, in one process, as medians after warm-up:
+
+- ``projunn t``: LSI sketch (k = 1) + projunn_t, batched over frequencies;
+- ``cayley``: the dense Cayley step W (I - K/2)^{-1} (I + K/2) per frequency, batched;
+- ``polar``: the exact projection polar(W + D) by SVD per frequency, batched.
+
+Usage:
+    python benchmarks/bench_conv_update.py --out benchmarks/results/conv-update
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+
+from projunn.functional import closest_unitary, lowrank, projunn_t
+from projunn.nn import UnitaryConv2d
+
+
+def median_ms(fn, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def time_case(c: int, n: int, repeats: int, generator: torch.Generator) -> tuple[int, float, float, float]:
+    """(frequencies, projunn ms, cayley ms, polar ms) for C = c channels on n x n images."""
+    conv = UnitaryConv2d(c, (n, n), init="haar")
+    W = conv.weight_free.detach()  # (F, C, C) complex64: the bulk of the parameters
+    D = 1e-3 * torch.randn(W.shape, dtype=W.dtype, generator=generator)
+    out = torch.empty_like(W)
+    eye = torch.eye(c, dtype=W.dtype)
+
+    def projunn_step():
+        a, b = lowrank(D, 1, "lsi", generator=generator)
+        projunn_t(W, a, b, out=out)
+
+    def cayley_step():
+        K = (W.mH @ D - D.mH @ W) / 2
+        torch.matmul(W, torch.linalg.solve(eye - K / 2, eye + K / 2), out=out)
+
+    def polar_step():
+        out.copy_(closest_unitary(W + D))
+
+    return W.shape[0], median_ms(projunn_step, repeats), median_ms(cayley_step, repeats), median_ms(polar_step, repeats)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, nargs="+", default=[16, 64, 128])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args(argv)
+    cpu = platform.processor() or platform.machine()
+    header = f"conv update per step, float32, {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(header)
+    lines = [
+        "| C | n | frequencies | projunn t (ms) | cayley (ms) | polar (ms) | cayley / t | polar / t |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for c in args.channels:
+        for n in args.sizes:
+            frequencies, t, cay, pol = time_case(c, n, args.repeats, generator)
+            lines.append(
+                f"| {c} | {n} | {frequencies} | {t:.2f} | {cay:.2f} | {pol:.2f} | {cay / t:.1f}x | {pol / t:.1f}x |"
+            )
+            print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text(header + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
