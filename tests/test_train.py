@@ -152,7 +152,7 @@ def test_training_keeps_the_recurrent_matrix_at_float_precision(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "copy", "--epochs", "2"], "--epochs applies to the MNIST tasks"),
+        (["train", "copy", "--epochs", "2"], "--epochs applies to the MNIST and image tasks"),
         (["train", "sorting"], "invalid choice"),
         (["train", "copy", "--method", "svd"], "invalid choice"),
         (["train", "copy", "--lr", "0"], "expected a positive finite number"),

@@ -90,9 +90,10 @@ def _add_train_parser(commands) -> None:
         "train",
         help="train a model on one of the paper's tasks",
         description=(
-            "Train a unitary RNN (or a unitary matrix) on one of the paper's tasks. The run writes "
-            "config.json, metrics.csv, summary.json, curves.png and checkpoint.pt into --out. "
-            "Ctrl-C saves a checkpoint; --resume continues it exactly.\n\ntasks:\n" + describe_tasks()
+            "Train a model with orthogonal/unitary weights on one of the paper's tasks: a unitary RNN,\n"
+            "a unitary matrix, or a deep CNN of orthogonal convolutions. The run writes config.json,\n"
+            "metrics.csv, summary.json, curves.png and checkpoint.pt into --out. Ctrl-C saves a\n"
+            "checkpoint; --resume continues it exactly.\n\ntasks:\n" + describe_tasks()
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -110,8 +111,8 @@ def _add_train_parser(commands) -> None:
     add("--seq-len", type=_positive_int, help="copy: delay T; adding: sequence length T")
     add("--depth", type=_positive_int, help="image tasks: number of conv-BN-ReLU blocks (paper: up to 100)")
     add("--channels", type=_positive_int, help="image tasks: channels of every conv (paper: 32)")
-    add("--steps", type=_positive_int, help="training steps (MNIST tasks: overrides --epochs)")
-    add("--epochs", type=_positive_int, help="MNIST tasks: passes over the training set")
+    add("--steps", type=_positive_int, help="training steps (MNIST and image tasks: overrides --epochs)")
+    add("--epochs", type=_positive_int, help="MNIST and image tasks: passes over the training set")
     add("--batch-size", type=_positive_int, help="examples per step")
     add("--optimizer", choices=OPTIMIZERS, help="base optimiser (task default: rmsprop; unitary: adam)")
     add("--lr", type=_positive_float, help="learning rate of ordinary weights")

@@ -101,7 +101,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
             values[key] = value
     counts_epochs = "epochs" in task.defaults
     if values["epochs"] is not None and not counts_epochs:
-        raise RunError(f"--epochs applies to the MNIST tasks; the {task.name} task counts --steps")
+        raise RunError(f"--epochs applies to the MNIST and image tasks; the {task.name} task counts --steps")
     if values["optimizer"] not in OPTIMIZERS:
         raise RunError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {values['optimizer']!r}")
     if values["unitary_lr"] is None:

@@ -427,4 +427,4 @@ def get_task(name: str) -> Task:
 
 
 def describe_tasks() -> str:
-    return "\n".join(f"  {name:8s} {task.description}" for name, task in TASKS.items())
+    return "\n".join(f"  {name:14s} {task.description}" for name, task in TASKS.items())
