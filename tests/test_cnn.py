@@ -13,7 +13,9 @@ from projunn.cli import main
 from projunn.nn import ChannelPad, DeepUnitaryCNN, SpaceToDepth
 from projunn.tasks import DatasetMissingError
 from projunn.tasks._mnist import load_cifar10
-from test_train import TINY, tiny_mnist  # noqa: F401  (fixture)
+from test_train import tiny_mnist  # noqa: F401  (fixture)
+
+TINY = ["--batch-size", "4", "--steps", "2", "--eval-every", "1", "--quiet"]
 
 
 def test_channel_pad_and_space_to_depth_preserve_norms():

@@ -135,3 +135,12 @@ def test_wrong_inputs_are_refused():
     with pytest.raises(ValueError, match="init must be one of"):
         UnitaryConv2d(3, (8, 8), init="henaff")
     assert "3, size=(8, 8), orthogonal" in repr(conv)
+
+
+def test_tiny_images_with_no_free_frequency_train():
+    """2 x 2 images: every frequency is self-mirrored, the complex batch is empty."""
+    conv = UnitaryConv2d(2, (2, 2), init="haar", dtype=torch.float64)
+    assert conv.weight_free.shape == (0, 2, 2) and conv.weight_self.shape == (4, 2, 2)
+    _train(conv, 3, torch.float64)
+    x = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    torch.testing.assert_close(conv(x).norm(), x.norm())

@@ -98,26 +98,64 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
+def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, monkeypatch):
+    import os
+    import signal
+
     from projunn.tasks import _registry
 
-    common = dict(task="adding", hidden=8, seq_len=5, batch_size=4, eval_every=1, quiet=True)
+    common = dict(task="adding", hidden=8, seq_len=5, batch_size=4, eval_every=3, quiet=True)
     original = _registry.AddingTask.batch
 
-    def interrupt_at_step_3(self, config, step, device):
+    def ctrl_c_during_step_4(self, config, step, device):
         if step == 3:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends
         return original(self, config, step, device)
 
-    monkeypatch.setattr(_registry.AddingTask, "batch", interrupt_at_step_3)
+    monkeypatch.setattr(_registry.AddingTask, "batch", ctrl_c_during_step_4)
     out = tmp_path / "run"
-    summary = train(TrainConfig(**common, steps=5, out=str(out)), log=lambda _: None)
-    assert summary["interrupted"] and summary["steps"] == 3
-    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 3
+    summary = train(TrainConfig(**common, steps=8, out=str(out)), log=lambda _: None)
+    assert summary["interrupted"] and summary["steps"] == 4  # the step in flight was completed
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 4
     monkeypatch.setattr(_registry.AddingTask, "batch", original)
-    resumed = train(TrainConfig(**common, steps=5, out=str(out), resume=True), log=lambda _: None)
-    reference = train(TrainConfig(**common, steps=5, out=str(tmp_path / "ref")), log=lambda _: None)
+    resumed = train(TrainConfig(task="adding", out=str(out), resume=True), log=lambda _: None)
+    reference = train(TrainConfig(**common, steps=8, out=str(tmp_path / "ref")), log=lambda _: None)
     assert resumed["final_loss"] == reference["final_loss"] and not resumed["interrupted"]
+    rows = lambda folder: (folder / "metrics.csv").read_text().splitlines()  # noqa: E731
+    assert [r.split(",")[2] for r in rows(out)] == [r.split(",")[2] for r in rows(tmp_path / "ref")]
+
+
+def test_resume_needs_only_the_folder(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "copy", *TINY, "--seq-len", "5", "--out", str(out)]) == 0
+    assert main(["train", "copy", "--steps", "3", "--resume", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["hidden"] == 8 and summary["seq_len"] == 5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "copy", "--depth", "4"], "--depth does not apply to the copy task"),
+        (["train", "unitary", "--seq-len", "4"], "--seq-len does not apply to the unitary task"),
+        (["train", "mnist", "--complex"], "--complex does not apply to the mnist task"),
+        (["train", "mnist", "--init", "henaff"], "--init for the mnist task must be one of identity, haar"),
+        (["train", "copy", "--unitary-lr", "1e-4", "--unitary-lr-divider", "4"], "not both"),
+        (["train", "adding", "--seq-len", "1"], "length must be an int >= 2"),
+    ],
+)
+def test_settings_that_do_not_fit_the_task_are_refused(argv, message, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()  # nothing written for a run that cannot start
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path):
+    out = _run(tmp_path, "adding", "--seq-len", "5")
+    before = (out / "summary.json").read_text()
+    assert main(["train", "adding", *TINY, "--seq-len", "1", "--overwrite", "--out", str(out)]) == 2
+    assert (out / "summary.json").read_text() == before
 
 
 def test_interrupted_cli_exits_130(tmp_path, monkeypatch):
@@ -153,6 +191,7 @@ def test_training_keeps_the_recurrent_matrix_at_float_precision(tmp_path):
     "argv, message",
     [
         (["train", "copy", "--epochs", "2"], "--epochs applies to the MNIST and image tasks"),
+        (["train", "copy", "--resume"], "--resume needs --out"),
         (["train", "sorting"], "invalid choice"),
         (["train", "copy", "--method", "svd"], "invalid choice"),
         (["train", "copy", "--lr", "0"], "expected a positive finite number"),

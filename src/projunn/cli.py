@@ -239,6 +239,9 @@ def _run_train(config: TrainConfig) -> int:
     except (RunError, DatasetMissingError) as error:
         print(f"projunn train: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("projunn train: interrupted", file=sys.stderr)
+        return 130
     if summary["interrupted"]:
         return 130
     shown = ("final_loss", "best_loss", "baseline_loss", "accuracy", "max_unitarity_error", "seconds")

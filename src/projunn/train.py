@@ -22,6 +22,10 @@ import json
 import math
 import os
 import pathlib
+import pickle
+import signal
+import struct
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -31,7 +35,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from .functional import SKETCHES, unitarity_error
 from .optim import ProjUNN
-from .tasks import get_task
+from .tasks import DatasetMissingError, get_task
 
 __all__ = ["CHECKPOINT", "METHODS", "OPTIMIZERS", "RunError", "TrainConfig", "train"]
 
@@ -94,18 +98,36 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise RunError(f"--sketch must be one of {', '.join(SKETCHES)}; got {config.sketch!r}")
     if config.preset not in (None, "paper"):
         raise RunError(f"--preset must be 'paper'; got {config.preset!r}")
+    # Options that mean nothing for this task are refused rather than silently ignored.
+    flags = {
+        "hidden": "--hidden",
+        "seq_len": "--seq-len",
+        "depth": "--depth",
+        "channels": "--channels",
+        "nonlinearity": "--nonlinearity",
+        "epochs": "--epochs",
+    }
+    for key, flag in flags.items():
+        if getattr(config, key) is not None and key not in task.defaults:
+            if key == "epochs":
+                raise RunError(f"--epochs applies to the MNIST and image tasks; the {task.name} task counts --steps")
+            raise RunError(f"{flag} does not apply to the {task.name} task")
+    if config.complex and "nonlinearity" not in task.defaults:
+        raise RunError(f"--complex does not apply to the {task.name} task")
+    if config.init is not None and config.init not in task.inits:
+        raise RunError(f"--init for the {task.name} task must be one of {', '.join(task.inits)}; got {config.init!r}")
+    if config.unitary_lr is not None and config.unitary_lr_divider is not None:
+        raise RunError("give --unitary-lr or --unitary-lr-divider, not both")
     layers = {**task.defaults, **(task.paper if config.preset == "paper" else {})}
     values = {f.name: getattr(config, f.name) for f in fields(config)}
     for key, value in layers.items():
         if values.get(key) is None:
             values[key] = value
-    counts_epochs = "epochs" in task.defaults
-    if values["epochs"] is not None and not counts_epochs:
-        raise RunError(f"--epochs applies to the MNIST and image tasks; the {task.name} task counts --steps")
     if values["optimizer"] not in OPTIMIZERS:
         raise RunError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {values['optimizer']!r}")
     if values["unitary_lr"] is None:
         values["unitary_lr"] = values["lr"] / values["unitary_lr_divider"]
+        values["unitary_lr_divider"] = None  # recorded as the resulting unitary_lr
     return TrainConfig(**values)
 
 
@@ -162,7 +184,8 @@ def _build_optimizer(model: torch.nn.Module, config: TrainConfig) -> ProjUNN:
 
 def _max_unitarity_error(model: torch.nn.Module) -> float:
     with torch.no_grad():
-        errors = [unitarity_error(getattr(m, name).detach()).max().item() for m, name in _unitary_slots(model)]
+        weights = [getattr(m, name).detach() for m, name in _unitary_slots(model)]
+        errors = [unitarity_error(w).max().item() for w in weights if w.numel() > 0]
     return max(errors, default=0.0)
 
 
@@ -184,13 +207,24 @@ def _atomic_write(path: pathlib.Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        descriptor = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)  # the data is on disk before the rename makes it current
+        finally:
+            os.close(descriptor)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+    """Strict JSON: NaN/Inf (a diverged run) are written as null."""
+    clean = {key: _finite_or_none(value) for key, value in data.items()}
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n"))
 
 
 def _write_metrics(path: pathlib.Path, history: list[dict[str, Any]]) -> None:
@@ -203,34 +237,62 @@ def _write_metrics(path: pathlib.Path, history: list[dict[str, Any]]) -> None:
     _atomic_write(path, write)
 
 
-def _prepare_out_dir(config: TrainConfig) -> pathlib.Path:
-    out = pathlib.Path(config.out or f"runs/{config.task}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if config.resume:
-        if not (out / CHECKPOINT).is_file():
-            raise RunError(f"--resume: no {CHECKPOINT} in {out}")
-        return out
-    if out.exists() and any(out.iterdir()):
-        if not config.overwrite:
-            raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        for name in ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _out_dir(config: TrainConfig) -> pathlib.Path:
+    return pathlib.Path(config.out or f"runs/{config.task}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _load_checkpoint(out: pathlib.Path, config: TrainConfig) -> dict[str, Any]:
-    path = out / CHECKPOINT
+def _check_out_dir(out: pathlib.Path, config: TrainConfig) -> None:
+    """Refuse an occupied folder unless resuming or overwriting; touch nothing yet."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder")
+    if not config.resume and not config.overwrite and out.is_dir() and any(out.iterdir()):
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+def _claim_out_dir(out: pathlib.Path, config: TrainConfig) -> None:
+    """Create the folder (clearing an old run with --overwrite) once everything else has been checked."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if config.overwrite and not config.resume:
+            for name in ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT):
+                (out / name).unlink(missing_ok=True)
+            for stale in out.glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot write to {out}: {error}") from error
+
+
+def _read_checkpoint(path: pathlib.Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"--resume: no {CHECKPOINT} in {path.parent}") from None
     except Exception as error:  # a truncated or foreign file: say so, load nothing
         raise RunError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != _CHECKPOINT_FORMAT:
         raise RunError(f"{path} was not written by projunn train")
-    saved = checkpoint["config"]
-    for key, value in asdict(config).items():
-        if key not in _RESUMABLE and saved.get(key) != value:
-            raise RunError(f"--resume: the run in {out} has {key}={saved.get(key)!r}, not {value!r}")
     return checkpoint
+
+
+def _resumed_config(config: TrainConfig, saved: dict[str, Any], out: pathlib.Path) -> TrainConfig:
+    """The saved run's settings; options given now must agree with them, except the resumable ones."""
+    try:
+        stored = TrainConfig(**saved)
+    except TypeError as error:
+        raise RunError(f"the run in {out} was written by another version of projunn ({error})") from error
+    if config.task != stored.task:
+        raise RunError(f"--resume: the run in {out} is a {stored.task} run, not {config.task}")
+    defaults = TrainConfig(task=config.task)
+    merged = {}
+    for f in fields(TrainConfig):
+        given, default, kept = getattr(config, f.name), getattr(defaults, f.name), getattr(stored, f.name)
+        if f.name in _RESUMABLE:
+            merged[f.name] = given if given != default else kept
+        elif given not in (default, kept):
+            raise RunError(f"--resume: the run in {out} has {f.name.replace('_', '-')}={kept!r}, not {given!r}")
+        else:
+            merged[f.name] = kept
+    return TrainConfig(**{**merged, "resume": True, "overwrite": False, "out": str(out)})
 
 
 def _plot(path: pathlib.Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
@@ -273,8 +335,29 @@ def _plot(path: pathlib.Path, history: list[dict[str, Any]], summary: dict[str, 
 # -- the loop ------------------------------------------------------------------------------
 
 
+def _build(config: TrainConfig, device: torch.device):
+    """Data, model and optimiser, checked on a first batch; any failure becomes a one-line RunError."""
+    task = get_task(config.task)
+    try:
+        task.prepare(config, device)
+        model = task.build_model(config)
+        _constrain(model, config.method)
+        model.to(device)
+        optimizer = _build_optimizer(model, config)
+        task.batch(config, 0, device)  # batches are pure: this checks the settings, changes nothing
+    except DatasetMissingError:
+        raise
+    except (ValueError, TypeError, OSError, struct.error, pickle.UnpicklingError) as error:
+        raise RunError(f"{type(error).__name__}: {error}") from error
+    return task, model, optimizer
+
+
 def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
     """Run (or resume) a training run; return its summary (also written to summary.json).
+
+    The first Ctrl-C finishes the current step, saves a checkpoint and
+    returns (``summary["interrupted"]``); a second one stops at once, keeping
+    the last checkpoint, which was written at an evaluation.
 
     Raises:
         RunError: bad settings, an occupied output folder, or an unusable checkpoint.
@@ -282,26 +365,35 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
     """
     from tqdm.auto import tqdm
 
-    config = resolve(config)
-    task = get_task(config.task)
+    checkpoint = None
+    if config.resume:
+        if config.out is None:
+            raise RunError("--resume needs --out, the folder of the run to continue")
+        out = pathlib.Path(config.out)
+        checkpoint = _read_checkpoint(out / CHECKPOINT)
+        config = _resumed_config(config, checkpoint["config"], out)
+    else:
+        config = resolve(config)
+        out = _out_dir(config)
+    _check_out_dir(out, config)
     device = _pick_device(config.device)
-    out = _prepare_out_dir(config)
-    checkpoint = _load_checkpoint(out, config) if config.resume else None
-
     torch.manual_seed(config.seed)
-    task.prepare(config, device)
-    model = task.build_model(config)
-    _constrain(model, config.method)
-    model.to(device)
-    optimizer = _build_optimizer(model, config)
+    task, model, optimizer = _build(config, device)
     total = task.total_steps(config)
-    eval_every = config.eval_every
     step, seconds, history, nonfinite_losses = 0, 0.0, [], 0
+    window_loss, window_count = 0.0, 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise RunError(f"the checkpoint in {out} does not fit this model ({error})") from error
         step, seconds, history = checkpoint["step"], checkpoint["seconds"], checkpoint["history"]
         nonfinite_losses = checkpoint.get("nonfinite_losses", 0)
+        window_loss, window_count = checkpoint.get("window", (0.0, 0))
+        if checkpoint.get("device", device.type) != device.type:
+            log(f"note: the run was on {checkpoint['device']}, now on {device.type}; the result may differ slightly")
+    _claim_out_dir(out, config)
     _write_json(out / "config.json", asdict(config))
     cached = parametrize.cached if config.method in ("expm", "cayley") else contextlib.nullcontext
 
@@ -309,17 +401,28 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
         state = {
             "format": _CHECKPOINT_FORMAT,
             "config": asdict(config),
+            "device": device.type,
             "step": step,
             "seconds": seconds,
             "history": history,
+            "window": (window_loss, window_count),
             "nonfinite_losses": nonfinite_losses,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
         }
         _atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
-    best = min((row["eval_loss"] for row in history), default=math.inf)
-    window_loss, window_count = 0.0, 0
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        stop_requested.append(signum)
+        log("stopping after this step (Ctrl-C again to stop at once)")
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
+    best = min((row["eval_loss"] for row in history if row["eval_loss"] is not None), default=math.inf)
     interrupted = False
     bar = tqdm(total=total, initial=step, disable=config.quiet, unit="step", desc=f"{task.name}/{config.method}")
     started = time.perf_counter() - seconds
@@ -339,24 +442,25 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
             step += 1
             bar.update(1)
             out_of_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
-            if step % eval_every == 0 or step == total or out_of_time:
+            if step % config.eval_every == 0 or step == total or out_of_time:
                 seconds = time.perf_counter() - started
                 with torch.no_grad(), cached():
                     scores = task.evaluate(model, config, device)
                 row = {
                     "step": step,
                     "seconds": round(seconds, 3),
-                    "train_loss": window_loss / max(window_count, 1),
-                    "eval_loss": scores["eval_loss"],
+                    "train_loss": window_loss / window_count if window_count else None,
+                    "eval_loss": _finite_or_none(scores["eval_loss"]),
                     "eval_accuracy": scores.get("eval_accuracy"),
                     "max_unitarity_error": _max_unitarity_error(model),
                 }
                 window_loss, window_count = 0.0, 0
                 history.append(row)
-                best = min(best, row["eval_loss"])
+                if row["eval_loss"] is not None:
+                    best = min(best, row["eval_loss"])
                 _write_metrics(out / "metrics.csv", history)
                 save_checkpoint()
-                postfix = {"loss": f"{row['eval_loss']:.4g}", "best": f"{best:.4g}"}
+                postfix = {"loss": f"{scores['eval_loss']:.4g}", "best": f"{best:.4g}"}
                 if row["eval_accuracy"] is not None:
                     postfix["acc"] = f"{row['eval_accuracy']:.3f}"
                 postfix["unitarity"] = f"{row['max_unitarity_error']:.1e}"
@@ -371,14 +475,21 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
                 if out_of_time:
                     log(f"time budget of {config.max_minutes} min reached at step {step}")
                     break
+            if stop_requested:
+                # A clean step boundary: the checkpoint continues exactly.
+                interrupted = True
+                seconds = time.perf_counter() - started
+                save_checkpoint()
+                log(f"interrupted at step {step}; checkpoint saved in {out} (continue with --resume)")
+                break
     except KeyboardInterrupt:
         interrupted = True
-        seconds = time.perf_counter() - started
-        # The window's partial train loss is dropped; the weights are those after `step` steps.
-        save_checkpoint()
-        log(f"interrupted at step {step}; checkpoint saved in {out} (continue with --resume)")
+        step = history[-1]["step"] if history else 0
+        log(f"stopped; the checkpoint of step {step} in {out} is kept (continue with --resume)")
     finally:
         bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
 
     final = {}
     if not interrupted:
@@ -391,7 +502,7 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
         "method": config.method,
         "steps": step,
         "final_loss": final.get("test_loss", final.get("eval_loss", last.get("eval_loss"))),
-        "best_loss": best if history else None,
+        "best_loss": best if math.isfinite(best) else None,
         "baseline_loss": task.baseline(config),
         "accuracy": accuracy if task.has_accuracy else None,
         "max_unitarity_error": max((row["max_unitarity_error"] for row in history), default=None),
@@ -406,7 +517,7 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
         "channels": config.channels,
         "skipped_steps": optimizer.skipped_steps,
         "nonfinite_losses": nonfinite_losses,
-        **{key: value for key, value in final.items()},
+        **final,
     }
     _write_json(out / "summary.json", summary)
     if history:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import unitary_init
+from ..functional import closest_unitary, unitary_init
 from ..functional._validate import check_choice
 
 __all__ = ["UnitaryConv2d", "frequency_layout"]
@@ -203,6 +203,8 @@ class UnitaryConv2d(torch.nn.Module):
         if kernel.dim() != 4 or kernel.shape[0] != kernel.shape[1]:
             raise ValueError(f"kernel must have shape (C, C, n, m), got {tuple(kernel.shape)}")
         c, _, n, m = kernel.shape
+        if kernel.is_complex() and not complex:
+            raise ValueError("a real layer needs a real kernel")
         real = kernel.real.dtype
         layer = cls(c, (n, m), complex=complex, dtype=real, device=kernel.device)
         spectrum = torch.fft.fft2(kernel).permute(2, 3, 0, 1)  # (n, m, C, C)
@@ -212,15 +214,14 @@ class UnitaryConv2d(torch.nn.Module):
         if defect > tolerance:
             raise ValueError(f"the kernel's convolution is not unitary: max |W^H W - I| = {defect:.2e}")
         with torch.no_grad():
+            # Snapped to the group: the check above allows rounding-level defects.
             if complex:
-                layer.weight_free.copy_(spectrum.reshape(n * m, c, c))
+                layer.weight_free.copy_(closest_unitary(spectrum.reshape(n * m, c, c)))
             else:
-                if kernel.is_complex():
-                    raise ValueError("a real layer needs a real kernel")
                 half = spectrum[:, : m // 2 + 1].reshape(-1, c, c)
                 free, self_mirrored, _, _ = frequency_layout(n, m)
-                layer.weight_free.copy_(half[free])
-                layer.weight_self.copy_(half[self_mirrored].real)
+                layer.weight_free.copy_(closest_unitary(half[free]))
+                layer.weight_self.copy_(closest_unitary(half[self_mirrored].real))
         return layer
 
     def extra_repr(self) -> str:
