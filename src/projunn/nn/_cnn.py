@@ -63,7 +63,7 @@ class SpaceToDepth(torch.nn.Module):
 
 
 class DeepUnitaryCNN(torch.nn.Module):
-    """The paper's deep plain CNN: (conv, BatchNorm, ReLU) x depth, then pool and a linear classifier.
+    """The paper's deep plain CNN: (conv, BatchNorm, ReLU) x depth, then a linear classifier.
 
     Every conv is a full-width :class:`UnitaryConv2d` of ``channels``
     channels on the full image; the input's channels are zero-padded up to
@@ -104,8 +104,11 @@ class DeepUnitaryCNN(torch.nn.Module):
                 torch.nn.ReLU(),
             ]
         self.blocks = torch.nn.Sequential(*blocks)
-        self.head = torch.nn.Linear(channels, classes, dtype=dtype)
+        # A linear classifier on the whole feature map: global average pooling
+        # would leave it about one informative number per channel, and with
+        # zero-padded input channels and identity-initialised convs nearly
+        # nothing to learn from at the start.
+        self.head = torch.nn.Linear(channels * size[0] * size[1], classes, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.blocks(self.stem(x))
-        return self.head(features.mean(dim=(-2, -1)))
+        return self.head(self.blocks(self.stem(x)).flatten(1))
