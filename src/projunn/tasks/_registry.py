@@ -23,6 +23,12 @@ __all__ = ["TASKS", "Task", "get_task"]
 _EVAL_STREAM = 10**9  # offset of the seed stream used for evaluation batches
 
 
+#: Settings shared by the recurrent tasks (the paper: RMSprop, unitary lr = lr / 32).
+_RNN_DEFAULTS = dict(
+    lr=1e-3, unitary_lr_divider=32, optimizer="rmsprop", init="henaff", nonlinearity="modrelu", eval_every=100
+)
+
+
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
@@ -73,18 +79,7 @@ class CopyTask(Task):
         super().__init__(
             name="copy",
             description="recall 10 symbols after a delay T (cross-entropy; baseline 10 ln 8 / (T + 20))",
-            defaults=dict(
-                hidden=128,
-                seq_len=100,
-                steps=2000,
-                batch_size=128,
-                lr=1e-3,
-                unitary_lr_divider=32,
-                optimizer="rmsprop",
-                init="henaff",
-                nonlinearity="modrelu",
-                eval_every=100,
-            ),
+            defaults=dict(_RNN_DEFAULTS, hidden=128, seq_len=100, steps=2000, batch_size=128),
             paper=dict(hidden=190, seq_len=1000, steps=10000, batch_size=128, lr=1e-3, unitary_lr_divider=32),
             has_accuracy=True,
         )
@@ -121,18 +116,7 @@ class AddingTask(Task):
         super().__init__(
             name="adding",
             description="sum the two marked numbers of a length-T sequence (MSE; baseline 1/6)",
-            defaults=dict(
-                hidden=128,
-                seq_len=200,
-                steps=3000,
-                batch_size=50,
-                lr=1e-3,
-                unitary_lr_divider=32,
-                optimizer="rmsprop",
-                init="henaff",
-                nonlinearity="modrelu",
-                eval_every=100,
-            ),
+            defaults=dict(_RNN_DEFAULTS, hidden=128, seq_len=200, steps=3000, batch_size=50),
             paper=dict(hidden=170, seq_len=750, steps=10000, batch_size=50, lr=1e-3, unitary_lr_divider=32),
         )
 
@@ -153,7 +137,82 @@ class AddingTask(Task):
         return F.mse_loss(model(x).squeeze(-1), y), None
 
 
-class PixelMNISTTask(Task):
+class _ClassificationTask(Task):
+    """Labelled data sets: the last tenth of the training set held out for validation (as in
+    the paper), a seeded shuffle per epoch, cross-entropy and accuracy, test-set numbers at the end.
+
+    Subclasses load the data in ``prepare`` (calling ``_store``) and map raw examples to
+    model inputs in ``_inputs``.
+    """
+
+    #: Also score this many training images at the end (None: do not).
+    train_sample: int | None = None
+
+    def _store(self, config, train_x, train_y, test_x, test_y) -> None:
+        split = len(train_x) - len(train_x) // 10
+        if split < config.batch_size:
+            raise ValueError(f"batch size {config.batch_size} exceeds the {split} training images")
+        self._data = {
+            "train_x": train_x[:split],
+            "train_y": train_y[:split],
+            "val_x": train_x[split:],
+            "val_y": train_y[split:],
+            "test_x": test_x,
+            "test_y": test_y,
+        }
+        self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)
+
+    def _inputs(self, raw: torch.Tensor, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def steps_per_epoch(self, config) -> int:
+        return len(self._data["train_x"]) // config.batch_size
+
+    def total_steps(self, config):
+        return config.steps if config.steps is not None else config.epochs * self.steps_per_epoch(config)
+
+    def batch(self, config, step, device):
+        epoch, index = divmod(step, self.steps_per_epoch(config))
+        if self._epoch_order[0] != epoch:
+            shuffle = _step_generator(config.seed, -1 - epoch)
+            self._epoch_order = (epoch, torch.randperm(len(self._data["train_x"]), generator=shuffle))
+        rows = self._epoch_order[1][index * config.batch_size : (index + 1) * config.batch_size]
+        return self._inputs(self._data["train_x"][rows], device), self._data["train_y"][rows].to(device)
+
+    def loss(self, model, x, y):
+        logits = model(x)
+        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean().item()
+
+    def _score(self, model, split, device, limit: int | None = None) -> tuple[float, float]:
+        xs, ys = self._data[f"{split}_x"][:limit], self._data[f"{split}_y"][:limit]
+        was_training = model.training
+        model.eval()  # BatchNorm, where there is one, uses its running statistics
+        total_loss = correct = 0.0
+        try:
+            with torch.no_grad():
+                for start in range(0, len(xs), 500):
+                    logits = model(self._inputs(xs[start : start + 500], device))
+                    y = ys[start : start + 500].to(device)
+                    total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+                    correct += (logits.argmax(-1) == y).sum().item()
+        finally:
+            model.train(was_training)
+        return total_loss / len(xs), correct / len(xs)
+
+    def evaluate(self, model, config, device):
+        loss, accuracy = self._score(model, "val", device)
+        return {"eval_loss": loss, "eval_accuracy": accuracy}
+
+    def test(self, model, config, device):
+        loss, accuracy = self._score(model, "test", device)
+        scores = {"test_loss": loss, "test_accuracy": accuracy}
+        if self.train_sample:
+            train_loss, train_accuracy = self._score(model, "train", device, limit=self.train_sample)
+            scores |= {"train_eval_loss": train_loss, "train_accuracy": train_accuracy}
+        return scores
+
+
+class PixelMNISTTask(_ClassificationTask):
     """Pixel-by-pixel MNIST, in order (smnist) or under a fixed seeded permutation (pmnist)."""
 
     def __init__(self, permuted: bool):
@@ -161,52 +220,24 @@ class PixelMNISTTask(Task):
         super().__init__(
             name="pmnist" if permuted else "smnist",
             description=f"{kind} pixel-by-pixel MNIST, 784 steps (cross-entropy; test accuracy)",
-            defaults=dict(
-                hidden=170,
-                epochs=1,
-                batch_size=128,
-                lr=1e-3,
-                unitary_lr_divider=32,
-                optimizer="rmsprop",
-                init="cayley",
-                nonlinearity="modrelu",
-                eval_every=100,
-            ),
+            defaults=dict(_RNN_DEFAULTS, hidden=170, epochs=1, batch_size=128, init="cayley"),
             paper=dict(hidden=170, epochs=200, batch_size=128, lr=1e-3, unitary_lr_divider=32),
             has_accuracy=True,
         )
         self.permuted = permuted
-        self._data: dict[str, torch.Tensor] = {}
-        self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)
 
     def prepare(self, config, device):
         images = load_images("mnist", config.data_dir)
-        pixels = torch.as_tensor(images.train_images).reshape(-1, 784)
-        labels = torch.as_tensor(images.train_labels)
-        held_out = len(pixels) // 10  # the paper's 10% validation split: the last tenth
-        order = torch.arange(784)
+        self._order = torch.arange(784)
         if self.permuted:
-            order = torch.randperm(784, generator=torch.Generator().manual_seed(config.permutation_seed))
-        self._order = order
-        self._epoch_order = (-1, None)
-        split = len(pixels) - held_out
-        self._data = {
-            "train_x": pixels[:split],
-            "train_y": labels[:split],
-            "val_x": pixels[split:],
-            "val_y": labels[split:],
-            "test_x": torch.as_tensor(images.test_images).reshape(-1, 784),
-            "test_y": torch.as_tensor(images.test_labels),
-        }
-        if len(self._data["train_x"]) < config.batch_size:
-            raise ValueError(f"batch size {config.batch_size} exceeds the {split} training images")
-        self.source = images.source
-
-    def steps_per_epoch(self, config) -> int:
-        return len(self._data["train_x"]) // config.batch_size
-
-    def total_steps(self, config):
-        return config.steps if config.steps is not None else config.epochs * self.steps_per_epoch(config)
+            self._order = torch.randperm(784, generator=torch.Generator().manual_seed(config.permutation_seed))
+        self._store(
+            config,
+            torch.as_tensor(images.train_images).reshape(-1, 784),
+            torch.as_tensor(images.train_labels),
+            torch.as_tensor(images.test_images).reshape(-1, 784),
+            torch.as_tensor(images.test_labels),
+        )
 
     def _inputs(self, pixels: torch.Tensor, device) -> torch.Tensor:
         return (pixels[:, self._order].to(device=device, dtype=torch.get_default_dtype()) / 255.0).unsqueeze(-1)
@@ -215,40 +246,6 @@ class PixelMNISTTask(Task):
         return SequenceModel(
             1, config.hidden, 10, nonlinearity=config.nonlinearity, complex=config.complex, init=config.init
         )
-
-    def batch(self, config, step, device):
-        per_epoch = self.steps_per_epoch(config)
-        epoch, index = divmod(step, per_epoch)
-        if self._epoch_order[0] != epoch:
-            shuffle = _step_generator(config.seed, -1 - epoch)
-            self._epoch_order = (epoch, torch.randperm(len(self._data["train_x"]), generator=shuffle))
-        order = self._epoch_order[1]
-        rows = order[index * config.batch_size : (index + 1) * config.batch_size]
-        return self._inputs(self._data["train_x"][rows], device), self._data["train_y"][rows].to(device)
-
-    def loss(self, model, x, y):
-        logits = model(x)
-        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean().item()
-
-    def _score(self, model, split, config, device) -> tuple[float, float]:
-        xs, ys = self._data[f"{split}_x"], self._data[f"{split}_y"]
-        total_loss = correct = 0.0
-        with torch.no_grad():
-            for start in range(0, len(xs), 500):
-                x = self._inputs(xs[start : start + 500], device)
-                y = ys[start : start + 500].to(device)
-                logits = model(x)
-                total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-                correct += (logits.argmax(-1) == y).sum().item()
-        return total_loss / len(xs), correct / len(xs)
-
-    def evaluate(self, model, config, device):
-        loss, accuracy = self._score(model, "val", config, device)
-        return {"eval_loss": loss, "eval_accuracy": accuracy}
-
-    def test(self, model, config, device):
-        loss, accuracy = self._score(model, "test", config, device)
-        return {"test_loss": loss, "test_accuracy": accuracy}
 
 
 class UnitaryTargetTask(Task):
@@ -295,8 +292,10 @@ class UnitaryTargetTask(Task):
         return (model(x) - y).abs().square().mean(), None
 
 
-class ImageTask(Task):
+class ImageTask(_ClassificationTask):
     """Image classification with the deep plain CNN of full-width orthogonal convolutions."""
+
+    train_sample = 10_000  # train accuracy beside test accuracy: the paper's deep-CNN finding
 
     def __init__(self, name: str, dataset: str, description: str):
         super().__init__(
@@ -318,93 +317,38 @@ class ImageTask(Task):
             inits=("identity", "haar"),
         )
         self.dataset = dataset
-        self._data: dict[str, torch.Tensor] = {}
-        self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)
 
     def prepare(self, config, device):
         if self.dataset == "cifar10":
             images = load_cifar10(config.data_dir)
         else:
             images = load_images(self.dataset, config.data_dir)
-        train_x = torch.as_tensor(images.train_images)
-        train_x = train_x.unsqueeze(1) if train_x.dim() == 3 else train_x  # (N, C, n, m)
-        test_x = torch.as_tensor(images.test_images)
-        test_x = test_x.unsqueeze(1) if test_x.dim() == 3 else test_x
-        labels = torch.as_tensor(images.train_labels)
-        split = len(train_x) - len(train_x) // 10  # last tenth held out for validation
-        scaled = train_x[:split].float() / 255.0
+
+        def with_channels(array) -> torch.Tensor:  # (N, C, n, m); grey images get C = 1
+            x = torch.as_tensor(array)
+            return x.unsqueeze(1) if x.dim() == 3 else x
+
+        self._store(
+            config,
+            with_channels(images.train_images),
+            torch.as_tensor(images.train_labels),
+            with_channels(images.test_images),
+            torch.as_tensor(images.test_labels),
+        )
         # Per-channel standardisation from the training split only.
+        scaled = self._data["train_x"].float() / 255.0
         self._mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
         self._std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-        self._data = {
-            "train_x": train_x[:split],
-            "train_y": labels[:split],
-            "val_x": train_x[split:],
-            "val_y": labels[split:],
-            "test_x": test_x,
-            "test_y": torch.as_tensor(images.test_labels),
-        }
-        self._epoch_order = (-1, None)
-        if split < config.batch_size:
-            raise ValueError(f"batch size {config.batch_size} exceeds the {split} training images")
 
     def _inputs(self, images: torch.Tensor, device) -> torch.Tensor:
         x = (images.float() / 255.0 - self._mean) / self._std
         return x.to(device=device, dtype=torch.get_default_dtype())
-
-    def steps_per_epoch(self, config) -> int:
-        return len(self._data["train_x"]) // config.batch_size
-
-    def total_steps(self, config):
-        return config.steps if config.steps is not None else config.epochs * self.steps_per_epoch(config)
 
     def build_model(self, config):
         shape = self._data["train_x"].shape
         return DeepUnitaryCNN(
             config.depth, channels=config.channels, size=tuple(shape[-2:]), in_channels=shape[1], init=config.init
         )
-
-    def batch(self, config, step, device):
-        epoch, index = divmod(step, self.steps_per_epoch(config))
-        if self._epoch_order[0] != epoch:
-            shuffle = _step_generator(config.seed, -1 - epoch)
-            self._epoch_order = (epoch, torch.randperm(len(self._data["train_x"]), generator=shuffle))
-        rows = self._epoch_order[1][index * config.batch_size : (index + 1) * config.batch_size]
-        return self._inputs(self._data["train_x"][rows], device), self._data["train_y"][rows].to(device)
-
-    def loss(self, model, x, y):
-        logits = model(x)
-        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean().item()
-
-    def _score(self, model, split, device, limit: int | None = None) -> tuple[float, float]:
-        xs, ys = self._data[f"{split}_x"][:limit], self._data[f"{split}_y"][:limit]
-        was_training = model.training
-        model.eval()  # BatchNorm uses its running statistics
-        total_loss = correct = 0.0
-        try:
-            with torch.no_grad():
-                for start in range(0, len(xs), 500):
-                    logits = model(self._inputs(xs[start : start + 500], device))
-                    y = ys[start : start + 500].to(device)
-                    total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-                    correct += (logits.argmax(-1) == y).sum().item()
-        finally:
-            model.train(was_training)
-        return total_loss / len(xs), correct / len(xs)
-
-    def evaluate(self, model, config, device):
-        loss, accuracy = self._score(model, "val", device)
-        return {"eval_loss": loss, "eval_accuracy": accuracy}
-
-    def test(self, model, config, device):
-        loss, accuracy = self._score(model, "test", device)
-        train_loss, train_accuracy = self._score(model, "train", device, limit=10_000)
-        return {
-            "test_loss": loss,
-            "test_accuracy": accuracy,
-            "train_eval_loss": train_loss,  # on the first 10,000 training images
-            "train_accuracy": train_accuracy,
-        }
 
 
 TASKS: dict[str, Task] = {
