@@ -35,6 +35,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from .functional import SKETCHES, unitarity_error
 from .optim import ProjUNN
+from .optim._groups import unitary_slots
 from .tasks import DatasetMissingError, get_task
 
 __all__ = ["CHECKPOINT", "METHODS", "OPTIMIZERS", "RunError", "TrainConfig", "train"]
@@ -136,12 +137,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
 
 def _unitary_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     """(module, attribute) of every weight the model declares unitary."""
-    return [
-        (module, name)
-        for module in model.modules()
-        for name in getattr(type(module), "unitary_parameter_names", ())
-        if module._parameters.get(name) is not None or parametrize.is_parametrized(module, name)
-    ]
+    return [(module, name) for _, module, name in unitary_slots(model)]
 
 
 def _constrain(model: torch.nn.Module, method: str) -> None:

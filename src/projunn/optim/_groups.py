@@ -5,27 +5,43 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 
 __all__ = ["param_groups", "unitary_parameters"]
+
+
+def unitary_slots(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """(qualified name, module, attribute) of every weight ``model`` declares unitary.
+
+    The rule is visible and lives on module *classes*, not on Parameter
+    objects (attributes on parameters are lost by deepcopy and FSDP): a module
+    whose class defines ``unitary_parameter_names`` (a tuple of attribute
+    names, as :class:`projunn.nn.UnitaryLinear` does) declares those
+    attributes unitary. A slot counts whether it holds a plain parameter or a
+    weight computed by a ``torch.nn.utils.parametrize`` parametrisation;
+    attributes set to None are skipped.
+    """
+    return [
+        (f"{prefix}.{name}" if prefix else name, module, name)
+        for prefix, module in model.named_modules()
+        for name in getattr(type(module), "unitary_parameter_names", ())
+        if module._parameters.get(name) is not None or parametrize.is_parametrized(module, name)
+    ]
 
 
 def unitary_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The (qualified name, parameter) pairs of ``model`` that are meant to be unitary.
 
-    The rule is visible and lives on module *classes*, not on Parameter
-    objects (attributes on parameters are lost by deepcopy and FSDP): a module
-    whose class defines ``unitary_parameter_names`` (a tuple of attribute
-    names, as :class:`projunn.nn.UnitaryLinear` does) declares those of its
-    own parameters unitary. A parameter shared by several modules is listed once.
+    The plain parameters among :func:`unitary_slots`. A parameter shared by
+    several modules is listed once.
     """
     found: list[tuple[str, torch.nn.Parameter]] = []
     seen: set[int] = set()
-    for prefix, module in model.named_modules():
-        for name in getattr(type(module), "unitary_parameter_names", ()):
-            param = module._parameters.get(name)
-            if param is not None and id(param) not in seen:
-                seen.add(id(param))
-                found.append((f"{prefix}.{name}" if prefix else name, param))
+    for qualified, module, name in unitary_slots(model):
+        param = module._parameters.get(name)
+        if param is not None and id(param) not in seen:
+            seen.add(id(param))
+            found.append((qualified, param))
     return found
 
 
