@@ -17,24 +17,12 @@ from __future__ import annotations
 import argparse
 import pathlib
 import platform
-import statistics
-import time
 
 import torch
 
+from _timing import median_ms
 from projunn.functional import lowrank, projunn_t
 from projunn.nn import UnitaryConv2d
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def time_case(c: int, n: int, repeats: int, generator: torch.Generator) -> tuple[int, float, float, float]:
@@ -59,7 +47,12 @@ def time_case(c: int, n: int, repeats: int, generator: torch.Generator) -> tuple
         X, _, Yh = torch.linalg.svd(W + D)
         torch.matmul(X, Yh, out=out)
 
-    return W.shape[0], median_ms(projunn_step, repeats), median_ms(cayley_step, repeats), median_ms(polar_step, repeats)
+    return (
+        W.shape[0],
+        median_ms(projunn_step, repeats=repeats, warmup=2),
+        median_ms(cayley_step, repeats=repeats, warmup=2),
+        median_ms(polar_step, repeats=repeats, warmup=2),
+    )
 
 
 def main(argv=None) -> None:

@@ -17,12 +17,11 @@ import argparse
 import contextlib
 import pathlib
 import platform
-import statistics
-import time
 
 import torch
 from torch.nn.utils import parametrize
 
+from _timing import median_ms
 from projunn.tasks import get_task
 from projunn.train import TrainConfig, _build_optimizer, _constrain, resolve
 
@@ -39,22 +38,17 @@ def iteration_ms(hidden: int, seq_len: int, batch_size: int, method: str, repeat
     cached = parametrize.cached if method in ("expm", "cayley") else contextlib.nullcontext
     device = torch.device("cpu")
 
-    def one(step):
-        x, y = task.batch(config, step, device)
+    steps = iter(range(10**9))  # a fresh batch for every call
+
+    def one():
+        x, y = task.batch(config, next(steps), device)
         with cached():
             loss, _ = task.loss(model, x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
-    for step in range(3):
-        one(step)
-    times = []
-    for step in range(repeats):
-        start = time.perf_counter()
-        one(3 + step)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return median_ms(one, repeats=repeats)
 
 
 def main(argv=None) -> None:

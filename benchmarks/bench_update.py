@@ -26,24 +26,12 @@ import argparse
 import csv
 import pathlib
 import platform
-import statistics
-import time
 
 import torch
 
+from _timing import median_ms
 from projunn.functional import lowrank, projunn_d, projunn_t, unitary_init
 from projunn.optim import ProjUNN
-
-
-def median_ms(fn, *, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def cases(n: int, k: int, dtype: torch.dtype, dense_max: int):
