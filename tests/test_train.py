@@ -161,11 +161,18 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path):
 def test_interrupted_cli_exits_130(tmp_path, monkeypatch):
     from projunn.tasks import _registry
 
-    def interrupt(self, config, step, device):
-        raise KeyboardInterrupt
+    original = _registry.CopyTask.batch
 
-    monkeypatch.setattr(_registry.CopyTask, "batch", interrupt)
-    assert main(["train", "copy", *TINY, "--out", str(tmp_path / "r")]) == 130
+    def interrupt_in_the_loop(self, config, step, device):
+        if step == 2:  # steps 0 and 1 are done and evaluated
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        return original(self, config, step, device)
+
+    monkeypatch.setattr(_registry.CopyTask, "batch", interrupt_in_the_loop)
+    out = tmp_path / "r"
+    argv = ["train", "copy", "--hidden", "8", "--batch-size", "4", "--steps", "5", "--eval-every", "1", "--quiet"]
+    assert main([*argv, "--seq-len", "5", "--out", str(out)]) == 130
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 2  # the last evaluated step is kept
 
 
 def test_training_keeps_the_recurrent_matrix_at_float_precision(tmp_path):
