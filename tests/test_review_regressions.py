@@ -107,3 +107,14 @@ def test_generator_state_for_a_missing_device_is_refused_before_loading():
 def test_column_samples_below_rank_is_refused():
     with pytest.raises(ValueError, match="samples must be >= rank = 3"):
         lowrank(torch.randn(8, 6), 3, "column", samples=1)
+
+
+def test_a_group_changed_after_construction_is_checked_again():
+    weight = torch.nn.Parameter(unitary_init(4, dtype=torch.float64))
+    opt = ProjUNN(torch.optim.SGD([{"params": [weight], "unitary": True}], lr=0.1), seed=0)
+    opt.add_param_group({"params": (p for p in [torch.nn.Parameter(torch.zeros(2))])})  # a plain generator group
+    weight.grad = torch.ones_like(weight)
+    opt.step()
+    opt.param_groups[0]["sketch"] = "svd"
+    with pytest.raises(ValueError, match="sketch must be one of"):
+        opt.step()

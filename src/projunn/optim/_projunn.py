@@ -148,6 +148,7 @@ class ProjUNN:
         self._hidden_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._pending_state: dict[str, Any] | None = None
         self._in_step: list[torch.Tensor] = []
+        self._checked: dict[int, tuple] = {}  # id(group) -> signature it was validated with
         for group in self.optimizer.param_groups:
             self._check_group(group)
         self._handles = [
@@ -215,20 +216,27 @@ class ProjUNN:
     def _setting(self, group: dict[str, Any], key: str) -> Any:
         return group.get(key, self.defaults[key])
 
+    def _group_signature(self, group: dict[str, Any]) -> tuple:
+        """What a group's check depends on; the check is repeated only when this changes."""
+        keys = ("unitary", "method", "rank", "sketch")
+        return (*(group.get(key) for key in keys), id(group["params"]), len(group["params"]))
+
     def _check_group(self, group: dict[str, Any]) -> None:
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        group["params"] = params  # a generator would be exhausted by this check
         if not group.get("unitary", False):
+            self._checked[id(group)] = self._group_signature(group)
             return
         check_choice("method", self._setting(group, "method"), METHODS)
         check_positive_int("rank", self._setting(group, "rank"))
         check_choice("sketch", self._setting(group, "sketch"), SKETCHES)
-        params = group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        group["params"] = params  # a generator would be exhausted by this check
         for p in params:
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"unitary parameter of shape {tuple(p.shape)} has unsupported dtype {p.dtype}")
             if p.dim() < 2 or p.shape[-1] != p.shape[-2]:
                 raise ValueError(f"unitary parameters must be square (..., N, N), got shape {tuple(p.shape)}")
+        self._checked[id(group)] = self._group_signature(group)
 
     def _unitary_params(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         seen: set[int] = set()  # torch only warns about a parameter listed twice
@@ -265,8 +273,9 @@ class ProjUNN:
             p.grad = grad
         self._hidden_grads.clear()
         self._in_step = []
-        for group in optimizer.param_groups:  # groups may be added to the base directly
-            self._check_group(group)
+        for group in optimizer.param_groups:  # groups may be added to, or changed in, the base directly
+            if self._checked.get(id(group)) != self._group_signature(group):
+                self._check_group(group)
         # With a closure (e.g. LBFGS) gradients appear during the step, so
         # every unitary weight is saved and only the proposed step is checked
         # for NaN/Inf; otherwise only weights with a gradient take part.
