@@ -27,7 +27,7 @@ import signal
 import struct
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -520,8 +520,3 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
         _plot(out / "curves.png", history, summary)
     summary["out"] = str(out)
     return summary
-
-
-def with_overrides(config: TrainConfig, **changes) -> TrainConfig:
-    """A copy of ``config`` with some fields changed."""
-    return replace(config, **changes)

@@ -112,14 +112,9 @@ def _tangent_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
 
 def _direct_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
     """polar(I + R_c R_b^H) - I, shape (..., r, r). See Note [Singular projUNN-D steps]."""
-    eye = _eye_like(R_c, size=R_c.shape[-2])
+    eye = torch.eye(R_c.shape[-2], dtype=R_c.dtype, device=R_c.device)
     X, _, Yh = torch.linalg.svd(eye + R_c @ R_b.mH)
     return X @ Yh - eye
-
-
-def _eye_like(M: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    n = M.shape[-1] if size is None else size
-    return torch.eye(n, dtype=M.dtype, device=M.device)
 
 
 def _apply_block(
