@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from projunn.cli import main
-from projunn.nn import ChannelPad, DeepUnitaryCNN, SpaceToDepth
+from projunn.nn import ChannelPad, DeepUnitaryCNN, SpaceToDepth, UnitaryConv2d, UnitaryResNet9
 from projunn.tasks import DatasetMissingError
 from projunn.tasks._mnist import load_cifar10
 from test_train import tiny_mnist  # noqa: F401  (fixture)
@@ -54,6 +54,70 @@ def test_mnist_image_task_runs(tmp_path, tiny_mnist):  # noqa: F811
     summary = json.loads((out / "summary.json").read_text())
     assert summary["max_unitarity_error"] < 1e-5 and 0 <= summary["accuracy"] <= 1
     assert {"test_accuracy", "train_accuracy"} <= set(summary) and summary["depth"] == 2
+
+
+@pytest.mark.parametrize(
+    ("size", "sizes", "channels"),
+    [
+        ((8, 8), [8, 4, 4, 4, 2, 1, 1, 1], [2, 8, 8, 8, 32, 128, 128, 128]),
+        ((6, 6), [6, 3, 3, 3, 3, 3, 3, 3], [2, 8, 8, 8, 8, 8, 8, 8]),  # 3 is odd: no further stride
+    ],
+)
+def test_resnet9_strides_by_isometric_space_to_depth(size, sizes, channels):
+    model = UnitaryResNet9(width=2, size=size, in_channels=1, init="haar", dtype=torch.float64)
+    convs = [m for m in model.modules() if isinstance(m, UnitaryConv2d)]
+    assert [c.size[0] for c in convs] == sizes and [c.channels for c in convs] == channels
+    assert model.features == channels[-1]
+    strides = sum(isinstance(m, SpaceToDepth) for m in model.modules())
+    x = torch.randn(3, 1, *size, dtype=torch.float64)
+    assert model(x).shape == (3, 10)
+    # The path stem -> first stride -> first stage conv keeps every input's norm.
+    h = model.stem[1][0](model.stem[0](x))
+    h = model.stages[0][1][0](model.stages[0][0](h)) if strides else h
+    torch.testing.assert_close(h.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
+
+
+def test_resnet9_rejects_inputs_wider_than_the_stem():
+    with pytest.raises(ValueError, match="in_channels \\(3\\) must be <= width \\(2\\)"):
+        UnitaryResNet9(width=2, in_channels=3)
+
+
+def test_resnet9_image_task_runs_and_stays_orthogonal(tmp_path, tiny_mnist):  # noqa: F811
+    out = tmp_path / "run"
+    argv = ["train", "mnist", *TINY, "--model", "resnet9", "--channels", "2", "--data-dir", str(tiny_mnist)]
+    assert main([*argv, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert summary["model"] == "resnet9" and config["depth"] is None and config["channels"] == 2
+    assert summary["max_unitarity_error"] < 1e-5
+
+
+def test_cayley_in_fourier_baseline_keeps_the_convs_orthogonal(tmp_path, tiny_mnist):  # noqa: F811
+    out = tmp_path / "run"
+    argv = ["train", "mnist", *TINY, "--method", "cayley", "--depth", "2", "--channels", "3"]
+    assert main([*argv, "--data-dir", str(tiny_mnist), "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["max_unitarity_error"] < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "resnet9", "--depth", "4"], "--depth does not apply to --model resnet9"),
+        (["--model", "resnet9", "--channels", "4"], None),
+    ],
+)
+def test_model_options(tmp_path, argv, message):
+    from projunn.train import RunError, TrainConfig, resolve
+
+    config = TrainConfig(task="mnist", model=argv[1], depth=4 if "--depth" in argv else None, channels=4)
+    if message is None:
+        resolved = resolve(config)
+        assert resolved.depth is None and resolved.channels == 4
+        assert resolve(TrainConfig(task="mnist")).depth == 8
+        assert resolve(TrainConfig(task="mnist", model="resnet9", preset="paper")).depth is None
+    else:
+        with pytest.raises(RunError, match=message):
+            resolve(config)
 
 
 def _write_cifar(folder, rng):

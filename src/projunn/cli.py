@@ -100,8 +100,13 @@ def _add_train_parser(commands) -> None:
     add("--sketch", choices=SKETCHES, default="lsi", help="low-rank sketch of the step (default lsi)")
     add("--hidden", type=_positive_int, help="hidden size N (unitary task: matrix size)")
     add("--seq-len", type=_positive_int, help="copy: delay T; adding: sequence length T")
-    add("--depth", type=_positive_int, help="image tasks: number of conv-BN-ReLU blocks (paper: up to 100)")
-    add("--channels", type=_positive_int, help="image tasks: channels of every conv (paper: 32)")
+    add("--model", choices=("cnn", "resnet9"), help="image tasks: deep plain CNN (default) or ResNet-9")
+    add("--depth", type=_positive_int, help="image tasks, cnn: number of conv-BN-ReLU blocks (paper: up to 100)")
+    add(
+        "--channels",
+        type=_positive_int,
+        help="image tasks: cnn, channels of every conv (default and paper: 32); resnet9, stem width (default 8)",
+    )
     add("--steps", type=_positive_int, help="training steps (MNIST and image tasks: overrides --epochs)")
     add("--epochs", type=_positive_int, help="MNIST and image tasks: passes over the training set")
     add("--batch-size", type=_positive_int, help="examples per step")

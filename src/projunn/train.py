@@ -64,6 +64,7 @@ class TrainConfig:
     sketch: str = "lsi"
     hidden: int | None = None
     seq_len: int | None = None
+    model: str | None = None
     depth: int | None = None
     channels: int | None = None
     steps: int | None = None
@@ -103,6 +104,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     flags = {
         "hidden": "--hidden",
         "seq_len": "--seq-len",
+        "model": "--model",
         "depth": "--depth",
         "channels": "--channels",
         "nonlinearity": "--nonlinearity",
@@ -124,12 +126,29 @@ def resolve(config: TrainConfig) -> TrainConfig:
     for key, value in layers.items():
         if values.get(key) is None:
             values[key] = value
+    if task.model_defaults:
+        _fill_model_defaults(task, config, values)
     if values["optimizer"] not in OPTIMIZERS:
         raise RunError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {values['optimizer']!r}")
     if values["unitary_lr"] is None:
         values["unitary_lr"] = values["lr"] / values["unitary_lr_divider"]
         values["unitary_lr_divider"] = None  # recorded as the resulting unitary_lr
     return TrainConfig(**values)
+
+
+def _fill_model_defaults(task, config: TrainConfig, values: dict) -> None:
+    """Settings that depend on the chosen ``--model`` (image tasks: cnn or resnet9)."""
+    model = values["model"]
+    if model not in task.model_defaults:
+        raise RunError(f"--model must be one of {', '.join(task.model_defaults)}; got {model!r}")
+    defaults = task.model_defaults[model]
+    for key in ("depth", "channels"):
+        if key not in defaults:
+            if getattr(config, key) is not None:
+                raise RunError(f"--{key} does not apply to --model {model}")
+            values[key] = None  # a preset's value for another model
+        elif values[key] is None:
+            values[key] = defaults[key]
 
 
 # -- building the run -------------------------------------------------------------------------
@@ -320,7 +339,7 @@ def _plot(path: pathlib.Path, history: list[dict[str, Any]], summary: dict[str, 
         ax.set_ylim(0, 1)
         ax.set_xlabel("step")
         ax.set_title("held-out accuracy")
-    shown = [("T", "seq_len"), ("hidden", "hidden"), ("depth", "depth"), ("channels", "channels")]
+    shown = [("T", "seq_len"), ("hidden", "hidden"), ("model", "model"), ("depth", "depth"), ("channels", "channels")]
     details = "".join(f", {label} {summary[key]}" for label, key in shown if summary.get(key) is not None)
     fig.suptitle(f"{summary['task']}{details}, method {summary['method']}", fontsize=10)
     fig.tight_layout()
@@ -509,6 +528,7 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
         "sketch": config.sketch,
         "hidden": config.hidden,
         "seq_len": config.seq_len,
+        "model": config.model,
         "depth": config.depth,
         "channels": config.channels,
         "skipped_steps": optimizer.skipped_steps,

@@ -4,6 +4,7 @@ from ._cnn import ChannelPad, DeepUnitaryCNN, SpaceToDepth
 from ._conv import UnitaryConv2d, frequency_layout
 from ._linear import OrthogonalLinear, UnitaryLinear, init_unitary_
 from ._models import SequenceModel
+from ._resnet import UnitaryResNet9
 from ._rnn import NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "UnitaryLinear",
     "UnitaryRNN",
     "UnitaryRNNCell",
+    "UnitaryResNet9",
     "frequency_layout",
     "init_unitary_",
 ]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import unitary_init
-from ..nn import DeepUnitaryCNN, SequenceModel, UnitaryLinear
+from ..nn import DeepUnitaryCNN, SequenceModel, UnitaryLinear, UnitaryResNet9
 from ._mnist import load_cifar10, load_images
 from ._synthetic import COPY_ALPHABET, COPY_SYMBOLS, adding_baseline, adding_batch, copy_baseline, copy_batch
 
@@ -43,6 +43,8 @@ class Task:
     paper: dict[str, Any] = field(default_factory=dict)
     has_accuracy: bool = False
     inits: tuple[str, ...] = ("identity", "haar", "henaff", "cayley")
+    #: Per ``--model`` defaults of model-specific options (tasks with a choice of model).
+    model_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def prepare(self, config, device: torch.device) -> None:
         """Load data once before training (nothing for synthetic tasks)."""
@@ -293,7 +295,7 @@ class UnitaryTargetTask(Task):
 
 
 class ImageTask(_ClassificationTask):
-    """Image classification with the deep plain CNN of full-width orthogonal convolutions."""
+    """Image classification with full-width orthogonal convolutions: the deep plain CNN or ResNet-9."""
 
     train_sample = 10_000  # train accuracy beside test accuracy: the paper's deep-CNN finding
 
@@ -302,8 +304,9 @@ class ImageTask(_ClassificationTask):
             name=name,
             description=description,
             defaults=dict(
-                depth=8,
-                channels=32,
+                model="cnn",
+                depth=None,
+                channels=None,
                 epochs=1,
                 batch_size=64,
                 lr=1e-3,
@@ -315,6 +318,7 @@ class ImageTask(_ClassificationTask):
             paper=dict(depth=100, channels=32, epochs=20, batch_size=64, lr=1e-3, unitary_lr_divider=10),
             has_accuracy=True,
             inits=("identity", "haar"),
+            model_defaults={"cnn": dict(depth=8, channels=32), "resnet9": dict(channels=8)},
         )
         self.dataset = dataset
 
@@ -346,9 +350,10 @@ class ImageTask(_ClassificationTask):
 
     def build_model(self, config):
         shape = self._data["train_x"].shape
-        return DeepUnitaryCNN(
-            config.depth, channels=config.channels, size=tuple(shape[-2:]), in_channels=shape[1], init=config.init
-        )
+        size, in_channels = tuple(shape[-2:]), shape[1]
+        if config.model == "resnet9":
+            return UnitaryResNet9(width=config.channels, size=size, in_channels=in_channels, init=config.init)
+        return DeepUnitaryCNN(config.depth, channels=config.channels, size=size, in_channels=in_channels, init=config.init)
 
 
 TASKS: dict[str, Task] = {
@@ -359,9 +364,9 @@ TASKS: dict[str, Task] = {
         PixelMNISTTask(permuted=True),
         PixelMNISTTask(permuted=False),
         UnitaryTargetTask(),
-        ImageTask("mnist", "mnist", "MNIST digits with the deep orthogonal CNN (--depth, --channels; accuracy)"),
-        ImageTask("fashion-mnist", "fashion-mnist", "Fashion-MNIST with the deep orthogonal CNN (accuracy)"),
-        ImageTask("cifar10", "cifar10", "CIFAR-10 from --data-dir with the deep orthogonal CNN (accuracy)"),
+        ImageTask("mnist", "mnist", "MNIST digits, orthogonal convs (--model cnn|resnet9, --depth; accuracy)"),
+        ImageTask("fashion-mnist", "fashion-mnist", "Fashion-MNIST, orthogonal convs (--model cnn|resnet9; accuracy)"),
+        ImageTask("cifar10", "cifar10", "CIFAR-10 from --data-dir, orthogonal convs (--model cnn|resnet9)"),
     )
 }
 
