@@ -353,7 +353,9 @@ class ImageTask(_ClassificationTask):
         size, in_channels = tuple(shape[-2:]), shape[1]
         if config.model == "resnet9":
             return UnitaryResNet9(width=config.channels, size=size, in_channels=in_channels, init=config.init)
-        return DeepUnitaryCNN(config.depth, channels=config.channels, size=size, in_channels=in_channels, init=config.init)
+        return DeepUnitaryCNN(
+            config.depth, channels=config.channels, size=size, in_channels=in_channels, init=config.init
+        )
 
 
 TASKS: dict[str, Task] = {
