@@ -1,7 +1,8 @@
 """The ``projunn`` command line.
 
 ``projunn train TASK`` runs one of the paper's experiments (see
-:mod:`projunn.train`); ``projunn demo`` trains an orthogonal (or unitary)
+:mod:`projunn.train`); ``projunn bench`` times projUNN against the floor
+and the peers (see :mod:`projunn.bench`); ``projunn demo`` trains an orthogonal (or unitary)
 layer to match a random rotation and reports the loss and how far the weight
 is from the group, so a new user sees the method work in seconds.
 """
@@ -165,7 +166,74 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", choices=tuple(_DTYPES), default=d.dtype, help="real=orthogonal, complex=unitary")
     demo.add_argument("--seed", type=int, default=d.seed, help="random seed")
     demo.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary")
+    _add_bench_parser(commands)
     return parser
+
+
+def _add_bench_parser(commands) -> None:
+    from .bench import BENCHES, QUICK, BenchConfig
+
+    defaults = BenchConfig()
+    bench = commands.add_parser(
+        "bench",
+        help="time projUNN against the floor, dense exact steps, torch, geotorch and geoopt",
+        description=(
+            "Time, in one run on one device, the projUNN update step against the floor (the least work of\n"
+            "any rank-k method), the dense exact steps and geoopt; and a whole training step of an orthogonal\n"
+            "linear layer against unconstrained Adam, torch's parametrizations.orthogonal and geotorch.\n"
+            "Writes results.csv, results.md and results.png into --out. Peers are optional:\n"
+            "pip install 'projunn[bench]'."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = bench.add_argument
+    add("--quick", action="store_true", help=f"reduced grid: N {QUICK['sizes']}, k {QUICK['ranks']}, fewer repeats")
+    add("--sizes", type=_positive_int, nargs="+", help=f"matrix sizes N (default {' '.join(map(str, defaults.sizes))})")
+    add("--with-8192", action="store_true", help="also N = 8192 (update benchmark; needs about 2 GiB)")
+    add("--ranks", type=_positive_int, nargs="+", help=f"ranks k (default {' '.join(map(str, defaults.ranks))})")
+    add("--only", choices=BENCHES, help="run one of the two benchmarks")
+    add("--batch-size", type=_positive_int, default=defaults.batch_size, help="layer benchmark batch (default 256)")
+    add("--repeats", type=_positive_int, help=f"timed calls per case at most (default {defaults.repeats})")
+    add("--budget-s", type=_positive_float, help=f"seconds per case before fewer repeats (default {defaults.budget_s})")
+    add("--dense-max", type=_positive_int, default=defaults.dense_max, help="largest N of O(N^3) update steps")
+    add("--peer-max", type=_positive_int, default=defaults.peer_max, help="largest N of O(N^3) layer peers")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")
+    add("--threads", type=_positive_int, help="torch.set_num_threads (default: torch's choice)")
+    add("--out", help="output folder (default runs/bench-TIME)")
+    add("--quiet", action="store_true", help="no progress bar or per-case lines")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from .bench import QUICK, BenchConfig, default_out, run_bench, write_reports
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = dict(QUICK) if args.quick else {}
+    if args.sizes:
+        settings["sizes"] = tuple(args.sizes)
+    if args.with_8192:
+        settings["sizes"] = (*settings.get("sizes", BenchConfig.sizes), 8192)
+    explicit = dict(ranks=args.ranks and tuple(args.ranks), repeats=args.repeats, budget_s=args.budget_s)
+    settings.update({key: value for key, value in explicit.items() if value})
+    config = BenchConfig(
+        **settings,
+        benches=(args.only,) if args.only else BenchConfig.benches,
+        batch_size=args.batch_size,
+        dense_max=args.dense_max,
+        peer_max=args.peer_max,
+        device=args.device,
+    )
+    try:
+        rows, machine = run_bench(config, log=None if args.quiet else print)
+    except ValueError as error:
+        print(f"projunn bench: error: {error}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out) if args.out else default_out()
+    for path in write_reports(out, rows, machine):
+        print(f"wrote {path}")
+    return 0
 
 
 def run_demo(config: DemoConfig) -> dict[str, float]:
@@ -218,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {k: v for k, v in vars(args).items() if k != "command"}
     if args.command == "train":
         return _run_train(TrainConfig(**options))
+    if args.command == "bench":
+        return _run_bench(args)
     config = DemoConfig(**options)
     result = run_demo(config)
     settings = ", ".join(f"{k}={v}" for k, v in asdict(config).items() if k != "quiet")

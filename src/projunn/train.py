@@ -20,7 +20,6 @@ import contextlib
 import csv
 import json
 import math
-import os
 import pathlib
 import pickle
 import signal
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrizations, parametrize
 
+from ._files import atomic_write as _atomic_write
 from .functional import SKETCHES, unitarity_error
 from .optim import ProjUNN
 from .optim._groups import unitary_slots
@@ -215,21 +215,6 @@ def _pick_device(name: str) -> torch.device:
 
 
 # -- files ---------------------------------------------------------------------------------
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        descriptor = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)  # the data is on disk before the rename makes it current
-        finally:
-            os.close(descriptor)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _finite_or_none(value: Any) -> Any:

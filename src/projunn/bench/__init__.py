@@ -1,0 +1,153 @@
+"""``projunn bench``: projUNN against the floor, the dense exact steps and the real peers, in one run.
+
+Two benchmarks, float32 on one device, each case timed the same way
+(:func:`projunn.bench._measure.measure`):
+
+- ``update``: one update of an N x N orthogonal matrix at rank k. The floor
+  (one N x N by N x 2k product and one rank-2k in-place update, the least work
+  any rank-k method must do), projunn-t/-d with each sketch, the whole
+  ``ProjUNN(SGD)`` optimiser step, plain SGD, the dense exact steps
+  (matrix exponential, Cayley, SVD polar) and geoopt's Riemannian SGD/Adam on
+  the Stiefel manifold.
+- ``layer``: forward + backward + update of a square linear layer on a batch:
+  unconstrained Adam, projunn-t/-d + Adam, torch's
+  ``parametrizations.orthogonal`` (matrix_exp, cayley) and geotorch's
+  ``orthogonal`` (expm, cayley).
+
+Peers are optional (``pip install 'projunn[bench]'``); a missing one is listed
+as skipped with the reason, as are O(N^3) cases above ``dense_max`` /
+``peer_max``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import platform
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ._cases import Case, Skip, layer_cases, layer_cases_full_rank, update_cases, update_cases_full_rank
+from ._measure import measure
+from ._report import Row, with_ratios, write_reports
+
+__all__ = ["BENCHES", "QUICK", "BenchConfig", "describe_machine", "run_bench", "write_reports"]
+
+BENCHES = ("update", "layer")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    sizes: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    ranks: tuple[int, ...] = (1, 4, 16)
+    benches: tuple[str, ...] = BENCHES
+    batch_size: int = 256  # of the layer benchmark
+    repeats: int = 15
+    budget_s: float = 10.0  # per case: fewer timed calls (at least 3) for slow cases
+    dense_max: int = 4096  # largest N for the O(N^3) update steps
+    peer_max: int = 2048  # largest N for the O(N^3) layer peers (geotorch takes minutes per step at 4096)
+    device: str = "auto"
+
+
+#: ``--quick``: a reduced grid that runs in a few minutes on a laptop CPU.
+QUICK = dict(sizes=(256, 1024), ranks=(1, 4), repeats=7, budget_s=3.0)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def describe_machine(device: torch.device) -> str:
+    """One line naming the hardware and software the numbers come from."""
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as info:
+                hardware = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        hardware += f", {torch.get_num_threads()} threads"
+    return f"{hardware}, torch {torch.__version__}, float32"
+
+
+def _plan(config: BenchConfig, device: torch.device) -> Iterator[tuple[str, int, Callable[[int], Iterator]]]:
+    """(bench, N, factory) where factory(k) yields the cases; k = 0 asks for the rank-free ones."""
+    for n in config.sizes:
+        if "update" in config.benches:
+            yield (
+                "update",
+                n,
+                lambda k, n=n: (
+                    update_cases(n, k, device, dense_max=config.dense_max)
+                    if k
+                    else update_cases_full_rank(n, device, dense_max=config.dense_max)
+                ),
+            )
+        if "layer" in config.benches:
+            yield (
+                "layer",
+                n,
+                lambda k, n=n: (
+                    layer_cases(n, k, config.batch_size, device)
+                    if k
+                    else layer_cases_full_rank(n, config.batch_size, device, peer_max=config.peer_max)
+                ),
+            )
+
+
+def _validate(config: BenchConfig) -> None:
+    if not config.sizes or any(n < 2 for n in config.sizes):
+        raise ValueError(f"sizes must be integers >= 2, got {config.sizes}")
+    if not config.ranks or any(k < 1 for k in config.ranks):
+        raise ValueError(f"ranks must be integers >= 1, got {config.ranks}")
+    unknown = set(config.benches) - set(BENCHES)
+    if not config.benches or unknown:
+        raise ValueError(f"benches must be among {', '.join(BENCHES)}, got {config.benches}")
+
+
+def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = print) -> tuple[list[Row], str]:
+    """Measure every case of the grid; returns the rows (with ratios) and the machine line."""
+    _validate(config)
+    device = _device(config.device)
+    machine = describe_machine(device)
+    if log:
+        log(f"# projunn bench: {machine}")
+    plan = list(_plan(config, device))
+    rows: list[Row] = []
+    progress = tqdm(plan, desc="bench", unit="size", disable=log is None, leave=False)
+    for bench, n, factory in progress:
+        progress.set_postfix(bench=bench, N=n)
+        shared = [(case, _run(case, device, config)) for case in factory(0)]
+        for k in config.ranks:
+            measured = [(case, _run(case, device, config)) for case in factory(min(k, n))]
+            for case, result in measured + shared:
+                ms, runs, peak_mib, note = result
+                shared_across_k = any(case is c for c, _ in shared)
+                row = Row(bench, n, k, case.name, ms, runs, peak_mib, shared_across_k=shared_across_k, note=note)
+                rows.append(row)
+                if log and (k == config.ranks[0] or not row.shared_across_k):
+                    time = f"{row.ms:10.3f} ms" if row.ms is not None else f"   skipped: {row.note}"
+                    log(f"{bench:6s} N={n:5d} k={k:2d} {case.name:26s} {time}")
+    return with_ratios(rows), machine
+
+
+def _run(case: Case | Skip, device: torch.device, config: BenchConfig) -> tuple:
+    """(ms, runs, peak_mib, note) of one case."""
+    if isinstance(case, Skip):
+        return None, 0, None, case.reason
+    result = measure(case.fn, device, repeats=config.repeats, budget_s=config.budget_s)
+    return result.ms, result.runs, result.peak_mib, ""
+
+
+def default_out() -> pathlib.Path:
+    import time
+
+    return pathlib.Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")

@@ -1,0 +1,191 @@
+"""What ``projunn bench`` times: the update step alone and a whole training step of a linear layer.
+
+Every case is a zero-argument callable on inputs built once, so that only the
+step itself is timed. Results and outputs are written into reused buffers
+where the API allows: a fresh N x N allocation is page-faulted on every call
+at large N, which would time the allocator rather than the method.
+
+Cases that do not depend on the rank k (dense steps, peers, unconstrained
+Adam) are built by the ``*_full_rank`` functions and measured once per N.
+A case that cannot run here is a :class:`Skip` with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils import parametrizations
+
+from ..functional import lowrank, projunn_d, projunn_t, unitary_init
+from ..nn import OrthogonalLinear
+from ..optim import ProjUNN, param_groups
+
+__all__ = ["Case", "Skip", "layer_cases", "layer_cases_full_rank", "update_cases", "update_cases_full_rank"]
+
+#: Reference case of each benchmark, the one ratios "x projunn" are taken to.
+PROJUNN_REFERENCE = {"update": "projunn-t lsi", "layer": "projunn-t + adam"}
+#: Baseline of each benchmark: the least work (update) or the unconstrained layer (layer).
+BASELINE = {"update": "floor", "layer": "adam"}
+_INSTALL_HINT = "pip install 'projunn[bench]'"
+_STEP_SCALE = 1e-3  # size of the random step matrix relative to its entries' unit variance
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    fn: Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Skip:
+    name: str
+    reason: str
+
+
+def _peer(module: str):
+    """The installed peer library, or None (it is an optional extra)."""
+    try:
+        with warnings.catch_warnings():  # a peer's deprecation warnings at import are its own business
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def _weights(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """A Haar-random orthogonal U and a small random step D, both (n, n) float32, and a generator."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    U = unitary_init(n, "haar", generator=torch.Generator().manual_seed(0)).to(device)
+    D = _STEP_SCALE * torch.randn(n, n, device=device, generator=generator)
+    return U, D, generator
+
+
+# -- the update step alone ------------------------------------------------------------------------
+
+
+def update_cases(n: int, k: int, device: torch.device, *, dense_max: int) -> Iterator[Case | Skip]:
+    """Cases of one N x N update at rank k: the floor, projunn with each sketch, the whole optimiser step."""
+    U, D, generator = _weights(n, device)
+    out = torch.empty_like(U)
+    work = U.clone()
+    X = torch.randn(n, 2 * k, device=device, generator=generator)
+    Y = 1e-9 * torch.randn(n, 2 * k, device=device, generator=generator)
+
+    def floor():  # one N x N by N x 2k product and one rank-2k in-place update
+        work.addmm_(work @ X, Y.mT)
+
+    yield Case("floor", floor)
+    for sketch in ("lsi", "column", "rsvd", "exact"):
+        for method, update in (("t", projunn_t), ("d", projunn_d)):
+            name = f"projunn-{method} {sketch}"
+            if sketch == "exact" and n > dense_max:
+                yield Skip(name, f"exact sketch is a full SVD, O(N^3); N > --dense-max {dense_max}")
+                continue
+
+            def step(update=update, sketch=sketch):
+                a, b = lowrank(D, k, sketch, generator=generator)
+                update(U, a, b, out=out)
+
+            yield Case(name, step)
+    weight = torch.nn.Parameter(U.clone())
+    weight.grad = D.clone()
+    optimizer = ProjUNN(torch.optim.SGD([{"params": [weight], "unitary": True}], lr=1.0), rank=k, seed=0)
+    yield Case("ProjUNN(SGD) step", optimizer.step)
+
+
+def update_cases_full_rank(n: int, device: torch.device, *, dense_max: int) -> Iterator[Case | Skip]:
+    """Rank-free steps: plain SGD, the dense exact O(N^3) steps, and geoopt's Riemannian optimisers."""
+    U, D, _ = _weights(n, device)
+    out = torch.empty_like(U)
+    plain = torch.nn.Parameter(U.clone())
+    plain.grad = D.clone()
+    yield Case("plain SGD step", torch.optim.SGD([plain], lr=1.0).step)
+
+    dense = ("expm step", "cayley step", "polar (SVD) step", "geoopt RiemannianSGD", "geoopt RiemannianAdam")
+    if n > dense_max:
+        for name in dense:
+            yield Skip(name, f"O(N^3) step; N > --dense-max {dense_max}")
+        return
+    eye = torch.eye(n, device=device)
+
+    def skew_direction() -> torch.Tensor:  # K = skew(U^H D): the tangent direction every dense step needs
+        G = U.mT @ D
+        return (G - G.mT) / 2
+
+    yield Case("expm step", lambda: torch.matmul(U, torch.linalg.matrix_exp(skew_direction()), out=out))
+
+    def cayley():
+        K = skew_direction()
+        torch.matmul(U, torch.linalg.solve(eye - K / 2, eye + K / 2), out=out)
+
+    yield Case("cayley step", cayley)
+
+    def polar():
+        left, _, right = torch.linalg.svd(U + D)
+        torch.matmul(left, right, out=out)
+
+    yield Case("polar (SVD) step", polar)
+    geoopt = _peer("geoopt")
+    for name, optimizer in (("geoopt RiemannianSGD", "RiemannianSGD"), ("geoopt RiemannianAdam", "RiemannianAdam")):
+        if geoopt is None:
+            yield Skip(name, f"geoopt is not installed ({_INSTALL_HINT})")
+            continue
+        weight = geoopt.ManifoldParameter(U.clone(), manifold=geoopt.Stiefel())
+        weight.grad = -D.clone()  # any gradient of the same size; the step is the same work
+        yield Case(name, getattr(geoopt.optim, optimizer)([weight], lr=1.0).step)
+
+
+# -- a whole training step of a square linear layer -------------------------------------------------
+
+
+def _training_step(layer: torch.nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(layer(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def _layer_data(n: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(batch, n, device=device, generator=generator)
+    return x, torch.randn(batch, n, device=device, generator=generator)
+
+
+def layer_cases(n: int, k: int, batch: int, device: torch.device) -> Iterator[Case]:
+    """Forward + backward + update of an orthogonal N -> N linear layer with projunn and Adam, at rank k."""
+    x, y = _layer_data(n, batch, device)
+    for method in ("t", "d"):
+        layer = OrthogonalLinear(n, init="haar", bias=False).to(device)
+        groups = param_groups(layer, unitary_lr=1e-3, method=method, rank=k)
+        optimizer = ProjUNN(torch.optim.Adam(groups, lr=1e-3), seed=0)
+        yield Case(f"projunn-{method} + adam", _training_step(layer, optimizer, x, y))
+
+
+def layer_cases_full_rank(n: int, batch: int, device: torch.device, *, peer_max: int) -> Iterator[Case | Skip]:
+    """The same layer step unconstrained, and with torch's and geotorch's orthogonal parametrisations."""
+    x, y = _layer_data(n, batch, device)
+    layer = torch.nn.Linear(n, n, bias=False, device=device)
+    yield Case("adam", _training_step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3), x, y))
+
+    peers = [(f"torch orthogonal {m}", "torch", m) for m in ("matrix_exp", "cayley")]
+    peers += [(f"geotorch {m}", "geotorch", m) for m in ("expm", "cayley")]
+    geotorch = _peer("geotorch")
+    for name, library, orthogonal_map in peers:
+        if n > peer_max:
+            yield Skip(name, f"O(N^3) per step; N > --peer-max {peer_max}")
+            continue
+        if library == "geotorch" and geotorch is None:
+            yield Skip(name, f"geotorch is not installed ({_INSTALL_HINT})")
+            continue
+        layer = torch.nn.Linear(n, n, bias=False, device=device)
+        if library == "torch":
+            parametrizations.orthogonal(layer, "weight", orthogonal_map=orthogonal_map)
+        else:
+            geotorch.orthogonal(layer, "weight", triv=orthogonal_map)
+        yield Case(name, _training_step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3), x, y))

@@ -1,0 +1,122 @@
+"""Tables and plot of ``projunn bench``: CSV, markdown and a log-log PNG of time against N."""
+
+from __future__ import annotations
+
+import csv
+import io
+import pathlib
+from dataclasses import asdict, dataclass
+
+from .._files import atomic_write
+from ._cases import BASELINE, PROJUNN_REFERENCE
+
+__all__ = ["Row", "with_ratios", "write_reports"]
+
+_TITLES = {
+    "update": "Update step of one N x N orthogonal matrix (float32)",
+    "layer": "Training step of an N -> N orthogonal linear layer: forward, backward, update (float32)",
+}
+
+
+@dataclass
+class Row:
+    """One measured (or skipped) case at one (N, k). Rank-free cases repeat their one measurement for each k."""
+
+    bench: str
+    N: int
+    k: int
+    case: str
+    ms: float | None
+    runs: int
+    peak_mib: float | None
+    x_projunn: float | None = None  # ms / ms of the projunn-t reference at the same (bench, N, k)
+    x_baseline: float | None = None  # ms / ms of the floor (update) or of unconstrained adam (layer)
+    shared_across_k: bool = False
+    note: str = ""
+
+
+def with_ratios(rows: list[Row]) -> list[Row]:
+    """Fill ``x_projunn`` and ``x_baseline`` from the reference and baseline rows of the same (bench, N, k)."""
+    times = {(r.bench, r.N, r.k, r.case): r.ms for r in rows}
+    for row in rows:
+        if row.ms is None:
+            continue
+        reference = times.get((row.bench, row.N, row.k, PROJUNN_REFERENCE[row.bench]))
+        baseline = times.get((row.bench, row.N, row.k, BASELINE[row.bench]))
+        row.x_projunn = row.ms / reference if reference else None
+        row.x_baseline = row.ms / baseline if baseline else None
+    return rows
+
+
+def _csv_text(rows: list[Row]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(asdict(rows[0])))
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    return text.getvalue()
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(rows: list[Row], machine: str) -> str:
+    """One table per (benchmark, k): rows N and case, times with both ratios."""
+    lines = [f"# projunn bench\n\n{machine}. Medians of repeated timings after warm-up.\n"]
+    for bench in dict.fromkeys(r.bench for r in rows):
+        baseline = BASELINE[bench]
+        for k in dict.fromkeys(r.k for r in rows if r.bench == bench):
+            lines += [
+                f"\n## {_TITLES[bench]}, k = {k}\n",
+                f"Ratios: to `{PROJUNN_REFERENCE[bench]}` and to `{baseline}` at the same N. "
+                "Peak: extra memory one call needs (MiB).\n",
+                f"| N | case | ms | x projunn | x {baseline} | peak MiB | runs | note |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for r in (r for r in rows if r.bench == bench and r.k == k):
+                lines.append(
+                    f"| {r.N} | {r.case} | {_number(r.ms, '.3g')} | {_number(r.x_projunn, '.3g')} | "
+                    f"{_number(r.x_baseline, '.3g')} | {_number(r.peak_mib, '.1f')} | {r.runs or '-'} | {r.note} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: pathlib.Path, rows: list[Row], machine: str) -> None:
+    """Log-log time against N, one panel per benchmark, at the smallest k measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = list(dict.fromkeys(r.bench for r in rows))
+    fig, axes = plt.subplots(1, len(benches), figsize=(6.5 * len(benches), 5), squeeze=False)
+    for ax, bench in zip(axes[0], benches):
+        k = min(r.k for r in rows if r.bench == bench)
+        for case in dict.fromkeys(r.case for r in rows if r.bench == bench):
+            points = [(r.N, r.ms) for r in rows if (r.bench, r.k, r.case) == (bench, k, case) and r.ms is not None]
+            if len(points) < 1:
+                continue
+            sizes, times = zip(*points)
+            dashed = case in (BASELINE[bench], PROJUNN_REFERENCE[bench])
+            ax.plot(sizes, times, "o-" if not dashed else "s--", label=case, linewidth=2 if dashed else 1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N")
+        ax.set_ylabel("ms per step (median)")
+        ax.set_title(f"{bench}, k = {k}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(machine, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def write_reports(folder: pathlib.Path, rows: list[Row], machine: str) -> list[pathlib.Path]:
+    """results.csv, results.md and results.png in ``folder``; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "results.csv", folder / "results.md", folder / "results.png"]
+    atomic_write(paths[0], lambda tmp: tmp.write_text(_csv_text(rows)))
+    atomic_write(paths[1], lambda tmp: tmp.write_text(markdown(rows, machine)))
+    plot(paths[2], rows, machine)
+    return paths

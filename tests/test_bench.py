@@ -1,0 +1,126 @@
+"""``projunn bench``: the grid is complete, ratios are consistent, missing peers are skipped, files are written."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import pytest
+import torch
+
+from projunn.bench import BenchConfig, run_bench
+from projunn.bench import _cases as cases
+from projunn.bench._measure import measure
+from projunn.cli import main
+
+TINY = BenchConfig(sizes=(8, 16), ranks=(1, 2), repeats=3, budget_s=0.05, dense_max=8, peer_max=8)
+UPDATE_CASES = {
+    "floor",
+    *(f"projunn-{m} {s}" for m in "td" for s in ("lsi", "column", "rsvd", "exact")),
+    "ProjUNN(SGD) step",
+    "plain SGD step",
+    "expm step",
+    "cayley step",
+    "polar (SVD) step",
+    "geoopt RiemannianSGD",
+    "geoopt RiemannianAdam",
+}
+LAYER_CASES = {
+    "adam",
+    "projunn-t + adam",
+    "projunn-d + adam",
+    "torch orthogonal matrix_exp",
+    "torch orthogonal cayley",
+    "geotorch expm",
+    "geotorch cayley",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_rows():
+    rows, machine = run_bench(TINY, log=None)
+    return rows, machine
+
+
+def test_every_case_at_every_size_and_rank(tiny_rows):
+    rows, machine = tiny_rows
+    assert "float32" in machine and "torch" in machine
+    for n in TINY.sizes:
+        for k in TINY.ranks:
+            assert {r.case for r in rows if (r.bench, r.N, r.k) == ("update", n, k)} == UPDATE_CASES
+            assert {r.case for r in rows if (r.bench, r.N, r.k) == ("layer", n, k)} == LAYER_CASES
+
+
+def test_ratios_are_to_the_reference_and_baseline_of_the_same_size(tiny_rows):
+    rows, _ = tiny_rows
+    by_key = {(r.bench, r.N, r.k, r.case): r for r in rows}
+    for r in rows:
+        if r.ms is None:
+            assert r.x_projunn is None and r.note
+            continue
+        reference = by_key[(r.bench, r.N, r.k, cases.PROJUNN_REFERENCE[r.bench])]
+        baseline = by_key[(r.bench, r.N, r.k, cases.BASELINE[r.bench])]
+        assert r.x_projunn == pytest.approx(r.ms / reference.ms)
+        assert r.x_baseline == pytest.approx(r.ms / baseline.ms)
+        assert r.runs >= 3
+
+
+def test_rank_free_cases_are_measured_once_and_o_n3_cases_are_capped(tiny_rows):
+    rows, _ = tiny_rows
+    for case in ("expm step", "adam"):
+        shared = [r for r in rows if r.case == case and r.N == 8]
+        assert len(shared) == 2 and shared[0].ms == shared[1].ms and shared[0].shared_across_k
+    skipped = {r.case: r.note for r in rows if r.N == 16 and r.ms is None}
+    assert "N > --dense-max 8" in skipped["expm step"] and "N > --peer-max 8" in skipped["geotorch cayley"]
+    assert "full SVD" in skipped["projunn-t exact"]
+    assert all(r.ms is not None for r in rows if r.case.startswith("projunn-t lsi"))
+
+
+def test_a_missing_peer_is_skipped_with_the_install_hint(monkeypatch):
+    monkeypatch.setattr(cases, "_peer", lambda module: None)
+    config = BenchConfig(sizes=(8,), ranks=(1,), repeats=3, budget_s=0.01, dense_max=8, peer_max=8)
+    rows, _ = run_bench(config, log=None)
+    notes = {r.case: r.note for r in rows if r.ms is None}
+    assert set(notes) == {"geoopt RiemannianSGD", "geoopt RiemannianAdam", "geotorch expm", "geotorch cayley"}
+    assert all("pip install 'projunn[bench]'" in note for note in notes.values())
+    assert next(r for r in rows if r.case == "torch orthogonal cayley").ms is not None
+
+
+def test_measure_takes_fewer_runs_for_slow_cases_and_sees_peak_memory():
+    slow = measure(lambda: time.sleep(0.02), torch.device("cpu"), repeats=50, budget_s=0.05)
+    assert slow.runs == 3 and slow.ms >= 15
+    fast = measure(lambda: None, torch.device("cpu"), repeats=7, budget_s=1.0)
+    assert fast.runs == 7
+
+    def allocate():  # 64 MiB touched, then freed
+        torch.ones(16 * 2**20, dtype=torch.float32).sum()
+
+    result = measure(allocate, torch.device("cpu"), repeats=3, budget_s=1.0)
+    if result.peak_mib is not None:  # Linux with /proc
+        assert 48 < result.peak_mib < 256
+
+
+def test_cli_writes_csv_markdown_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--sizes", "8", "--ranks", "1", "--repeats", "3", "--budget-s", "0.01", "--only", "update"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["case"] for r in rows} == UPDATE_CASES and all(r["bench"] == "update" for r in rows)
+    markdown = (out / "results.md").read_text()
+    assert "| 8 | projunn-t lsi |" in markdown and "k = 1" in markdown
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["bench", "--sizes", "1", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "sizes must be integers >= 2" in err and err.count("\n") == 1
+    for argv, message in ((["--sizes", "0"], "expected a positive integer"), (["--only", "x"], "invalid choice")):
+        with pytest.raises(SystemExit) as caught:
+            main(["bench", *argv, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and message in err and err.count("\n") == 1
+    assert not out.exists()
