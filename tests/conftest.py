@@ -23,8 +23,8 @@ def randn(*shape, dtype=torch.float64, seed: int = 1, scale: float = 1.0) -> tor
 
 
 def polar_reference(A: torch.Tensor) -> torch.Tensor:
-    """Polar factor of A from a full SVD."""
-    X, _, Yh = torch.linalg.svd(A)
+    """Polar factor of A (square, or rectangular: the semi-unitary one) from an SVD."""
+    X, _, Yh = torch.linalg.svd(A, full_matrices=False)
     return X @ Yh
 
 

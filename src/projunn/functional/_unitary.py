@@ -67,6 +67,7 @@ def unitary_init(
     n: int,
     kind: str = "haar",
     *,
+    m: int | None = None,
     batch_shape: tuple[int, ...] = (),
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
@@ -87,16 +88,21 @@ def unitary_init(
       skew-symmetric scoRNN initialisation, i.e. 2 x 2 rotations by angles
       uniform in [0, pi/2]; complex: phases exp(i theta), theta in [0, pi/2].
 
+    With ``m`` != n the result is an n x m semi-unitary matrix (orthonormal
+    columns if n > m, rows if n < m): ``"identity"`` gives the leading part of
+    the identity, ``"haar"`` a Haar-distributed point of the Stiefel manifold.
+
     Args:
-        n: matrix size, >= 1.
-        kind: one of :data:`INITS`.
+        n: matrix size (rows), >= 1.
+        kind: one of :data:`INITS` (``"identity"`` or ``"haar"`` when m != n).
+        m: columns; default n.
         batch_shape: leading dimensions of the result.
         dtype: float32, float64, complex64 or complex128.
         device: device of the result.
         generator: source of randomness (on ``device``); None uses the global one.
 
     Returns:
-        (*batch_shape, n, n) tensor.
+        (*batch_shape, n, m) tensor.
 
     Example:
         >>> W = unitary_init(8, "henaff", dtype=torch.float64)
@@ -108,13 +114,20 @@ def unitary_init(
     check_choice("kind", kind, INITS)
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
-    shape = (*tuple(batch_shape), n, n)
+    m = n if m is None else m
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m must be an int >= 1, got {m!r}")
+    if m != n:
+        check_choice(f"kind of a rectangular ({n} x {m}) matrix", kind, ("identity", "haar"))
+    shape = (*tuple(batch_shape), n, m)
     if kind == "identity":
-        return torch.eye(n, dtype=dtype, device=device).expand(shape).clone()
+        return torch.eye(n, m, dtype=dtype, device=device).expand(shape).clone()
     # Built in double precision and rounded once: a float32 QR would leave a
     # Haar matrix ~10x further from orthogonal than that single rounding.
     wide = torch.complex128 if dtype.is_complex else torch.float64
     if kind == "haar":
+        if m > n:  # a wide Haar matrix is the conjugate transpose of a tall one
+            return _haar((*shape[:-2], m, n), wide, device, generator).mH.to(dtype).contiguous()
         return _haar(shape, wide, device, generator).to(dtype)
     low, high = (-math.pi, math.pi) if kind == "henaff" else (0.0, math.pi / 2)
     return _rotations(shape, low, high, wide, device, generator).to(dtype)

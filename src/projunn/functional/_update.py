@@ -62,6 +62,8 @@ from collections.abc import Callable
 
 import torch
 
+from ._small import direct_block, double, tangent_block
+from ._stiefel import stiefel_d, stiefel_t
 from ._validate import check_out, check_update_args
 
 __all__ = ["projunn_d", "projunn_t"]
@@ -82,39 +84,12 @@ def _subspace(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.
         R_b, R_c: (..., r, k) with b = Q R_b and U^H a = Q R_c, in double precision.
     """
     k = a.shape[-1]
-    wide = _double(U.dtype)
+    wide = double(U.dtype)
     # (a^H U)^H rather than U^H a: for complex U the latter resolves the
     # conjugate view into a full N x N copy before the product.
     c = (a.mH @ U).mH
     Q, R = torch.linalg.qr(torch.cat([b.to(wide), c.to(wide)], dim=-1))
     return Q, R[..., :k], R[..., k:]
-
-
-def _double(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype.is_complex else torch.float64
-
-
-def _tangent_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
-    """exp(S) - I for S = (R_c R_b^H - R_b R_c^H) / 2, shape (..., r, r).
-
-    See Note [Exponential of the small block].
-    """
-    M = R_c @ R_b.mH
-    M = M.to(torch.complex128) if not M.is_complex() else M
-    H = (M - M.mH) / 2j  # S = i H with H Hermitian
-    lam, V = torch.linalg.eigh(H)
-    # e^{i lam} - 1 written without cancellation, and exactly 0 for lam = 0.
-    half = torch.sin(lam / 2)
-    shift = torch.complex(-2 * half * half, torch.sin(lam))
-    block = (V * shift.unsqueeze(-2)) @ V.mH
-    return block if R_b.is_complex() else block.real
-
-
-def _direct_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
-    """polar(I + R_c R_b^H) - I, shape (..., r, r). See Note [Singular projUNN-D steps]."""
-    eye = torch.eye(R_c.shape[-2], dtype=R_c.dtype, device=R_c.device)
-    X, _, Yh = torch.linalg.svd(eye + R_c @ R_b.mH)
-    return X @ Yh - eye
 
 
 def _apply_block(
@@ -148,6 +123,7 @@ def _apply_block(
 
 def _projunn(
     block_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    rectangular_fn: Callable[..., torch.Tensor],
     U: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
@@ -156,6 +132,8 @@ def _projunn(
     check_update_args(U, a, b)
     if out is not None:
         check_out(out, U)
+    if U.shape[-1] != U.shape[-2]:
+        return rectangular_fn(U, a, b, out)
     Q, R_b, R_c = _subspace(U, a, b)
     block = block_fn(R_b, R_c)
     return _apply_block(U, Q.to(U.dtype), block.to(U.dtype), out)
@@ -175,24 +153,28 @@ def projunn_d(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.T
     the function then returns one of them (a unitary matrix at the minimal
     Frobenius distance), never NaN. See Note [Singular projUNN-D steps].
 
+    A rectangular U (..., N, M) is semi-unitary (orthonormal columns if
+    N > M, rows if N < M) and the result is the closest semi-unitary matrix,
+    in O(k N M) (Note [Stiefel projUNN-D] in ``_stiefel.py``).
+
     Args:
-        U: (..., N, N) unitary (orthogonal if real) matrix; float32, float64,
-            complex64 or complex128. The result assumes U is unitary: the
-            update uses U^H as its inverse.
-        a, b: (..., N, k) factors of the step ``D = a @ b.mH``, any k >= 1
-            (2k >= N is allowed), same dtype and device as U.
-        out: optional (..., N, N) tensor for the result; may be U
+        U: (..., N, N) unitary (orthogonal if real) matrix, or (..., N, M)
+            semi-unitary; float32, float64, complex64 or complex128. The
+            result assumes U is (semi-)unitary: the update uses U^H as its inverse.
+        a, b: (..., N, k) and (..., M, k) factors of the step ``D = a @ b.mH``,
+            any k >= 1 (2k >= N is allowed), same dtype and device as U.
+        out: optional tensor shaped like U for the result; may be U
             itself to update in place. U, a and b are otherwise never modified.
 
     Returns:
-        (..., N, N) unitary tensor, dtype and device of U.
+        tensor shaped like U, (semi-)unitary, dtype and device of U.
 
     An update rule, not a layer: call it outside autograd (as optimisers do).
     Its gradient is not finite at degenerate inputs such as a zero step.
 
     Raises:
         TypeError: a non-tensor argument, unsupported dtype, or mismatched dtypes.
-        ValueError: U not square, a/b shapes that do not match U, k < 1,
+        ValueError: a/b shapes that do not match U, k < 1,
             mismatched devices, or a badly shaped ``out``.
 
     Example:
@@ -202,7 +184,7 @@ def projunn_d(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.T
         >>> torch.allclose(V.mT @ V, torch.eye(5, dtype=torch.float64))
         True
     """
-    return _projunn(_direct_block, U, a, b, out)
+    return _projunn(direct_block, stiefel_d, U, a, b, out)
 
 
 def projunn_t(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,15 +199,21 @@ def projunn_t(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.T
     (Note [The 2k-dimensional subspace]). No inversion is involved: the
     result is unitary for any step size, and a zero step returns U.
 
+    A tall semi-unitary U (..., N, M), N > M, moves to exp(A) U with
+    A = (a (U b)^H - (U b) a^H) / 2, in the tangent direction of the step
+    under the canonical metric, in O(k N M); a wide one is handled through
+    its conjugate transpose (Note [Stiefel projUNN-T] in ``_stiefel.py``).
+    For square U this is the same matrix as U exp(K).
+
     Args:
-        U: (..., N, N) unitary (orthogonal if real); float32, float64,
-            complex64 or complex128.
-        a, b: (..., N, k), any k >= 1, same dtype and device as U.
-        out: optional (..., N, N) tensor for the result; may be U
+        U: (..., N, N) unitary (orthogonal if real), or (..., N, M)
+            semi-unitary; float32, float64, complex64 or complex128.
+        a, b: (..., N, k) and (..., M, k), any k >= 1, same dtype and device as U.
+        out: optional tensor shaped like U for the result; may be U
             itself to update in place. U, a and b are otherwise never modified.
 
     Returns:
-        (..., N, N) unitary tensor, dtype and device of U.
+        tensor shaped like U, (semi-)unitary, dtype and device of U.
 
     Raises:
         TypeError, ValueError: as for :func:`projunn_d`.
@@ -237,4 +225,4 @@ def projunn_t(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.T
         >>> torch.allclose(projunn_t(U, a, b), torch.linalg.matrix_exp(K))
         True
     """
-    return _projunn(_tangent_block, U, a, b, out)
+    return _projunn(tangent_block, stiefel_t, U, a, b, out)

@@ -65,19 +65,20 @@ def check_same_kind(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor
 def check_update_args(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """Validate the (U, a, b) triple of a projUNN update.
 
-    U: (..., N, N); a, b: (..., N, k) with k >= 1, same dtype and device as U.
+    U: (..., N, M); a: (..., N, k), b: (..., M, k) with k >= 1, same dtype and device as U.
     """
-    check_square("U", U)
+    check_tensor("U", U)
     check_tensor("a", a)
     check_tensor("b", b)
     check_same_kind("a", a, "U", U)
     check_same_kind("b", b, "U", U)
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape (..., N, k), got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[:-1] != U.shape[:-1]:
+    n, m = U.shape[-2:]
+    expected_a, expected_b = (*U.shape[:-2], n), (*U.shape[:-2], m)
+    if a.shape[:-1] != expected_a or b.shape[:-1] != expected_b or a.shape[-1] != b.shape[-1]:
+        with_k = lambda shape: "(" + ", ".join([*map(str, shape), "k"]) + ")"  # noqa: E731
         raise ValueError(
-            f"a and b must have shape (..., N, k) matching U's {tuple(U.shape)} in all but the last "
-            f"dimension, got {tuple(a.shape)}"
+            f"for U of shape {tuple(U.shape)}, a must have shape {with_k(expected_a)} and b {with_k(expected_b)} "
+            f"with the same k; got a {tuple(a.shape)} and b {tuple(b.shape)}"
         )
     if a.shape[-1] < 1:
         raise ValueError(f"the rank k (last dimension of a and b) must be >= 1, got shape {tuple(a.shape)}")

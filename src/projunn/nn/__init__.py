@@ -2,7 +2,7 @@
 
 from ._cnn import ChannelPad, DeepUnitaryCNN, SpaceToDepth
 from ._conv import UnitaryConv2d, frequency_layout
-from ._linear import OrthogonalLinear, UnitaryLinear, init_unitary_
+from ._linear import OrthogonalLinear, StiefelLinear, UnitaryLinear, init_unitary_
 from ._models import SequenceModel
 from ._resnet import UnitaryResNet9
 from ._rnn import NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
@@ -16,6 +16,7 @@ __all__ = [
     "OrthogonalLinear",
     "SequenceModel",
     "SpaceToDepth",
+    "StiefelLinear",
     "UnitaryConv2d",
     "UnitaryLinear",
     "UnitaryRNN",

@@ -1,4 +1,4 @@
-"""Square linear layers whose weight is orthogonal (real) or unitary (complex)."""
+"""Linear layers whose weight is orthogonal/unitary (square) or semi-orthogonal/semi-unitary (rectangular)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ..functional import INITS, unitary_init
 from ..functional._validate import SUPPORTED_DTYPES, check_choice
 
-__all__ = ["OrthogonalLinear", "UnitaryLinear", "init_unitary_"]
+__all__ = ["OrthogonalLinear", "StiefelLinear", "UnitaryLinear", "init_unitary_"]
 
 
 def init_unitary_(
@@ -97,3 +97,70 @@ class UnitaryLinear(torch.nn.Module):
 
 #: The same layer; the name reads better for real weights.
 OrthogonalLinear = UnitaryLinear
+
+
+class StiefelLinear(torch.nn.Module):
+    r"""y = x W^T (+ bias) with a semi-orthogonal (real) or semi-unitary (complex) out x in weight W.
+
+    With ``out_features >= in_features`` W has orthonormal columns
+    (W^H W = I): the map is an isometric embedding, ``||y|| = ||x||``. With
+    ``out_features < in_features`` W has orthonormal rows (W W^H = I): a
+    projection onto a subspace, 1-Lipschitz. :class:`projunn.optim.ProjUNN`
+    keeps W on the Stiefel manifold with low-rank steps in
+    O(k * in * out); see :func:`projunn.functional.projunn_d` and
+    :func:`projunn.functional.projunn_t` for rectangular matrices.
+
+    Args:
+        in_features, out_features: sizes, >= 1.
+        bias: add a learned bias (off by default).
+        init: ``"haar"`` (a Haar-random point of the Stiefel manifold) or
+            ``"identity"`` (the leading part of the identity).
+        dtype, device, generator: as for :class:`UnitaryLinear`.
+
+    Shape:
+        input (..., in_features), output (..., out_features).
+
+    Example:
+        >>> layer = StiefelLinear(3, 5, dtype=torch.float64)
+        >>> x = torch.randn(2, 3, dtype=torch.float64)
+        >>> torch.allclose(layer(x).norm(dim=-1), x.norm(dim=-1))
+        True
+    """
+
+    unitary_parameter_names = ("weight",)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = False,
+        init: str = "haar",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.init = check_choice("init", init, ("haar", "identity"))
+        weight = unitary_init(out_features, init, m=in_features, dtype=dtype, device=device, generator=generator)
+        self.weight = torch.nn.Parameter(weight)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        kind = "isometry" if self.out_features >= self.in_features else "co-isometry"
+        return (
+            f"{self.in_features} -> {self.out_features}, {kind}, bias={self.bias is not None}, "
+            f"init={self.init!r}, dtype={self.weight.dtype}"
+        )

@@ -99,7 +99,7 @@ class ProjUNN:
         TypeError: ``optimizer`` is not a torch optimiser; a unitary
             parameter has an unsupported dtype.
         ValueError: unknown method/sketch/policy, rank < 1, a unitary
-            parameter that is not square (..., N, N), or an optimiser that
+            parameter that is not a matrix (..., N, M), or an optimiser that
             already has a ProjUNN attached.
 
     Example:
@@ -234,8 +234,11 @@ class ProjUNN:
         for p in params:
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"unitary parameter of shape {tuple(p.shape)} has unsupported dtype {p.dtype}")
-            if p.dim() < 2 or p.shape[-1] != p.shape[-2]:
-                raise ValueError(f"unitary parameters must be square (..., N, N), got shape {tuple(p.shape)}")
+            if p.dim() < 2:
+                raise ValueError(
+                    f"unitary parameters must be matrices (..., N, N), or (..., N, M) semi-unitary; "
+                    f"got shape {tuple(p.shape)}"
+                )
         self._checked[id(group)] = self._group_signature(group)
 
     def _unitary_params(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
@@ -318,7 +321,7 @@ class ProjUNN:
                 if id(p) not in stepped:
                     continue
                 U, D = self._saved[p], p
-                rank = min(self._setting(group, "rank"), p.shape[-1])
+                rank = min(self._setting(group, "rank"), *p.shape[-2:])
                 a, b = lowrank(D, rank, self._setting(group, "sketch"), generator=self._generator(p.device))
                 _UPDATES[self._setting(group, "method")](U, a, b, out=p)
         except BaseException:

@@ -1,0 +1,121 @@
+"""projUNN-D and projUNN-T for rectangular (semi-unitary, Stiefel) matrices in O(k N M).
+
+A tall N x M matrix W (N > M) is semi-unitary when W^H W = I_M (orthonormal
+columns); a wide one (N < M) when W W^H = I_N (orthonormal rows). Wide
+matrices are handled as the conjugate transpose of a tall one: the step
+a b^H of W is the step b a^H of W^H, and both updates commute with ^H.
+
+Note [Stiefel projUNN-D]
+------------------------
+For Y = W + a b^H (tall, N x M) the closest semi-unitary matrix is the polar
+factor Y (Y^H Y)^{-1/2}. With c = W^H a,
+
+    Y^H Y = I + c b^H + b c^H + b (a^H a) b^H,
+
+the identity plus a Hermitian matrix supported on span[b, c]. With the QR
+[b, c] = Q R (b = Q R_b, c = Q R_c) this is I + Q S Q^H,
+S = R_c R_b^H + R_b R_c^H + R_b (a^H a) R_b^H (r x r, r = min(M, 2k)), so
+
+    (Y^H Y)^{-1/2} = I + Q C Q^H,  C = (I + S)^{-1/2} - I,
+
+and since Y Q = W Q + a R_b^H,
+
+    polar(Y) = W + ((W Q) C + a R_b^H (I + C)) Q^H,
+
+one rank-r update of W after the products W^H a and W Q: O(k N M). For a
+square W this is the same matrix as :func:`projunn_d`.
+
+When Y is (nearly) rank deficient, I + S has a (nearly) zero eigenvalue and
+the inverse square root loses accuracy; the polar factor is then not unique
+anyway. Those matrices of the batch (smallest eigenvalue below 1e-4 times the
+largest, i.e. the step shrinks some direction of W a hundredfold, a step no
+training run takes) are projected exactly by a dense SVD instead, so the
+result is semi-unitary, never NaN.
+
+Note [Stiefel projUNN-T]
+------------------------
+W moves along t -> exp(t A) W with the skew-Hermitian N x N matrix
+
+    A = (a (W b)^H - (W b) a^H) / 2,
+
+whose velocity A W = (D - W D^H W) / 2 at t = 0 (D = a b^H, W^H W = I) is the
+step's component in the tangent space under the canonical metric of the
+Stiefel manifold (the Riemannian gradient direction when D is minus a
+gradient). exp(A) is unitary, so exp(A) W is exactly semi-unitary for any
+step. For a square W, exp(A) W = W exp(W^H A W) = projunn_t(W, a, b).
+A has rank <= 2k: with the QR [W b, a] = L R (W b = L R_1, a = L R_2),
+A = L S L^H, S = (R_2 R_1^H - R_1 R_2^H) / 2, and
+
+    exp(A) W = W + L (exp(S) - I) (L^H W),
+
+again O(k N M). The small problems run in double precision as for square
+matrices (Note [Double-precision small problem] in ``_update.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._small import double, tangent_block
+from ._unitary import closest_unitary
+
+__all__ = ["stiefel_d", "stiefel_t"]
+
+# Smallest eigenvalue of (Y^H Y) restricted to the subspace, relative to the
+# largest, below which the dense SVD polar factor is used (Note [Stiefel projUNN-D]).
+_DENSE_BELOW = 1e-4
+
+
+def _as_tall(fn):
+    """Run a tall-matrix update on the conjugate transpose of a wide W, and write ``out``."""
+
+    def update(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        tall = W.shape[-2] >= W.shape[-1]
+        result = fn(W, a, b) if tall else fn(W.mH, b, a).mH.contiguous()
+        return result if out is None else out.copy_(result)
+
+    update.__doc__ = fn.__doc__
+    return update
+
+
+def _add_low_rank(W: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """W + left @ right as a new contiguous tensor, with one batched GEMM. left (..., N, r), right (..., r, M)."""
+    out = W.clone(memory_format=torch.contiguous_format)
+    n, m, r = W.shape[-2], W.shape[-1], left.shape[-1]
+    out.view(-1, n, m).baddbmm_(left.reshape(-1, n, r), right.reshape(-1, r, m))
+    return out
+
+
+@_as_tall
+def stiefel_d(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """polar(W + a b^H) for tall W (..., N, M), a (..., N, k), b (..., M, k). Note [Stiefel projUNN-D]."""
+    k = a.shape[-1]
+    wide = double(W.dtype)
+    c = (a.mH @ W).mH  # (..., M, k)
+    Q, R = torch.linalg.qr(torch.cat([b.to(wide), c.to(wide)], dim=-1))
+    R_b, R_c = R[..., :k], R[..., k:]
+    a_wide = a.to(wide)
+    S = R_c @ R_b.mH + R_b @ R_c.mH + R_b @ (a_wide.mH @ a_wide) @ R_b.mH
+    eye = torch.eye(S.shape[-1], dtype=wide, device=W.device)
+    lam, V = torch.linalg.eigh(eye + (S + S.mH) / 2)
+    degenerate = lam[..., 0] < _DENSE_BELOW * lam[..., -1].clamp_min(1.0)
+    scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt() - 1
+    C = (V * scale.unsqueeze(-2).to(wide)) @ V.mH
+    WQ = W @ Q.to(W.dtype)
+    left = WQ @ C.to(W.dtype) + a @ (R_b.mH @ (eye + C)).to(W.dtype)
+    result = _add_low_rank(W, left, Q.mH.to(W.dtype))
+    if bool(degenerate.any()):
+        Y = W + a @ b.mH
+        result[degenerate] = closest_unitary(Y[degenerate])
+    return result
+
+
+@_as_tall
+def stiefel_t(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """exp(A) W, A = (a (W b)^H - (W b) a^H) / 2, for tall W (..., N, M). Note [Stiefel projUNN-T]."""
+    k = a.shape[-1]
+    wide = double(W.dtype)
+    L, R = torch.linalg.qr(torch.cat([(W @ b).to(wide), a.to(wide)], dim=-1))
+    block = tangent_block(R[..., :k], R[..., k:])  # exp(S) - I, S = (R_2 R_1^H - R_1 R_2^H) / 2
+    L = L.to(W.dtype)
+    return _add_low_rank(W, L, block.to(W.dtype) @ (L.mH @ W))
