@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -310,6 +311,8 @@ def _run_train(config: TrainConfig) -> int:
         return 130
     if summary["interrupted"]:
         return 130
+    if os.environ.get("RANK", "0") != "0":  # a torchrun replica other than rank 0: rank 0 reports
+        return 0
     shown = ("final_loss", "best_loss", "baseline_loss", "accuracy", "max_unitarity_error", "seconds")
     print(" ".join(f"{key}={summary[key]:.4g}" for key in shown if summary.get(key) is not None))
     print(f"wrote {summary['out']}")

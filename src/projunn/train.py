@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrizations, parametrize
 
+from ._distributed import Replicas, start_replicas
 from ._files import atomic_write as _atomic_write
 from .functional import SKETCHES, unitarity_error
 from .optim import ProjUNN
@@ -209,6 +210,8 @@ def _pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name.startswith("cuda:"):  # one GPU per replica under torchrun
+        return torch.device(name)
     if name not in ("cpu", "cuda"):
         raise RunError(f"--device must be auto, cpu or cuda; got {name!r}")
     return torch.device(name)
@@ -359,10 +362,22 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
     returns (``summary["interrupted"]``); a second one stops at once, keeping
     the last checkpoint, which was written at an evaluation.
 
+    Under ``torchrun`` the run is data parallel (see :mod:`projunn._distributed`):
+    every replica trains on its slice of each global batch, and rank 0 alone
+    logs and writes files.
+
     Raises:
         RunError: bad settings, an occupied output folder, or an unusable checkpoint.
         DatasetMissingError: the task's data set is not installed.
     """
+    replicas, device_name = start_replicas(config.device)
+    try:
+        return _train(config, replicas, device_name, log if replicas.is_main else (lambda message: None))
+    finally:
+        replicas.close()
+
+
+def _train(config: TrainConfig, replicas: Replicas, device_name: str, log) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     checkpoint = None
@@ -375,10 +390,15 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
     else:
         config = resolve(config)
         out = _out_dir(config)
-    _check_out_dir(out, config)
-    device = _pick_device(config.device)
-    torch.manual_seed(config.seed)
+    if config.batch_size % replicas.world:
+        raise RunError(f"--batch-size {config.batch_size} must be divisible by the {replicas.world} processes")
+    replicas.on_main(lambda: _check_out_dir(out, config))
+    device = _pick_device(device_name)
+    torch.manual_seed(config.seed)  # the same model on every replica
     task, model, optimizer = _build(config, device)
+    # Forward and backward go through DDP (gradients averaged over replicas);
+    # evaluation and checkpoints use the module itself, identical everywhere.
+    trained = torch.nn.parallel.DistributedDataParallel(model) if replicas.distributed else model
     total = task.total_steps(config)
     step, seconds, history, nonfinite_losses = 0, 0.0, [], 0
     window_loss, window_count = 0.0, 0
@@ -393,11 +413,12 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
         window_loss, window_count = checkpoint.get("window", (0.0, 0))
         if checkpoint.get("device", device.type) != device.type:
             log(f"note: the run was on {checkpoint['device']}, now on {device.type}; the result may differ slightly")
-    _claim_out_dir(out, config)
-    _write_json(out / "config.json", asdict(config))
+    replicas.on_main(lambda: (_claim_out_dir(out, config), _write_json(out / "config.json", asdict(config))))
     cached = parametrize.cached if config.method in ("expm", "cayley") else contextlib.nullcontext
 
     def save_checkpoint():
+        if not replicas.is_main:
+            return
         state = {
             "format": _CHECKPOINT_FORMAT,
             "config": asdict(config),
@@ -424,17 +445,24 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
     previous_handler = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
     best = min((row["eval_loss"] for row in history if row["eval_loss"] is not None), default=math.inf)
     interrupted = False
-    bar = tqdm(total=total, initial=step, disable=config.quiet, unit="step", desc=f"{task.name}/{config.method}")
+    bar = tqdm(
+        total=total,
+        initial=step,
+        disable=config.quiet or not replicas.is_main,
+        unit="step",
+        desc=f"{task.name}/{config.method}",
+    )
     started = time.perf_counter() - seconds
     try:
         while step < total:
             x, y = task.batch(config, step, device)
             with cached():
-                loss, _ = task.loss(model, x, y)
-            if torch.isfinite(loss):
+                loss, _ = task.loss(trained, replicas.shard(x), replicas.shard(y))
+            global_loss = replicas.mean(loss.detach())  # every replica skips, or none does
+            if torch.isfinite(global_loss):
                 loss.backward()
                 optimizer.step()
-                window_loss += loss.item()
+                window_loss += global_loss.item()
                 window_count += 1
             else:
                 nonfinite_losses += 1
@@ -442,6 +470,7 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
             step += 1
             bar.update(1)
             out_of_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
+            out_of_time = replicas.any(out_of_time, device)  # replicas stop at the same step
             if step % config.eval_every == 0 or step == total or out_of_time:
                 seconds = time.perf_counter() - started
                 with torch.no_grad(), cached():
@@ -458,7 +487,8 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
                 history.append(row)
                 if row["eval_loss"] is not None:
                     best = min(best, row["eval_loss"])
-                _write_metrics(out / "metrics.csv", history)
+                if replicas.is_main:
+                    _write_metrics(out / "metrics.csv", history)
                 save_checkpoint()
                 postfix = {"loss": f"{scores['eval_loss']:.4g}", "best": f"{best:.4g}"}
                 if row["eval_accuracy"] is not None:
@@ -475,7 +505,7 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
                 if out_of_time:
                     log(f"time budget of {config.max_minutes} min reached at step {step}")
                     break
-            if stop_requested:
+            if replicas.any(bool(stop_requested), device):
                 # A clean step boundary: the checkpoint continues exactly.
                 interrupted = True
                 seconds = time.perf_counter() - started
@@ -518,10 +548,12 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
         "channels": config.channels,
         "skipped_steps": optimizer.skipped_steps,
         "nonfinite_losses": nonfinite_losses,
+        "processes": replicas.world,
         **final,
     }
-    _write_json(out / "summary.json", summary)
-    if history:
-        _plot(out / "curves.png", history, summary)
+    if replicas.is_main:
+        _write_json(out / "summary.json", summary)
+        if history:
+            _plot(out / "curves.png", history, summary)
     summary["out"] = str(out)
     return summary

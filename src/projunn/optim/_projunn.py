@@ -22,6 +22,22 @@ sketch RNG state) is stored inside the base optimiser's ``state_dict`` under
 the key ``"projunn"`` by state-dict hooks, so one ``state_dict`` round trip
 restores everything.
 
+Note [Sketches under data parallelism]
+--------------------------------------
+Under DistributedDataParallel every replica holds the same weights and, after
+the gradient all-reduce, the same gradients, and the base optimiser's step is
+deterministic. The replicas therefore stay bit-identical if, and only if, the
+randomised sketches (LSI, column sampling, randomised SVD) draw the same
+numbers on every rank. ProjUNN draws them from its own generator, never from
+the global stream (which data-parallel scripts often seed per rank), seeded
+once: with ``seed=None`` under an initialised process group, rank 0's
+``torch.initial_seed()`` is broadcast to all ranks at construction; an
+explicit ``seed`` must be the same on every rank. The generators then advance
+identically, since every rank sketches the same parameters in the same order,
+and their states travel in ``state_dict``. This costs one broadcast in total,
+where sending the factors (a, b) from rank 0 would cost a collective per
+parameter per step.
+
 Note [Non-finite steps]
 -----------------------
 If any unitary weight's gradient is NaN/Inf, its gradient is hidden (set to
@@ -87,7 +103,9 @@ class ProjUNN:
         method, rank, sketch: defaults for unitary groups that do not set them.
         seed: seed of the sketch's random generator; None uses
             ``torch.initial_seed()``, so ``torch.manual_seed`` fixes it
-            without the global random stream being consumed.
+            without the global random stream being consumed. Under
+            torch.distributed, None takes rank 0's value on every rank
+            (Note [Sketches under data parallelism]).
         reorthogonalize_every: every this many steps, snap unitary weights
             back to the group with an exact O(N^3) polar decomposition,
             removing accumulated rounding drift; 0 (default) never does.
@@ -137,10 +155,7 @@ class ProjUNN:
             raise ValueError(f"reorthogonalize_every must be >= 0, got {reorthogonalize_every}")
         self.reorthogonalize_every = reorthogonalize_every
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
-        if seed is None:
-            # Follows torch.manual_seed without drawing from (and so shifting) the global stream.
-            seed = torch.initial_seed()
-        self.seed = int(seed)
+        self.seed = _replica_seed(seed)
         self.steps = 0
         self.skipped_steps = 0
         self._generators: dict[str, torch.Generator] = {}
@@ -395,6 +410,19 @@ def _restore_generators(states: dict[str, torch.Tensor]) -> dict[str, torch.Gene
             ) from error
         generators[dev] = generator
     return generators
+
+
+def _replica_seed(seed: int | None) -> int:
+    """The sketch seed, the same on every rank of a process group. See Note [Sketches under data parallelism]."""
+    if seed is not None:
+        return int(seed)
+    # Follows torch.manual_seed without drawing from (and so shifting) the global stream.
+    seed = torch.initial_seed()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [seed]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        seed = shared[0]
+    return int(seed)
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

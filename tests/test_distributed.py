@@ -1,0 +1,127 @@
+"""Data-parallel training: every replica applies the identical projUNN step.
+
+Two processes (gloo, CPU) train a small unitary RNN with a randomised sketch.
+Their weights must be bit-identical at the end and equal (to float64
+rounding) to one process trained on the same global batches. With per-rank
+sketch seeds, as a script seeding each rank differently would get without
+Note [Sketches under data parallelism], the replicas diverge: the check below
+is shown to fail then.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from projunn.nn import SequenceModel
+from projunn.optim import ProjUNN, param_groups
+
+WORLD = 2
+GLOBAL_BATCH, STEPS, SEQ_LEN, FEATURES, HIDDEN, CLASSES = 8, 20, 6, 3, 10, 4
+
+
+def _train(rank: int, world: int, seed: int | None, distributed: bool) -> dict[str, torch.Tensor]:
+    """STEPS of Adam + projUNN-T (rank 2, randomised SVD sketch) on this rank's shard of each global batch."""
+    init = torch.Generator().manual_seed(0)  # the same model everywhere, whatever the global seed
+    model = SequenceModel(FEATURES, HIDDEN, CLASSES, dtype=torch.float64, init="haar", generator=init)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not any(p is q for q in (model.rnn.cell.recurrent_weight,)):
+                torch.nn.init.normal_(p, std=0.3, generator=init)
+    wrapped = DistributedDataParallel(model) if distributed else model
+    groups = param_groups(model, unitary_lr=0.05, method="t", rank=2, sketch="rsvd")
+    optimizer = ProjUNN(torch.optim.Adam(groups, lr=0.01), seed=seed)
+    shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    for step in range(STEPS):
+        data = torch.Generator().manual_seed(step)
+        x = torch.randn(GLOBAL_BATCH, SEQ_LEN, FEATURES, dtype=torch.float64, generator=data)
+        y = torch.randint(CLASSES, (GLOBAL_BATCH,), generator=data)
+        loss = F.cross_entropy(wrapped(x[shard]), y[shard])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _replica(rank: int, init_file: str, out: str, seeded: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(1000 + rank)  # global seeds that differ per rank, as data-parallel scripts often set
+        seed = None if seeded else torch.initial_seed()  # None: rank 0's seed on every rank
+        torch.save(_train(rank, WORLD, seed, distributed=True), pathlib.Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_replicas(tmp_path: pathlib.Path, seeded: bool) -> list[dict[str, torch.Tensor]]:
+    folder = tmp_path / ("seeded" if seeded else "unseeded")
+    folder.mkdir()
+    mp.spawn(_replica, args=(str(folder / "init"), str(folder), seeded), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _identical(replicas: list[dict[str, torch.Tensor]]) -> bool:
+    first = replicas[0]
+    return all(torch.equal(first[name], other[name]) for other in replicas[1:] for name in first)
+
+
+@pytest.mark.slow
+def test_replicas_stay_bit_identical_and_match_one_process(tmp_path):
+    replicas = _run_replicas(tmp_path, seeded=True)
+    assert _identical(replicas)
+    # One process, the whole global batch, the sketch seed rank 0 had.
+    reference = _train(0, 1, seed=1000, distributed=False)
+    for name, value in reference.items():
+        torch.testing.assert_close(replicas[0][name], value, rtol=1e-9, atol=1e-11)
+    # The sketch matters: another seed gives other weights, so the agreement above is not vacuous.
+    other = _train(0, 1, seed=7, distributed=False)["rnn.cell.recurrent_weight"]
+    assert (other - reference["rnn.cell.recurrent_weight"]).abs().max() > 1e-6
+
+
+@pytest.mark.slow
+def test_the_check_fails_when_sketch_seeds_differ_per_rank(tmp_path):
+    replicas = _run_replicas(tmp_path, seeded=False)
+    assert not _identical(replicas)
+    weight = "rnn.cell.recurrent_weight"
+    assert (replicas[0][weight] - replicas[1][weight]).abs().max() > 1e-6
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_matches_one_process_and_only_rank_0_writes(tmp_path):
+    argv = ["train", "copy", "--steps", "6", "--eval-every", "3", "--batch-size", "8", "--hidden", "12"]
+    argv += ["--seq-len", "8", "--sketch", "rsvd", "--quiet", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "projunn"]
+    parallel = subprocess.run(
+        [*launcher, *argv, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert parallel.returncode == 0, parallel.stderr[-2000:]
+    assert parallel.stdout.count("wrote ") == 1  # rank 0 reports, rank 1 is silent
+    single = subprocess.run(
+        [sys.executable, "-m", "projunn", *argv, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+
+    def rows(name):
+        with open(tmp_path / name / "metrics.csv") as f:
+            return list(csv.DictReader(f))
+
+    for two, one in zip(rows("two"), rows("one"), strict=True):
+        assert two["step"] == one["step"]
+        assert float(two["eval_loss"]) == pytest.approx(float(one["eval_loss"]), rel=1e-5)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
