@@ -62,6 +62,8 @@ import torch
 
 from ..functional import SKETCHES, closest_unitary, lowrank, projunn_d, projunn_t
 from ..functional._validate import SUPPORTED_DTYPES, check_choice, check_positive_int
+from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
+from ._drift import DriftControl
 
 __all__ = ["METHODS", "ProjUNN"]
 
@@ -109,6 +111,12 @@ class ProjUNN:
         reorthogonalize_every: every this many steps, snap unitary weights
             back to the group with an exact O(N^3) polar decomposition,
             removing accumulated rounding drift; 0 (default) never does.
+        drift_tolerance: keep the rounding drift ||U^H U - I||_F of each
+            unitary weight below this, checked every few steps at O(N^2) and
+            corrected by a Newton-Schulz step when exceeded
+            (Note [Drift control] in ``projunn.optim._drift``). ``"auto"``
+            (default): 5 eps sqrt(N), a few times the rounding floor of the
+            weight's dtype; None: no control.
         on_nonfinite: ``"skip"`` (default: leave unitary weights untouched,
             count the step in ``skipped_steps``, warn) or ``"raise"``
             (same, then raise FloatingPointError). See Note [Non-finite steps].
@@ -137,6 +145,7 @@ class ProjUNN:
         sketch: str = "lsi",
         seed: int | None = None,
         reorthogonalize_every: int = 0,
+        drift_tolerance: float | str | None = "auto",
         on_nonfinite: str = "skip",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -154,6 +163,7 @@ class ProjUNN:
         if reorthogonalize_every < 0:
             raise ValueError(f"reorthogonalize_every must be >= 0, got {reorthogonalize_every}")
         self.reorthogonalize_every = reorthogonalize_every
+        self.drift_control = None if drift_tolerance is None else DriftControl(drift_tolerance)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
         self.seed = _replica_seed(seed)
         self.steps = 0
@@ -347,6 +357,9 @@ class ProjUNN:
         if self.reorthogonalize_every and self.steps % self.reorthogonalize_every == 0:
             for p, _ in self._unitary_params():
                 p.copy_(closest_unitary(p))
+        elif self.drift_control is not None and self.steps % DRIFT_CHECK_EVERY == 0:
+            for p, _ in self._unitary_params():
+                self.drift_control(p)
 
     def _report_skip(self, reason: str) -> None:
         self.skipped_steps += 1
