@@ -127,6 +127,11 @@ def _add_train_parser(commands) -> None:
         default=0,
         help="snap unitary weights to the group every this many steps (0: never; default)",
     )
+    add(
+        "--autocast",
+        choices=("bfloat16", "float16"),
+        help="compute forward/backward in this precision; weights (unitary ones too) stay float32",
+    )
     add("--permutation-seed", type=int, default=0, help="pmnist: seed of the fixed pixel permutation")
     add("--seed", type=int, default=0, help="seed of data, initialisation and sketches (default 0)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")

@@ -48,6 +48,7 @@ CHECKPOINT = "checkpoint.pt"
 _CHECKPOINT_FORMAT = "projunn-run/1"
 _METRIC_FIELDS = ("step", "seconds", "train_loss", "eval_loss", "eval_accuracy", "max_unitarity_error")
 # Settings that may differ when resuming a run (they do not change the result).
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _RESUMABLE = {"steps", "epochs", "max_minutes", "resume", "overwrite", "quiet", "device", "out", "data_dir"}
 
 
@@ -81,6 +82,7 @@ class TrainConfig:
     eval_every: int | None = None
     max_minutes: float | None = None
     reorthogonalize_every: int = 0
+    autocast: str | None = None
     permutation_seed: int = 0
     seed: int = 0
     device: str = "auto"
@@ -129,6 +131,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             values[key] = value
     if task.model_defaults:
         _fill_model_defaults(task, config, values)
+    if values["autocast"] not in (None, *_AUTOCAST):
+        raise RunError(f"--autocast must be one of {', '.join(_AUTOCAST)}; got {values['autocast']!r}")
     if values["optimizer"] not in OPTIMIZERS:
         raise RunError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {values['optimizer']!r}")
     if values["unitary_lr"] is None:
@@ -415,6 +419,12 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log) -> di
             log(f"note: the run was on {checkpoint['device']}, now on {device.type}; the result may differ slightly")
     replicas.on_main(lambda: (_claim_out_dir(out, config), _write_json(out / "config.json", asdict(config))))
     cached = parametrize.cached if config.method in ("expm", "cayley") else contextlib.nullcontext
+    # Half-precision compute; parameters, unitary ones included, stay in full precision (the master copy).
+    low_precision = (
+        (lambda: torch.autocast(device.type, dtype=_AUTOCAST[config.autocast]))
+        if config.autocast
+        else contextlib.nullcontext
+    )
 
     def save_checkpoint():
         if not replicas.is_main:
@@ -456,7 +466,7 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log) -> di
     try:
         while step < total:
             x, y = task.batch(config, step, device)
-            with cached():
+            with cached(), low_precision():
                 loss, _ = task.loss(trained, replicas.shard(x), replicas.shard(y))
             global_loss = replicas.mean(loss.detach())  # every replica skips, or none does
             if torch.isfinite(global_loss):

@@ -258,7 +258,10 @@ class ProjUNN:
         check_choice("sketch", self._setting(group, "sketch"), SKETCHES)
         for p in params:
             if p.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(f"unitary parameter of shape {tuple(p.shape)} has unsupported dtype {p.dtype}")
+                raise TypeError(
+                    f"unitary parameter of shape {tuple(p.shape)} has unsupported dtype {p.dtype}; keep unitary "
+                    "weights in float32/float64 (or complex64/128) and use torch.autocast for half-precision compute"
+                )
             if p.dim() < 2:
                 raise ValueError(
                     f"unitary parameters must be matrices (..., N, N), or (..., N, M) semi-unitary; "

@@ -1,0 +1,112 @@
+"""Drift control (Note [Drift control]) and low-precision compute with float32 unitary weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import haar
+
+from projunn.functional import unitarity_error, unitary_init
+from projunn.nn import UnitaryLinear
+from projunn.optim import ProjUNN, param_groups
+from projunn.optim._drift import CHECK_EVERY, DriftControl, default_tolerance
+
+
+def _drifted(n: int, m: int, size: float, *, batch=(), dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """A (semi-)unitary matrix plus a random perturbation of Frobenius norm ``size``."""
+    W = unitary_init(
+        max(n, m), "haar", batch_shape=batch, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
+    W = W[..., :n, :m]
+    noise = torch.randn(W.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    return (W + size * noise / torch.linalg.matrix_norm(noise, keepdim=True)).to(dtype).contiguous()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96)])
+def test_estimate_tracks_the_exact_error(shape):
+    control = DriftControl()
+    ratios = []
+    for seed in range(20):
+        W = _drifted(*shape, 1e-4, dtype=torch.float64, seed=seed)
+        ratios.append((control.estimate(W) / unitarity_error(W)).item())
+    mean = sum(ratios) / len(ratios)
+    assert 0.7 < mean < 1.3 and min(ratios) > 0.3 and max(ratios) < 2.0
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96)])
+@pytest.mark.parametrize("size", [1e-4, 0.3])  # Newton-Schulz, and the exact projection for a far-off weight
+def test_correction_brings_a_drifted_weight_back_to_the_floor(shape, size):
+    W = _drifted(*shape, size, batch=(3,))
+    control = DriftControl()
+    assert control(W) and control.corrections == 1
+    assert unitarity_error(W).max() < default_tolerance(W)
+    before = W.clone()
+    assert not control(W)  # at the floor now: left bit-for-bit alone
+    assert torch.equal(W, before)
+
+
+def test_a_fresh_weight_is_never_touched():
+    W = haar(128, dtype=torch.float32)
+    before = W.clone()
+    assert not DriftControl()(W) and torch.equal(W, before)
+
+
+def test_bad_tolerance_is_refused():
+    with pytest.raises(ValueError, match="drift_tolerance must be 'auto', None or a positive number"):
+        ProjUNN(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), drift_tolerance=-1.0)
+
+
+@pytest.mark.parametrize("tolerance", ["auto", None])
+def test_the_optimiser_checks_every_few_steps(tolerance):
+    weight = torch.nn.Parameter(_drifted(48, 48, 1e-3))
+    optimizer = ProjUNN(torch.optim.SGD([{"params": [weight], "unitary": True}], lr=1e-3), drift_tolerance=tolerance)
+    for _ in range(CHECK_EVERY):
+        weight.grad = torch.randn(48, 48)
+        optimizer.step()
+    error = unitarity_error(weight.detach()).item()
+    if tolerance is None:
+        assert error > 5e-4  # the drift is still there
+    else:
+        assert error < default_tolerance(weight) and optimizer.drift_control.corrections == 1
+
+
+def test_bfloat16_autocast_keeps_float32_unitary_weights_at_their_floor():
+    """Compute in bfloat16 under autocast; the unitary weight (the master copy) stays float32 and exact."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(UnitaryLinear(64, generator=g), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+    target = torch.randn(64, 8, generator=g)
+    optimizer = ProjUNN(torch.optim.Adam(param_groups(model, unitary_lr=1e-2), lr=1e-2), seed=0)
+    losses = []
+    for _ in range(300):
+        x = torch.randn(32, 64, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(x)
+            assert output.dtype == torch.bfloat16
+        loss = (output.float() - torch.tanh(x @ target)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    weight = model[0].weight
+    assert weight.dtype == torch.float32
+    assert unitarity_error(weight.detach()) < 5 * default_tolerance(weight)  # float32's floor, not bfloat16's 1e-2
+    assert sum(losses[-20:]) < 0.7 * sum(losses[:20])
+
+
+def test_half_precision_unitary_weights_are_refused_with_the_way_out():
+    weight = torch.nn.Parameter(torch.eye(4, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="use torch.autocast for half-precision compute"):
+        ProjUNN(torch.optim.SGD([{"params": [weight], "unitary": True}], lr=0.1))
+
+
+def test_cli_autocast_run_keeps_the_recurrent_matrix_at_float32_precision(tmp_path):
+    import json
+
+    from projunn.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "copy", "--steps", "20", "--eval-every", "10", "--hidden", "32", "--seq-len", "10"]
+    assert main([*argv, "--autocast", "bfloat16", "--quiet", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["autocast"] == "bfloat16" and summary["max_unitarity_error"] < 1e-5
