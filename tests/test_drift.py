@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import haar
 
+from conftest import haar
 from projunn.functional import unitarity_error, unitary_init
 from projunn.nn import UnitaryLinear
 from projunn.optim import ProjUNN, param_groups

@@ -86,17 +86,20 @@ def lowrank(
     if generator is not None and torch.device(generator.device).type != D.device.type:
         raise ValueError(f"generator is on {generator.device} but D is on {D.device}")
     if method == "lsi":
-        return _lsi(D, rank, generator)
-    if method == "column":
+        a, b = _lsi(D, rank, generator)
+    elif method == "column":
         count = 2 * rank + 4 if samples is None else check_positive_int("samples", samples)
         if count < rank:
             raise ValueError(f"samples must be >= rank = {rank} for the column sketch, got {samples}")
-        return _column(D, rank, count, generator)
-    if method == "rsvd":
+        a, b = _column(D, rank, count, generator)
+    elif method == "rsvd":
         if oversample < 0 or power_iters < 0:
             raise ValueError(f"oversample and power_iters must be >= 0, got {oversample} and {power_iters}")
-        return _rsvd(D, rank, oversample, power_iters, generator)
-    return _exact(D, rank)
+        a, b = _rsvd(D, rank, oversample, power_iters, generator)
+    else:
+        a, b = _exact(D, rank)
+    # Plain tensors, not lazily conjugated views (which .numpy() and view_as_real refuse); N x k, cheap.
+    return a.resolve_conj(), b.resolve_conj()
 
 
 def _adjoint_times(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:

@@ -70,9 +70,12 @@ def _as_tall(fn):
     """Run a tall-matrix update on the conjugate transpose of a wide W, and write ``out``."""
 
     def update(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        tall = W.shape[-2] >= W.shape[-1]
-        result = fn(W, a, b) if tall else fn(W.mH, b, a).mH.contiguous()
-        return result if out is None else out.copy_(result)
+        if W.shape[-2] >= W.shape[-1]:
+            result = fn(W, a, b)
+            return result if out is None else out.copy_(result)
+        if out is None:  # a plain tensor: .mH of the result is a lazily conjugated view
+            out = torch.empty(W.shape, dtype=W.dtype, device=W.device)
+        return out.copy_(fn(W.mH, b, a).mH)
 
     update.__doc__ = fn.__doc__
     return update
