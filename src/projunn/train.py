@@ -263,8 +263,8 @@ def _claim_out_dir(out: pathlib.Path, config: TrainConfig) -> None:
         if config.overwrite and not config.resume:
             for name in ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT):
                 (out / name).unlink(missing_ok=True)
-            for stale in out.glob(".*.tmp-*"):
-                stale.unlink(missing_ok=True)
+        for stale in out.glob(".*.tmp-*"):  # left by a process killed while writing; never the current file
+            stale.unlink(missing_ok=True)
     except OSError as error:
         raise RunError(f"cannot write to {out}: {error}") from error
 
