@@ -75,11 +75,16 @@ def test_huge_learning_rates_keep_the_weight_unitary_and_finite(method, lr):
     assert torch.isfinite(weight).all() and unitarity_error(weight.detach()) < 1e-12 * max(1.0, lr) ** 0.5
 
 
-def test_huge_steps_that_overflow_are_skipped_not_applied():
+@pytest.mark.parametrize("sketch", ["lsi", "column", "rsvd", "exact"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_huge_steps_that_overflow_are_skipped_not_applied(sketch, sign):
+    """One overflowing entry: LSI must see it through its factors, the others through a pass over D."""
     weight = torch.nn.Parameter(unitary_init(8, "haar"))
     before = weight.detach().clone()
-    optimizer = ProjUNN(torch.optim.SGD([{"params": [weight], "unitary": True}], lr=1e38), seed=0)
-    weight.grad = torch.full((8, 8), 1e10)  # lr * grad overflows float32
+    group = {"params": [weight], "unitary": True, "sketch": sketch}
+    optimizer = ProjUNN(torch.optim.SGD([group], lr=1e38), seed=0)
+    weight.grad = torch.randn(8, 8)
+    weight.grad[2, 5] = sign * 1e10  # lr * grad overflows float32 in this one entry
     with pytest.warns(RuntimeWarning, match="proposed step .* is NaN or Inf"):
         optimizer.step()
     assert torch.equal(weight, before)

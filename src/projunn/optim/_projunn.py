@@ -74,6 +74,11 @@ METHODS = ("t", "d", "none")
 _UPDATES = {"t": projunn_t, "d": projunn_d}
 _STATE_KEY = "projunn"
 _NONFINITE_POLICIES = ("skip", "raise")
+#: Sketches whose factors are non-finite whenever D is: LSI multiplies D by a Gaussian matrix (no
+#: exact zeros, so an Inf or NaN entry reaches the product, Inf - Inf giving NaN) and QR and the
+#: product D V carry it on. Checking the N x k factors then replaces a pass over the N x N step.
+#: The others can skip entries (column sampling) or raise inside an SVD, so D is checked first.
+_SKETCHES_THAT_PROPAGATE = frozenset({"lsi"})
 
 
 class ProjUNN:
@@ -340,18 +345,23 @@ class ProjUNN:
             # Each weight now holds U + D; recover D in place (the buffer holds U).
             for p in params:
                 p.sub_(self._saved[p])
-            if params and not _all_finite(params):
-                self._abort()
-                self._report_skip("the optimiser's proposed step for a unitary parameter is NaN or Inf")
-                return
             stepped = {id(p) for p in params}
-            for p, group in self._unitary_params():
-                if id(p) not in stepped:
-                    continue
-                U, D = self._saved[p], p
-                rank = min(self._setting(group, "rank"), *p.shape[-2:])
-                a, b = lowrank(D, rank, self._setting(group, "sketch"), generator=self._generator(p.device))
-                _UPDATES[self._setting(group, "method")](U, a, b, out=p)
+            work = [(p, group) for p, group in self._unitary_params() if id(p) in stepped]
+            # Note [Non-finite steps]: an LSI sketch of a non-finite D is itself non-finite (see
+            # _SKETCHES_THAT_PROPAGATE), so only the other sketches need a separate pass over D.
+            unchecked = [p for p, group in work if self._setting(group, "sketch") not in _SKETCHES_THAT_PROPAGATE]
+            if unchecked and not _all_finite(unchecked):
+                self._skip_nonfinite_step()
+                return
+            factors = []
+            for D, group in work:
+                rank = min(self._setting(group, "rank"), *D.shape[-2:])
+                factors.append(lowrank(D, rank, self._setting(group, "sketch"), generator=self._generator(D.device)))
+            if factors and not _all_finite([t for pair in factors for t in pair]):
+                self._skip_nonfinite_step()
+                return
+            for (p, group), (a, b) in zip(work, factors):
+                _UPDATES[self._setting(group, "method")](self._saved[p], a, b, out=p)
         except BaseException:
             self._abort()
             raise
@@ -363,6 +373,10 @@ class ProjUNN:
         elif self.drift_control is not None and self.steps % DRIFT_CHECK_EVERY == 0:
             for p, _ in self._unitary_params():
                 self.drift_control(p)
+
+    def _skip_nonfinite_step(self) -> None:
+        self._abort()
+        self._report_skip("the optimiser's proposed step for a unitary parameter is NaN or Inf")
 
     def _report_skip(self, reason: str) -> None:
         self.skipped_steps += 1
