@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import pathlib
 import platform
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -78,29 +79,15 @@ def describe_machine(device: torch.device) -> str:
     return f"{hardware}, torch {torch.__version__}, float32"
 
 
-def _plan(config: BenchConfig, device: torch.device) -> Iterator[tuple[str, int, Callable[[int], Iterator]]]:
-    """(bench, N, factory) where factory(k) yields the cases; k = 0 asks for the rank-free ones."""
-    for n in config.sizes:
-        if "update" in config.benches:
-            yield (
-                "update",
-                n,
-                lambda k, n=n: (
-                    update_cases(n, k, device, dense_max=config.dense_max)
-                    if k
-                    else update_cases_full_rank(n, device, dense_max=config.dense_max)
-                ),
-            )
-        if "layer" in config.benches:
-            yield (
-                "layer",
-                n,
-                lambda k, n=n: (
-                    layer_cases(n, k, config.batch_size, device)
-                    if k
-                    else layer_cases_full_rank(n, config.batch_size, device, peer_max=config.peer_max)
-                ),
-            )
+def _grid_cases(bench: str, n: int, k: int | None, config: BenchConfig, device: torch.device) -> Iterator[Case | Skip]:
+    """The cases of one benchmark at (N, k); ``k=None`` gives those that do not depend on k."""
+    if bench == "update":
+        if k is None:
+            return update_cases_full_rank(n, device, dense_max=config.dense_max)
+        return update_cases(n, k, device, dense_max=config.dense_max)
+    if k is None:
+        return layer_cases_full_rank(n, config.batch_size, device, peer_max=config.peer_max)
+    return layer_cases(n, k, config.batch_size, device)
 
 
 def _validate(config: BenchConfig) -> None:
@@ -120,16 +107,15 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = print)
     machine = describe_machine(device)
     if log:
         log(f"# projunn bench: {machine}")
-    plan = list(_plan(config, device))
+    plan = [(bench, n) for n in config.sizes for bench in config.benches]
     rows: list[Row] = []
     progress = tqdm(plan, desc="bench", unit="size", disable=log is None, leave=False)
-    for bench, n, factory in progress:
+    for bench, n in progress:
         progress.set_postfix(bench=bench, N=n)
-        shared = [(case, _run(case, device, config)) for case in factory(0)]
+        shared = [(case, _run(case, device, config)) for case in _grid_cases(bench, n, None, config, device)]
         for k in config.ranks:
-            measured = [(case, _run(case, device, config)) for case in factory(min(k, n))]
-            for case, result in measured + shared:
-                ms, runs, peak_mib, note = result
+            measured = [(case, _run(case, device, config)) for case in _grid_cases(bench, n, min(k, n), config, device)]
+            for case, (ms, runs, peak_mib, note) in measured + shared:
                 shared_across_k = any(case is c for c, _ in shared)
                 row = Row(bench, n, k, case.name, ms, runs, peak_mib, shared_across_k=shared_across_k, note=note)
                 rows.append(row)
@@ -148,6 +134,5 @@ def _run(case: Case | Skip, device: torch.device, config: BenchConfig) -> tuple:
 
 
 def default_out() -> pathlib.Path:
-    import time
-
+    """runs/bench-TIME, beside the training runs."""
     return pathlib.Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
