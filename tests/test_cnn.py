@@ -50,6 +50,7 @@ def test_deep_cnn_is_norm_preserving_before_batchnorm():
 def test_mnist_image_task_runs(tmp_path, tiny_mnist):  # noqa: F811
     out = tmp_path / "run"
     argv = ["train", "mnist", *TINY, "--depth", "2", "--channels", "4", "--data-dir", str(tiny_mnist)]
+    argv += ["--eval-limit", "7"]
     assert main([*argv, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["max_unitarity_error"] < 1e-5 and 0 <= summary["accuracy"] <= 1

@@ -142,6 +142,7 @@ def test_resume_needs_only_the_folder(tmp_path):
         (["train", "mnist", "--init", "henaff"], "--init for the mnist task must be one of identity, haar"),
         (["train", "copy", "--unitary-lr", "1e-4", "--unitary-lr-divider", "4"], "not both"),
         (["train", "adding", "--seq-len", "1"], "length must be an int >= 2"),
+        (["train", "copy", "--eval-limit", "10"], "--eval-limit does not apply to the copy task"),
     ],
 )
 def test_settings_that_do_not_fit_the_task_are_refused(argv, message, tmp_path, capsys):

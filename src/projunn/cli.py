@@ -120,6 +120,11 @@ def _add_train_parser(commands) -> None:
     add("--nonlinearity", choices=NONLINEARITIES, help="RNN nonlinearity (task default: modrelu)")
     add("--complex", action="store_true", help="complex hidden state with a unitary (not orthogonal) matrix")
     add("--eval-every", type=_positive_int, help="steps between evaluations, metric rows and checkpoints")
+    add(
+        "--eval-limit",
+        type=_positive_int,
+        help="MNIST and image tasks: score at most this many validation/test/training images (default: all)",
+    )
     add("--max-minutes", type=_positive_float, help="stop (evaluate, save, summarise) after this much training time")
     add(
         "--reorthogonalize-every",

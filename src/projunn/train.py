@@ -80,6 +80,7 @@ class TrainConfig:
     nonlinearity: str | None = None
     complex: bool = False
     eval_every: int | None = None
+    eval_limit: int | None = None
     max_minutes: float | None = None
     reorthogonalize_every: int = 0
     autocast: str | None = None
@@ -112,6 +113,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         "channels": "--channels",
         "nonlinearity": "--nonlinearity",
         "epochs": "--epochs",
+        "eval_limit": "--eval-limit",
     }
     for key, flag in flags.items():
         if getattr(config, key) is not None and key not in task.defaults:

@@ -202,14 +202,15 @@ class _ClassificationTask(Task):
         return total_loss / len(xs), correct / len(xs)
 
     def evaluate(self, model, config, device):
-        loss, accuracy = self._score(model, "val", device)
+        loss, accuracy = self._score(model, "val", device, limit=config.eval_limit)
         return {"eval_loss": loss, "eval_accuracy": accuracy}
 
     def test(self, model, config, device):
-        loss, accuracy = self._score(model, "test", device)
+        loss, accuracy = self._score(model, "test", device, limit=config.eval_limit)
         scores = {"test_loss": loss, "test_accuracy": accuracy}
         if self.train_sample:
-            train_loss, train_accuracy = self._score(model, "train", device, limit=self.train_sample)
+            limit = min(self.train_sample, config.eval_limit or self.train_sample)
+            train_loss, train_accuracy = self._score(model, "train", device, limit=limit)
             scores |= {"train_eval_loss": train_loss, "train_accuracy": train_accuracy}
         return scores
 
@@ -222,7 +223,7 @@ class PixelMNISTTask(_ClassificationTask):
         super().__init__(
             name="pmnist" if permuted else "smnist",
             description=f"{kind} pixel-by-pixel MNIST, 784 steps (cross-entropy; test accuracy)",
-            defaults=dict(_RNN_DEFAULTS, hidden=170, epochs=1, batch_size=128, init="cayley"),
+            defaults=dict(_RNN_DEFAULTS, hidden=170, epochs=1, batch_size=128, init="cayley", eval_limit=None),
             paper=dict(hidden=170, epochs=200, batch_size=128, lr=1e-3, unitary_lr_divider=32),
             has_accuracy=True,
         )
@@ -314,6 +315,7 @@ class ImageTask(_ClassificationTask):
                 optimizer="adam",
                 init="identity",
                 eval_every=100,
+                eval_limit=None,
             ),
             paper=dict(depth=100, channels=32, epochs=20, batch_size=64, lr=1e-3, unitary_lr_divider=10),
             has_accuracy=True,
