@@ -200,7 +200,11 @@ def _add_bench_parser(commands) -> None:
     add = bench.add_argument
     add("--quick", action="store_true", help=f"reduced grid: N {QUICK['sizes']}, k {QUICK['ranks']}, fewer repeats")
     add("--sizes", type=_positive_int, nargs="+", help=f"matrix sizes N (default {' '.join(map(str, defaults.sizes))})")
-    add("--with-8192", action="store_true", help="also N = 8192 (O(N^3) cases above --dense-max / --peer-max are skipped)")
+    add(
+        "--with-8192",
+        action="store_true",
+        help="also N = 8192 (O(N^3) cases above --dense-max / --peer-max are skipped)",
+    )
     add("--ranks", type=_positive_int, nargs="+", help=f"ranks k (default {' '.join(map(str, defaults.ranks))})")
     add("--only", choices=BENCHES, help="run one of the two benchmarks")
     add("--batch-size", type=_positive_int, default=defaults.batch_size, help="layer benchmark batch (default 256)")
