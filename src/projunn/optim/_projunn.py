@@ -94,7 +94,10 @@ class ProjUNN:
             \operatorname{polar}(U + a b^H) & \text{method "d"}
         \end{cases}
 
-    in O(k N^2). See Note [Composition with the base optimiser].
+    in O(k N^2). See Note [Composition with the base optimiser]. Rectangular
+    (..., N, M) parameters are kept semi-unitary (orthonormal columns if
+    N > M, rows if N < M) by the Stiefel forms of the same updates, in
+    O(k N M) (see :func:`projunn.functional.projunn_d`).
 
     Group keys (each optional, defaulting to the constructor's arguments):
     ``unitary`` (bool), ``method`` ("t", "d" or "none"), ``rank`` (int >= 1,
