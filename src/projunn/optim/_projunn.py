@@ -123,8 +123,8 @@ class ProjUNN:
             unitary weight below this, checked every few steps at O(N^2) and
             corrected by a Newton-Schulz step when exceeded
             (Note [Drift control] in ``projunn.optim._drift``). ``"auto"``
-            (default): 5 eps sqrt(N), a few times the rounding floor of the
-            weight's dtype; None: no control.
+            (default): max(0.3 eps N, 4 eps sqrt(N)) for the weight's dtype,
+            rounding level per entry of U^H U - I; None: no control.
         on_nonfinite: ``"skip"`` (default: leave unitary weights untouched,
             count the step in ``skipped_steps``, warn) or ``"raise"``
             (same, then raise FloatingPointError). See Note [Non-finite steps].
