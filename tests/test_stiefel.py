@@ -79,9 +79,11 @@ def test_square_matrices_agree_with_the_rectangular_formulas(update):
 
 
 @pytest.mark.parametrize("update", [projunn_d, projunn_t])
-def test_inputs_are_not_modified_and_out_may_be_the_weight(update):
-    W = semi_unitary(4, 9, dtype=torch.complex128)
-    a, b = randn(4, 2, dtype=torch.complex128, seed=1), randn(9, 2, dtype=torch.complex128, seed=2)
+@pytest.mark.parametrize("shape", [(4, 9), (9, 4)])
+def test_inputs_are_not_modified_and_out_may_be_the_weight(update, shape):
+    n, m = shape
+    W = semi_unitary(n, m, dtype=torch.complex128)
+    a, b = randn(n, 2, dtype=torch.complex128, seed=1), randn(m, 2, dtype=torch.complex128, seed=2)
     copies = [t.clone() for t in (W, a, b)]
     expected = update(W, a, b)
     for t, c in zip((W, a, b), copies):
@@ -101,6 +103,9 @@ def test_rank_deficient_step_falls_back_to_the_dense_projection():
     assert semi_unitarity_defect(result) < 1e-12 and torch.isfinite(result).all()
     best = (polar_reference(Y) - Y).norm()
     torch.testing.assert_close((result - Y).norm(), best, rtol=1e-10, atol=1e-12)
+    # In place, the fallback is formed from W before W is overwritten.
+    assert projunn_d(W, a, b, out=W) is W
+    torch.testing.assert_close(W, result, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import torch
 
-from ._small import double, tangent_block
+from ._kernels import add_low_rank, double, tangent_block
 from ._unitary import closest_unitary
 
 __all__ = ["stiefel_d", "stiefel_t"]
@@ -67,30 +67,21 @@ _DENSE_BELOW = 1e-4
 
 
 def _as_tall(fn):
-    """Run a tall-matrix update on the conjugate transpose of a wide W, and write ``out``."""
+    """Run a tall-matrix update as is, and on the conjugate transpose of a wide W."""
 
     def update(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         if W.shape[-2] >= W.shape[-1]:
-            result = fn(W, a, b)
-            return result if out is None else out.copy_(result)
+            return fn(W, a, b, out)
         if out is None:  # a plain tensor: .mH of the result is a lazily conjugated view
             out = torch.empty(W.shape, dtype=W.dtype, device=W.device)
-        return out.copy_(fn(W.mH, b, a).mH)
+        return out.copy_(fn(W.mH, b, a, None).mH)
 
     update.__doc__ = fn.__doc__
     return update
 
 
-def _add_low_rank(W: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """W + left @ right as a new contiguous tensor, with one batched GEMM. left (..., N, r), right (..., r, M)."""
-    out = W.clone(memory_format=torch.contiguous_format)
-    n, m, r = W.shape[-2], W.shape[-1], left.shape[-1]
-    out.view(-1, n, m).baddbmm_(left.reshape(-1, n, r), right.reshape(-1, r, m))
-    return out
-
-
 @_as_tall
-def stiefel_d(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def stiefel_d(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """polar(W + a b^H) for tall W (..., N, M), a (..., N, k), b (..., M, k). Note [Stiefel projUNN-D]."""
     k = a.shape[-1]
     wide = double(W.dtype)
@@ -104,21 +95,21 @@ def stiefel_d(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     degenerate = lam[..., 0] < _DENSE_BELOW * lam[..., -1].clamp_min(1.0)
     scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt() - 1
     C = (V * scale.unsqueeze(-2).to(wide)) @ V.mH
-    WQ = W @ Q.to(W.dtype)
-    left = WQ @ C.to(W.dtype) + a @ (R_b.mH @ (eye + C)).to(W.dtype)
-    result = _add_low_rank(W, left, Q.mH.to(W.dtype))
-    if bool(degenerate.any()):
-        Y = W + a @ b.mH
-        result[degenerate] = closest_unitary(Y[degenerate])
+    # Dense fallback for the degenerate matrices, formed before ``out`` (which may be W) is written.
+    fallback = closest_unitary((W + a @ b.mH)[degenerate]) if bool(degenerate.any()) else None
+    left = (W @ Q.to(W.dtype)) @ C.to(W.dtype) + a @ (R_b.mH @ (eye + C)).to(W.dtype)
+    result = add_low_rank(W, left, Q.mH.to(W.dtype), out)
+    if fallback is not None:
+        result[degenerate] = fallback
     return result
 
 
 @_as_tall
-def stiefel_t(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def stiefel_t(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """exp(A) W, A = (a (W b)^H - (W b) a^H) / 2, for tall W (..., N, M). Note [Stiefel projUNN-T]."""
     k = a.shape[-1]
     wide = double(W.dtype)
     L, R = torch.linalg.qr(torch.cat([(W @ b).to(wide), a.to(wide)], dim=-1))
     block = tangent_block(R[..., :k], R[..., k:])  # exp(S) - I, S = (R_2 R_1^H - R_1 R_2^H) / 2
     L = L.to(W.dtype)
-    return _add_low_rank(W, L, block.to(W.dtype) @ (L.mH @ W))
+    return add_low_rank(W, L, block.to(W.dtype) @ (L.mH @ W), out)

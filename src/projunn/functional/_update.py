@@ -62,7 +62,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._small import direct_block, double, tangent_block
+from ._kernels import add_low_rank, direct_block, double, tangent_block
 from ._stiefel import stiefel_d, stiefel_t
 from ._validate import check_out, check_update_args
 
@@ -92,35 +92,6 @@ def _subspace(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.
     return Q, R[..., :k], R[..., k:]
 
 
-def _apply_block(
-    U: torch.Tensor,
-    Q: torch.Tensor,
-    block: torch.Tensor,
-    out: torch.Tensor | None,
-) -> torch.Tensor:
-    """Return U + (U Q) block Q^H, written into ``out`` (allocated if None).
-
-    The rank-r correction is added in place with one batched GEMM, so no N x N
-    temporary is created beyond the result itself.
-
-    Args:
-        U: (..., N, N). Q: (..., N, r). block: (..., r, r).
-        out: (..., N, N) or None. May be U itself for an in-place update.
-    """
-    left = (U @ Q) @ block  # (..., N, r); computed before out is written
-    if out is None:
-        out = torch.empty_like(U, memory_format=torch.contiguous_format)
-    if out is not U:
-        out.copy_(U)
-    if not out.is_contiguous():
-        # A strided view cannot be flattened for the batched GEMM; correct
-        # but with one N x N temporary.
-        return out.add_(left @ Q.mH)
-    n, r = U.shape[-1], Q.shape[-1]
-    out.view(-1, n, n).baddbmm_(left.reshape(-1, n, r), Q.mH.reshape(-1, r, n))
-    return out
-
-
 def _projunn(
     block_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     rectangular_fn: Callable[..., torch.Tensor],
@@ -135,8 +106,9 @@ def _projunn(
     if U.shape[-1] != U.shape[-2]:
         return rectangular_fn(U, a, b, out)
     Q, R_b, R_c = _subspace(U, a, b)
-    block = block_fn(R_b, R_c)
-    return _apply_block(U, Q.to(U.dtype), block.to(U.dtype), out)
+    Q = Q.to(U.dtype)
+    # U + (U Q) block Q^H, the left factor formed before ``out`` (which may be U) is written.
+    return add_low_rank(U, (U @ Q) @ block_fn(R_b, R_c).to(U.dtype), Q.mH, out)
 
 
 def projunn_d(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""Kernels shared by the square and the rectangular projUNN updates.
+
+The r x r problems, solved in double precision (see Note [Exponential of the
+small block] and Note [Singular projUNN-D steps] in ``_update.py``), and the
+rank-r update of the large matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["add_low_rank", "direct_block", "double", "tangent_block"]
+
+
+def double(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype.is_complex else torch.float64
+
+
+def tangent_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
+    """exp(S) - I for S = (R_c R_b^H - R_b R_c^H) / 2, shape (..., r, r).
+
+    See Note [Exponential of the small block] in ``_update.py``.
+    """
+    M = R_c @ R_b.mH
+    M = M.to(torch.complex128) if not M.is_complex() else M
+    H = (M - M.mH) / 2j  # S = i H with H Hermitian
+    lam, V = torch.linalg.eigh(H)
+    # e^{i lam} - 1 written without cancellation, and exactly 0 for lam = 0.
+    half = torch.sin(lam / 2)
+    shift = torch.complex(-2 * half * half, torch.sin(lam))
+    block = (V * shift.unsqueeze(-2)) @ V.mH
+    return block if R_b.is_complex() else block.real
+
+
+def direct_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
+    """polar(I + R_c R_b^H) - I, shape (..., r, r). See Note [Singular projUNN-D steps] in ``_update.py``."""
+    eye = torch.eye(R_c.shape[-2], dtype=R_c.dtype, device=R_c.device)
+    X, _, Yh = torch.linalg.svd(eye + R_c @ R_b.mH)
+    return X @ Yh - eye
+
+
+def add_low_rank(
+    W: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return W + left @ right, written into ``out`` (allocated if None; it may be W itself).
+
+    The rank-r term is added in place with one batched GEMM, so no N x M
+    temporary is created beyond the result. ``left`` and ``right`` must be
+    computed before the call when ``out`` is W.
+
+    Args:
+        W: (..., N, M). left: (..., N, r). right: (..., r, M).
+        out: (..., N, M) or None.
+    """
+    if out is None:
+        out = torch.empty_like(W, memory_format=torch.contiguous_format)
+    if out is not W:
+        out.copy_(W)
+    if not out.is_contiguous():
+        # A strided view cannot be flattened for the batched GEMM; correct
+        # but with one N x M temporary.
+        return out.add_(left @ right)
+    n, m, r = W.shape[-2], W.shape[-1], left.shape[-1]
+    out.view(-1, n, m).baddbmm_(left.reshape(-1, n, r), right.reshape(-1, r, m))
+    return out
