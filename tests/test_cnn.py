@@ -38,11 +38,9 @@ def test_channel_pad_and_space_to_depth_preserve_norms():
 def test_deep_cnn_is_norm_preserving_before_batchnorm():
     model = DeepUnitaryCNN(3, channels=4, size=(8, 8), in_channels=2, init="haar", dtype=torch.float64)
     x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
-    h = model.stem(x)
-    for block in model.blocks:
-        if isinstance(block, torch.nn.BatchNorm2d):
-            break
-        h = block(h)
+    conv, batchnorm, _ = model.blocks[0]
+    assert isinstance(conv, UnitaryConv2d) and isinstance(batchnorm, torch.nn.BatchNorm2d)
+    h = conv(model.stem(x))
     torch.testing.assert_close(h.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
     assert model(x).shape == (5, 10)
 

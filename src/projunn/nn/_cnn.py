@@ -62,6 +62,17 @@ class SpaceToDepth(torch.nn.Module):
         return f"factor={self.factor}"
 
 
+class _ConvBlock(torch.nn.Sequential):
+    """Orthogonal conv, BatchNorm, ReLU; (B, C, n, m) -> (B, C, n, m)."""
+
+    def __init__(self, channels: int, size: tuple[int, int], init: str, dtype, generator) -> None:
+        super().__init__(
+            UnitaryConv2d(channels, size, init=init, dtype=dtype, generator=generator),
+            torch.nn.BatchNorm2d(channels, dtype=dtype),
+            torch.nn.ReLU(),
+        )
+
+
 class DeepUnitaryCNN(torch.nn.Module):
     """The paper's deep plain CNN: (conv, BatchNorm, ReLU) x depth, then a linear classifier.
 
@@ -96,14 +107,7 @@ class DeepUnitaryCNN(torch.nn.Module):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}")
         self.stem = ChannelPad(in_channels, channels)
-        blocks = []
-        for _ in range(depth):
-            blocks += [
-                UnitaryConv2d(channels, size, init=init, dtype=dtype, generator=generator),
-                torch.nn.BatchNorm2d(channels, dtype=dtype),
-                torch.nn.ReLU(),
-            ]
-        self.blocks = torch.nn.Sequential(*blocks)
+        self.blocks = torch.nn.Sequential(*(_ConvBlock(channels, size, init, dtype, generator) for _ in range(depth)))
         # A linear classifier on the whole feature map: global average pooling
         # would leave it about one informative number per channel, and with
         # zero-padded input channels and identity-initialised convs nearly

@@ -34,71 +34,6 @@ def init_unitary_(
         return tensor.copy_(value)
 
 
-class UnitaryLinear(torch.nn.Module):
-    r"""y = x W^T (+ bias) with W an N x N orthogonal (real dtype) or unitary (complex dtype) matrix.
-
-    The weight is a plain parameter kept on the group by the optimiser
-    (:class:`projunn.optim.ProjUNN`): the forward pass costs exactly what
-    ``nn.Linear`` costs. The class declares ``weight`` in
-    ``unitary_parameter_names``, which is how :func:`projunn.optim.param_groups`
-    finds it. Without a bias the map preserves the norm of every input.
-
-    Args:
-        features: N, the input and output size.
-        bias: add a learned bias (off by default: it breaks norm preservation).
-        init: one of :data:`projunn.functional.INITS`.
-        dtype: float32/float64 (orthogonal) or complex64/complex128 (unitary);
-            default ``torch.get_default_dtype()``.
-        device: where to allocate the weight.
-        generator: source of randomness for the initialisation.
-
-    Shape:
-        input (..., N), output (..., N).
-
-    Example:
-        >>> layer = UnitaryLinear(4, dtype=torch.float64)
-        >>> x = torch.randn(3, 4, dtype=torch.float64)
-        >>> torch.allclose(layer(x).norm(dim=-1), x.norm(dim=-1))
-        True
-    """
-
-    unitary_parameter_names = ("weight",)
-
-    def __init__(
-        self,
-        features: int,
-        *,
-        bias: bool = False,
-        init: str = "haar",
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"features must be an int >= 1, got {features!r}")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
-        self.features = features
-        self.init = check_choice("init", init, INITS)
-        self.weight = torch.nn.Parameter(unitary_init(features, init, dtype=dtype, device=device, generator=generator))
-        self.bias = torch.nn.Parameter(torch.zeros(features, dtype=dtype, device=device)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.features:
-            raise ValueError(f"expected input of shape (..., {self.features}), got {tuple(x.shape)}")
-        return F.linear(x, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        kind = "unitary" if self.weight.is_complex() else "orthogonal"
-        return f"{self.features}, {kind}, bias={self.bias is not None}, init={self.init!r}, dtype={self.weight.dtype}"
-
-
-#: The same layer; the name reads better for real weights.
-OrthogonalLinear = UnitaryLinear
-
-
 class StiefelLinear(torch.nn.Module):
     r"""y = x W^T (+ bias) with a semi-orthogonal (real) or semi-unitary (complex) out x in weight W.
 
@@ -115,7 +50,10 @@ class StiefelLinear(torch.nn.Module):
         bias: add a learned bias (off by default).
         init: ``"haar"`` (a Haar-random point of the Stiefel manifold) or
             ``"identity"`` (the leading part of the identity).
-        dtype, device, generator: as for :class:`UnitaryLinear`.
+        dtype: float32/float64 (real) or complex64/complex128 (complex);
+            default ``torch.get_default_dtype()``.
+        device: where to allocate the weight.
+        generator: source of randomness for the initialisation.
 
     Shape:
         input (..., in_features), output (..., out_features).
@@ -128,6 +66,8 @@ class StiefelLinear(torch.nn.Module):
     """
 
     unitary_parameter_names = ("weight",)
+    #: Initialisations a weight of this layer may take.
+    inits: tuple[str, ...] = ("haar", "identity")
 
     def __init__(
         self,
@@ -148,7 +88,7 @@ class StiefelLinear(torch.nn.Module):
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
         self.in_features, self.out_features = in_features, out_features
-        self.init = check_choice("init", init, ("haar", "identity"))
+        self.init = check_choice("init", init, self.inits)
         weight = unitary_init(out_features, init, m=in_features, dtype=dtype, device=device, generator=generator)
         self.weight = torch.nn.Parameter(weight)
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -164,3 +104,56 @@ class StiefelLinear(torch.nn.Module):
             f"{self.in_features} -> {self.out_features}, {kind}, bias={self.bias is not None}, "
             f"init={self.init!r}, dtype={self.weight.dtype}"
         )
+
+
+class UnitaryLinear(StiefelLinear):
+    r"""y = x W^T (+ bias) with W an N x N orthogonal (real dtype) or unitary (complex dtype) matrix.
+
+    The weight is a plain parameter kept on the group by the optimiser
+    (:class:`projunn.optim.ProjUNN`): the forward pass costs exactly what
+    ``nn.Linear`` costs. The class declares ``weight`` in
+    ``unitary_parameter_names``, which is how :func:`projunn.optim.param_groups`
+    finds it. Without a bias the map preserves the norm of every input.
+    The square case of :class:`StiefelLinear`, with the square-only
+    initialisations too.
+
+    Args:
+        features: N, the input and output size.
+        bias: add a learned bias (off by default: it breaks norm preservation).
+        init: one of :data:`projunn.functional.INITS`.
+        dtype, device, generator: as for :class:`StiefelLinear`.
+
+    Shape:
+        input (..., N), output (..., N).
+
+    Example:
+        >>> layer = UnitaryLinear(4, dtype=torch.float64)
+        >>> x = torch.randn(3, 4, dtype=torch.float64)
+        >>> torch.allclose(layer(x).norm(dim=-1), x.norm(dim=-1))
+        True
+    """
+
+    inits = INITS
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        bias: bool = False,
+        init: str = "haar",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"features must be an int >= 1, got {features!r}")
+        super().__init__(features, features, bias=bias, init=init, dtype=dtype, device=device, generator=generator)
+        self.features = features
+
+    def extra_repr(self) -> str:
+        kind = "unitary" if self.weight.is_complex() else "orthogonal"
+        return f"{self.features}, {kind}, bias={self.bias is not None}, init={self.init!r}, dtype={self.weight.dtype}"
+
+
+#: The same layer; the name reads better for real weights.
+OrthogonalLinear = UnitaryLinear

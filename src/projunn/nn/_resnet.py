@@ -22,21 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from ._cnn import ChannelPad, SpaceToDepth
-from ._conv import UnitaryConv2d
+from ._cnn import ChannelPad, SpaceToDepth, _ConvBlock
 
 __all__ = ["UnitaryResNet9"]
-
-
-class _ConvBlock(torch.nn.Sequential):
-    """Orthogonal conv, BatchNorm, ReLU; (B, C, n, m) -> (B, C, n, m)."""
-
-    def __init__(self, channels: int, size: tuple[int, int], init: str, dtype, generator) -> None:
-        super().__init__(
-            UnitaryConv2d(channels, size, init=init, dtype=dtype, generator=generator),
-            torch.nn.BatchNorm2d(channels, dtype=dtype),
-            torch.nn.ReLU(),
-        )
 
 
 class _Residual(torch.nn.Module):
