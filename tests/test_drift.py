@@ -38,17 +38,26 @@ def test_estimate_tracks_the_exact_error(shape):
 def test_correction_brings_a_drifted_weight_back_to_the_floor(shape, size):
     W = _drifted(*shape, size, batch=(3,))
     control = DriftControl()
-    assert control(W) and control.corrections == 1
+    assert control(W) == 1 and control.corrections == 1
     assert unitarity_error(W).max() < default_tolerance(W)
     before = W.clone()
-    assert not control(W)  # at the floor now: left bit-for-bit alone
+    assert control(W) == 0  # at the floor now: left bit-for-bit alone
     assert torch.equal(W, before)
 
 
 def test_a_fresh_weight_is_never_touched():
     W = haar(128, dtype=torch.float32)
     before = W.clone()
-    assert not DriftControl()(W) and torch.equal(W, before)
+    assert DriftControl()(W) == 0 and torch.equal(W, before)
+
+
+def test_one_call_checks_many_weights_and_corrects_only_the_drifted():
+    drifted, fresh = _drifted(40, 24, 1e-4), haar(32, dtype=torch.float32)
+    before = fresh.clone()
+    control = DriftControl()
+    assert control(fresh, drifted) == 1 and control.corrections == 1
+    assert torch.equal(fresh, before) and unitarity_error(drifted) < default_tolerance(drifted)
+    assert control() == 0
 
 
 def test_bad_tolerance_is_refused():

@@ -62,8 +62,13 @@ def default_tolerance(weight: torch.Tensor) -> float:
     return max(_TOLERANCE_PER_ENTRY * eps * n, _TOLERANCE_FLOORS * eps * math.sqrt(n))
 
 
-def _gram_side_is_columns(weight: torch.Tensor) -> bool:
-    return weight.shape[-2] >= weight.shape[-1]  # tall or square: U^H U = I; wide: U U^H = I
+def _tall(weight: torch.Tensor) -> torch.Tensor:
+    """The weight, or for a wide one (N < M) its transpose: a view whose Gram condition is U^H U = I.
+
+    W W^H = I exactly when (W^T)^H W^T = conj(W W^H) = I, and writes into the
+    view are writes into the weight, so one set of formulas serves both.
+    """
+    return weight if weight.shape[-2] >= weight.shape[-1] else weight.mT
 
 
 class DriftControl:
@@ -81,41 +86,43 @@ class DriftControl:
         self.corrections = 0
         self._probes: dict[tuple, torch.Tensor] = {}
 
-    def _probe(self, weight: torch.Tensor) -> torch.Tensor:
-        size = weight.shape[-1] if _gram_side_is_columns(weight) else weight.shape[-2]
-        key = (size, weight.dtype, weight.device)
+    def _probe(self, tall: torch.Tensor) -> torch.Tensor:
+        key = (tall.shape[-1], tall.dtype, tall.device)
         if key not in self._probes:
             generator = torch.Generator().manual_seed(0)
-            probe = torch.randn(size, _PROBES, generator=generator, dtype=torch.float64)
-            self._probes[key] = probe.to(device=weight.device, dtype=weight.dtype)
+            probe = torch.randn(tall.shape[-1], _PROBES, generator=generator, dtype=torch.float64)
+            self._probes[key] = probe.to(device=tall.device, dtype=tall.dtype)
         return self._probes[key]
 
     def estimate(self, weight: torch.Tensor) -> torch.Tensor:
         """Estimated ||U^H U - I||_F (or ||U U^H - I||_F for wide U), one value per matrix, O(N M)."""
-        X = self._probe(weight)
-        if _gram_side_is_columns(weight):
-            residual = (weight @ X).mH @ weight  # (U X)^H U = (U^H U X)^H, no conjugate copy of U
-            residual = residual.mH - X
-        else:
-            residual = weight @ (X.mH @ weight).mH - X
+        U = _tall(weight)
+        X = self._probe(U)
+        residual = ((U @ X).mH @ U).mH - X  # (U X)^H U = (U^H U X)^H, no conjugate copy of U
         return torch.linalg.matrix_norm(residual) / math.sqrt(_PROBES)
 
     @torch.no_grad()
-    def __call__(self, weight: torch.Tensor) -> bool:
-        """Correct ``weight`` in place if its estimated drift exceeds the tolerance; True if it did."""
-        tolerance = default_tolerance(weight) if self.tolerance == "auto" else self.tolerance
-        error = self.estimate(weight).max().item()
-        if not error > tolerance:
-            return False
-        if error > EXACT_ABOVE:
-            weight.copy_(closest_unitary(weight))
-        elif _gram_side_is_columns(weight):
-            defect = weight.mH @ weight
-            defect.diagonal(dim1=-2, dim2=-1).sub_(1)
-            weight.sub_(weight @ defect, alpha=0.5)
-        else:
-            defect = weight @ weight.mH
-            defect.diagonal(dim1=-2, dim2=-1).sub_(1)
-            weight.sub_(defect @ weight, alpha=0.5)
-        self.corrections += 1
-        return True
+    def __call__(self, *weights: torch.Tensor) -> int:
+        """Correct in place each weight whose estimated drift exceeds its tolerance; return how many.
+
+        All estimates are read back together, so the check costs one device
+        synchronisation however many weights there are.
+        """
+        if not weights:
+            return 0
+        errors = torch.stack([self.estimate(w).max().to(torch.float64) for w in weights]).tolist()
+        corrected = 0
+        for weight, error in zip(weights, errors):
+            tolerance = default_tolerance(weight) if self.tolerance == "auto" else self.tolerance
+            if not error > tolerance:
+                continue
+            if error > EXACT_ABOVE:
+                weight.copy_(closest_unitary(weight))
+            else:  # one Newton-Schulz step, U - U (U^H U - I) / 2
+                U = _tall(weight)
+                defect = U.mH @ U
+                defect.diagonal(dim1=-2, dim2=-1).sub_(1)
+                U.sub_(U @ defect, alpha=0.5)
+            corrected += 1
+        self.corrections += corrected
+        return corrected

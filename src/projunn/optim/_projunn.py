@@ -374,8 +374,7 @@ class ProjUNN:
             for p, _ in self._unitary_params():
                 p.copy_(closest_unitary(p))
         elif self.drift_control is not None and self.steps % DRIFT_CHECK_EVERY == 0:
-            for p, _ in self._unitary_params():
-                self.drift_control(p)
+            self.drift_control(*(p for p, _ in self._unitary_params()))
 
     def _skip_nonfinite_step(self) -> None:
         self._abort()
