@@ -56,13 +56,14 @@ class Replicas:
         dist.all_reduce(total)
         return total / self.world
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every replica if it is true on any: stops (Ctrl-C, time budget) are taken together."""
+    def any(self, *flags: bool, device: torch.device) -> tuple[bool, ...]:
+        """Each flag, true on every replica if it is true on any, in one all-reduce: stops (Ctrl-C,
+        time budget) are taken together."""
         if not self.distributed:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return flags
+        values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in values.tolist())
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only; an exception there is raised on every replica (none is left waiting)."""

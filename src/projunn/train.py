@@ -149,7 +149,7 @@ def _fill_model_defaults(task, config: TrainConfig, values: dict) -> None:
     if model not in task.model_defaults:
         raise RunError(f"--model must be one of {', '.join(task.model_defaults)}; got {model!r}")
     defaults = task.model_defaults[model]
-    for key in ("depth", "channels"):
+    for key in sorted(set().union(*task.model_defaults.values())):
         if key not in defaults:
             if getattr(config, key) is not None:
                 raise RunError(f"--{key} does not apply to --model {model}")
@@ -161,22 +161,17 @@ def _fill_model_defaults(task, config: TrainConfig, values: dict) -> None:
 # -- building the run -------------------------------------------------------------------------
 
 
-def _unitary_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
-    """(module, attribute) of every weight the model declares unitary."""
-    return [(module, name) for _, module, name in unitary_slots(model)]
-
-
 def _constrain(model: torch.nn.Module, method: str) -> None:
     """For ``expm``/``cayley`` re-express the unitary weights with torch's orthogonal parametrisation."""
     if method in ("expm", "cayley"):
         orthogonal_map = {"expm": "matrix_exp", "cayley": "cayley"}[method]
-        for module, name in _unitary_slots(model):
+        for _, module, name in unitary_slots(model):
             parametrizations.orthogonal(module, name, orthogonal_map=orthogonal_map)
 
 
 def _build_optimizer(model: torch.nn.Module, config: TrainConfig) -> ProjUNN:
     unitary = []
-    for module, name in _unitary_slots(model):
+    for _, module, name in unitary_slots(model):
         if parametrize.is_parametrized(module, name):
             unitary.append(module.parametrizations[name].original)
         else:
@@ -206,7 +201,7 @@ def _build_optimizer(model: torch.nn.Module, config: TrainConfig) -> ProjUNN:
 
 def _max_unitarity_error(model: torch.nn.Module) -> float:
     with torch.no_grad():
-        weights = [getattr(m, name).detach() for m, name in _unitary_slots(model)]
+        weights = [getattr(m, name).detach() for _, m, name in unitary_slots(model)]
         errors = [unitarity_error(w).max().item() for w in weights if w.numel() > 0]
     return max(errors, default=0.0)
 
@@ -482,7 +477,8 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log) -> di
             step += 1
             bar.update(1)
             out_of_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
-            out_of_time = replicas.any(out_of_time, device)  # replicas stop at the same step
+            # Replicas stop at the same step, whichever of them ran out of time or was interrupted.
+            out_of_time, stop = replicas.any(out_of_time, bool(stop_requested), device=device)
             if step % config.eval_every == 0 or step == total or out_of_time:
                 seconds = time.perf_counter() - started
                 with torch.no_grad(), cached():
@@ -517,7 +513,7 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log) -> di
                 if out_of_time:
                     log(f"time budget of {config.max_minutes} min reached at step {step}")
                     break
-            if replicas.any(bool(stop_requested), device):
+            if stop:
                 # A clean step boundary: the checkpoint continues exactly.
                 interrupted = True
                 seconds = time.perf_counter() - started
