@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import time
 
 import pytest
@@ -96,8 +97,10 @@ def test_measure_takes_fewer_runs_for_slow_cases_and_sees_peak_memory():
         torch.ones(16 * 2**20, dtype=torch.float32).sum()
 
     result = measure(allocate, torch.device("cpu"), repeats=3, budget_s=1.0)
-    if result.peak_mib is not None:  # Linux with /proc
-        assert 48 < result.peak_mib < 256
+    if os.access("/proc/self/clear_refs", os.W_OK):  # Linux: the measurement must be there
+        assert result.peak_mib is not None and 48 < result.peak_mib < 256
+    else:
+        assert result.peak_mib is None
 
 
 def test_cli_writes_csv_markdown_and_plot(tmp_path, capsys):

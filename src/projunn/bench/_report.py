@@ -94,7 +94,7 @@ def plot(path: pathlib.Path, rows: list[Row], machine: str) -> None:
         k = min(r.k for r in rows if r.bench == bench)
         for case in dict.fromkeys(r.case for r in rows if r.bench == bench):
             points = [(r.N, r.ms) for r in rows if (r.bench, r.k, r.case) == (bench, k, case) and r.ms is not None]
-            if len(points) < 1:
+            if not points:
                 continue
             sizes, times = zip(*points)
             dashed = case in (BASELINE[bench], PROJUNN_REFERENCE[bench])
