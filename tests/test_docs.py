@@ -1,4 +1,5 @@
-"""The README's training loop and every docstring example run as written."""
+"""The documentation holds: the README's training loop and every docstring example run as written, the
+names the README lists exist, and links point to files that exist."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import doctest
 import importlib
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,3 +48,43 @@ def test_docstring_examples(name):
     torch.manual_seed(0)
     result = doctest.testmod(module, globs=globs, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def _readme_api_names() -> list[str]:
+    """Dotted names in the first column of the README's API table; a bare name in a row with others
+    lives in the same module as the row's first name (`projunn.nn.UnitaryRNN`, `ModReLU`, ...)."""
+    section = (ROOT / "README.md").read_text().split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for row in re.findall(r"^\| (.+?) \|", section, flags=re.MULTILINE):
+        cells = re.findall(r"`([\w.]+)", row)
+        if not cells or not cells[0].startswith("projunn."):
+            continue
+        names.append(cells[0])
+        module = cells[0].rsplit(".", 1)[0]
+        names += [f"{module}.{name}" for name in cells[1:]]
+    return names
+
+
+def test_readme_api_names_resolve_from_a_bare_import():
+    names = _readme_api_names()
+    assert "projunn.tasks" in names and "projunn.bench.run_bench" in names, names
+    # A fresh interpreter: other tests have imported projunn.tasks already.
+    code = f"""
+import sys
+import projunn
+lazy = ("projunn.tasks", "projunn.bench")
+assert not any(name in sys.modules for name in lazy), "import projunn loaded a lazy submodule"
+for name in {names!r}:
+    obj = projunn
+    for part in name.split(".")[1:]:
+        obj = getattr(obj, part)
+try:
+    projunn.no_such_name
+except AttributeError as error:
+    assert "no_such_name" in str(error)
+else:
+    raise AssertionError("projunn.no_such_name did not raise AttributeError")
+assert {{"tasks", "bench"}} <= set(dir(projunn))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
