@@ -9,6 +9,7 @@ from conftest import REAL_AND_COMPLEX, eps, haar, polar_reference, randn
 from projunn.functional import projunn_d, projunn_t, unitarity_error, unitary_init
 from projunn.nn import StiefelLinear
 from projunn.optim import ProjUNN, param_groups
+from test_update import arithmetic_trace
 
 SHAPES = [(7, 3), (3, 7), (9, 4), (4, 9), (6, 5)]
 
@@ -89,6 +90,10 @@ def test_inputs_are_not_modified_and_out_may_be_the_weight(update, shape):
     for t, c in zip((W, a, b), copies):
         assert torch.equal(t, c)
     assert expected.is_contiguous() and expected.shape == W.shape
+    # A strided W (QR's column-major layout) gets the same arithmetic as a fresh result: bit-equality is fair.
+    fresh = arithmetic_trace(update, W, a, b)
+    W_copy = W.clone()
+    assert arithmetic_trace(update, W_copy, a, b, out=W_copy) == fresh
     result = update(W, a, b, out=W)
     assert result is W
     torch.testing.assert_close(W, expected, rtol=0, atol=0)

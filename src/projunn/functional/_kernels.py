@@ -44,22 +44,35 @@ def add_low_rank(
 ) -> torch.Tensor:
     """Return W + left @ right, written into ``out`` (allocated if None; it may be W itself).
 
-    The rank-r term is added in place with one batched GEMM, so no N x M
-    temporary is created beyond the result. ``left`` and ``right`` must be
-    computed before the call when ``out`` is W.
+    The rank-r term is added in place with one batched GEMM into a contiguous
+    (..., N, M) buffer, so no N x M temporary is created beyond the result
+    when ``out`` is None or contiguous. ``left`` and ``right`` must be computed
+    before the call when ``out`` is W.
+
+    See Note [One GEMM for every out]: whatever ``out`` is, the arithmetic is the
+    same call on the same layouts, so the result is bit-for-bit the same.
 
     Args:
-        W: (..., N, M). left: (..., N, r). right: (..., r, M).
-        out: (..., N, M) or None.
+        W: (..., N, M), any strides. left: (..., N, r). right: (..., r, M).
+        out: (..., N, M), any strides, or None.
+
+    Returns:
+        ``out`` (or the new tensor), holding W + left @ right.
     """
-    if out is None:
-        out = torch.empty_like(W, memory_format=torch.contiguous_format)
-    if out is not W:
-        out.copy_(W)
-    if not out.is_contiguous():
-        # A strided view cannot be flattened for the batched GEMM; correct
-        # but with one N x M temporary.
-        return out.add_(left @ right)
+    # Note [One GEMM for every out]
+    # BLAS libraries choose their kernel (blocking, FMA order, vector width)
+    # from the operands' layouts, and MKL rounds ``C += A B`` differently from
+    # ``C + (A B)``. A non-contiguous ``out`` (a column-major weight, as QR
+    # returns) therefore gets the sum in a contiguous buffer through the very
+    # same baddbmm as a fresh result, then a copy, which is exact; the one
+    # N x M buffer is the price of the strided layout.
+    target = out if out is not None and out.is_contiguous() else None
+    if target is None:
+        target = torch.empty(W.shape, dtype=W.dtype, device=W.device)
+    if target is not W:
+        target.copy_(W)
     n, m, r = W.shape[-2], W.shape[-1], left.shape[-1]
-    out.view(-1, n, m).baddbmm_(left.reshape(-1, n, r), right.reshape(-1, r, m))
-    return out
+    target.view(-1, n, m).baddbmm_(left.reshape(-1, n, r), right.reshape(-1, r, m))
+    if out is None or out is target:
+        return target
+    return out.copy_(target)
