@@ -274,6 +274,22 @@ def test_nonfinite_gradient_leaves_unitary_weights_and_state_untouched(bad):
     assert torch.isfinite(model.rotate.weight).all() and opt.skipped_steps == 1
 
 
+def test_warnings_point_at_the_line_that_called_the_optimiser():
+    """Through ProjUNN.step, the base optimiser's own step, or load_state_dict: the user's line, not torch's."""
+    weight = torch.nn.Parameter(unitary_init(4, dtype=torch.float64))
+    opt = ProjUNN(torch.optim.Adam([{"params": [weight], "unitary": True}]), seed=0)
+    calls = {
+        "ProjUNN.step": opt.step,
+        "base step": opt.optimizer.step,
+        "load_state_dict": lambda: opt.load_state_dict(torch.optim.Adam([weight]).state_dict()),
+    }
+    for label, call in calls.items():
+        weight.grad = torch.full_like(weight, float("nan"))
+        with pytest.warns(RuntimeWarning) as caught:
+            call()
+        assert [w.filename for w in caught] == [__file__], label
+
+
 def test_nonfinite_proposed_step_restores_every_unitary_weight():
     torch.manual_seed(0)
     w1 = torch.nn.Parameter(unitary_init(5, dtype=torch.float64))

@@ -54,6 +54,8 @@ Non-unitary parameters are left to the base optimiser, as in plain torch.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -385,7 +387,7 @@ class ProjUNN:
         message = f"projUNN step skipped: {reason}; unitary weights left unchanged (skipped_steps={self.skipped_steps})"
         if self.on_nonfinite == "raise":
             raise FloatingPointError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        _warn_at_caller(message, RuntimeWarning)
 
     # -- state dict hooks --------------------------------------------------------------
 
@@ -402,11 +404,10 @@ class ProjUNN:
         state_dict = dict(state_dict)
         entry = state_dict.pop(_STATE_KEY, None)
         if entry is None:
-            warnings.warn(
+            _warn_at_caller(
                 "loading an optimizer state dict without projUNN state: step counters and the sketch "
                 "generator start afresh",
                 RuntimeWarning,
-                stacklevel=3,
             )
         elif not isinstance(entry, dict) or not {"steps", "skipped_steps", "seed", "generators"} <= set(entry):
             raise ValueError("the state dict's 'projunn' entry is malformed; it was not written by ProjUNN")
@@ -426,6 +427,24 @@ class ProjUNN:
         self.skipped_steps = int(entry["skipped_steps"])
         self.seed = int(entry["seed"])
         self._generators = entry["generators"]
+
+
+# Where the hooks run: torch.optim's step and state-dict wrappers, and this package.
+_MACHINERY = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def _warn_at_caller(message: str, category: type[Warning]) -> None:
+    """Warn with the location of the code that called ``step`` / ``load_state_dict``.
+
+    The hooks run a varying number of frames below that call (ProjUNN.step or
+    the base optimiser's own, torch's profiling and no_grad wrappers,
+    torch.compile), so no fixed ``stacklevel`` is right: the frames inside
+    torch and ``projunn.optim`` are counted and skipped.
+    """
+    frame, level = sys._getframe(1), 1  # level 1: the function that called warnings.warn (here, our caller)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_MACHINERY):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
 
 
 def _restore_generators(states: dict[str, torch.Tensor]) -> dict[str, torch.Generator]:
