@@ -3,8 +3,10 @@ names the README lists exist, and links point to files that exist."""
 
 from __future__ import annotations
 
+import difflib
 import doctest
 import importlib
+import importlib.util
 import pathlib
 import re
 import subprocess
@@ -88,3 +90,118 @@ assert {{"tasks", "bench"}} <= set(dir(projunn))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _api_generator():
+    spec = importlib.util.spec_from_file_location("gen_api_docs", ROOT / "tools" / "gen_api_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_api_reference_is_current(tmp_path):
+    """docs/api.md is what tools/gen_api_docs.py writes from today's docstrings."""
+    fresh = tmp_path / "api.md"
+    assert _api_generator().main(["--output", str(fresh)]) == 0
+    committed = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    regenerated = fresh.read_text(encoding="utf-8")
+    diff = "".join(
+        difflib.unified_diff(
+            committed.splitlines(keepends=True),
+            regenerated.splitlines(keepends=True),
+            "docs/api.md",
+            "regenerated",
+            n=1,
+        )
+    )
+    assert committed == regenerated, f"docs/api.md is out of date: run python tools/gen_api_docs.py\n{diff[:3000]}"
+
+
+def test_api_reference_covers_the_public_api_and_its_notes():
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    for module in (projunn.functional, projunn.optim, projunn.nn):
+        for name in module.__all__:
+            assert f"\n### {module.__name__}.{name}\n" in text, f"{module.__name__}.{name} missing from docs/api.md"
+    # Every Note a docstring (or another Note) refers to is on the page, e.g. those help(ProjUNN) names.
+    headings = set(re.findall(r"^### Note \[([^\]]+)\]$", text, flags=re.MULTILINE))
+    for title in ("Composition with the base optimiser", "Non-finite steps", "Drift control"):
+        assert title in headings
+    referred = set(re.findall(r"Note \[([^\]]+)\]", text))
+    assert referred <= headings, f"Notes referred to but not found: {sorted(referred - headings)}"
+
+
+def _cff_top_level(text: str) -> dict[str, str]:
+    """Top-level ``key: value`` pairs of a YAML file, for when PyYAML is not installed."""
+    pairs = {}
+    for line in text.splitlines():
+        match = re.match(r"^([A-Za-z][\w-]*):\s*(.*)$", line)
+        if match:
+            pairs[match[1]] = match[2].strip().strip("\"'")
+    return pairs
+
+
+def test_citation_cff():
+    text = (ROOT / "CITATION.cff").read_text(encoding="utf-8")
+    try:
+        import yaml
+    except ImportError:
+        yaml = None
+    if yaml is None:
+        data = _cff_top_level(text)
+        for key in ("cff-version", "message", "title", "authors", "type", "version", "preferred-citation"):
+            assert key in data, f"CITATION.cff has no top-level {key}"
+        block = text.split("\npreferred-citation:\n", 1)[1]
+        for key in ("type", "title", "authors", "year"):
+            assert re.search(rf"^  {key}:", block, flags=re.MULTILINE), f"preferred-citation has no {key}"
+        assert "arXiv.2203.05483" in block
+    else:
+        data = yaml.safe_load(text)
+        assert isinstance(data["authors"], list) and data["authors"]
+        cited = data["preferred-citation"]
+        assert cited["type"] == "conference-paper" and cited["year"] == 2022
+        assert [a["family-names"] for a in cited["authors"]] == ["Kiani", "Balestriero", "LeCun", "Lloyd"]
+        assert "projUNN" in cited["title"]
+    assert data["cff-version"] == "1.2.0"
+    assert data["type"] == "software"
+    assert str(data["version"]) == projunn.__version__
+
+
+def test_readme_bibtex_names_this_version():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Citing\n", 1)[1].split("\n## ", 1)[0]
+    bibtex = re.findall(r"```bibtex\n(.*?)```", section, flags=re.DOTALL)
+    assert bibtex, "README's Citing section has no BibTeX block"
+    assert "@inproceedings{kiani2022projunn," in bibtex[0] and "2203.05483" in bibtex[0]
+    assert re.search(rf"version\s*=\s*{{{re.escape(projunn.__version__)}}}", bibtex[0])
+    assert bibtex[0].count("{") == bibtex[0].count("}")
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: pathlib.Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
+    return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.MULTILINE)}
+
+
+DOCUMENTS = ["README.md", "CHANGELOG.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_links_point_to_files_that_exist(document):
+    """Relative links and images in the README and docs/ name files (and headings) that exist."""
+    path = ROOT / document
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    broken = []
+    for target in targets:
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        missing_heading = anchor and linked.suffix == ".md" and linked.exists() and anchor not in _anchors(linked)
+        if not linked.exists() or missing_heading:
+            broken.append(target)
+    assert not broken, f"{document}: broken links {broken}"
