@@ -63,7 +63,7 @@ def _readme_api_names() -> list[str]:
             continue
         names.append(cells[0])
         module = cells[0].rsplit(".", 1)[0]
-        names += [f"{module}.{name}" for name in cells[1:]]
+        names += [name if name.startswith("projunn.") else f"{module}.{name}" for name in cells[1:]]
     return names
 
 
