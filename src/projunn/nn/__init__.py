@@ -1,6 +1,7 @@
 """Layers holding plain parameters that the optimiser keeps orthogonal/unitary."""
 
 from ._cnn import ChannelPad, DeepUnitaryCNN, SpaceToDepth
+from ._constrain import KINDS, UnitaryConstraint, is_constrained, remove_unitary_, unitary_
 from ._conv import UnitaryConv2d, frequency_layout
 from ._linear import OrthogonalLinear, StiefelLinear, UnitaryLinear, init_unitary_
 from ._models import SequenceModel
@@ -8,6 +9,7 @@ from ._resnet import UnitaryResNet9
 from ._rnn import NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
 
 __all__ = [
+    "KINDS",
     "NONLINEARITIES",
     "ChannelPad",
     "ComplexToReal",
@@ -17,6 +19,7 @@ __all__ = [
     "SequenceModel",
     "SpaceToDepth",
     "StiefelLinear",
+    "UnitaryConstraint",
     "UnitaryConv2d",
     "UnitaryLinear",
     "UnitaryRNN",
@@ -24,4 +27,7 @@ __all__ = [
     "UnitaryResNet9",
     "frequency_layout",
     "init_unitary_",
+    "is_constrained",
+    "remove_unitary_",
+    "unitary_",
 ]

@@ -7,24 +7,38 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
+from ..nn._constrain import constraints
+
 __all__ = ["param_groups", "unitary_parameters"]
+
+#: Group key: every parameter p of a unitary group with this key is kept unitary as
+#: ``p.view(group["matrix_shape"])``. See Note [Matrix views] in ``projunn.nn._constrain``.
+MATRIX_SHAPE = "matrix_shape"
+
+
+def matrix_view(param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """``param`` as the matrices its group keeps unitary: a view sharing its storage (or ``param`` itself)."""
+    shape = group.get(MATRIX_SHAPE)
+    return param if shape is None else param.view(shape)
 
 
 def unitary_slots(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
     """(qualified name, module, attribute) of every weight ``model`` declares unitary.
 
-    The rule is visible and lives on module *classes*, not on Parameter
-    objects (attributes on parameters are lost by deepcopy and FSDP): a module
-    whose class defines ``unitary_parameter_names`` (a tuple of attribute
-    names, as :class:`projunn.nn.UnitaryLinear` does) declares those
-    attributes unitary. A slot counts whether it holds a plain parameter or a
-    weight computed by a ``torch.nn.utils.parametrize`` parametrisation;
-    attributes set to None are skipped.
+    The rule is visible and lives on modules, not on Parameter objects
+    (attributes on parameters are lost by deepcopy and FSDP): a module whose
+    class defines ``unitary_parameter_names`` (a tuple of attribute names, as
+    :class:`projunn.nn.UnitaryLinear` does) declares those attributes
+    unitary, and so does a module one of whose parameters
+    :func:`projunn.nn.unitary_` constrained (recorded on that module). A slot
+    counts whether it holds a plain parameter or a weight computed by a
+    ``torch.nn.utils.parametrize`` parametrisation; attributes set to None
+    are skipped.
     """
     return [
         (f"{prefix}.{name}" if prefix else name, module, name)
         for prefix, module in model.named_modules()
-        for name in getattr(type(module), "unitary_parameter_names", ())
+        for name in (*getattr(type(module), "unitary_parameter_names", ()), *constraints(module))
         if module._parameters.get(name) is not None or parametrize.is_parametrized(module, name)
     ]
 
@@ -62,6 +76,12 @@ def param_groups(
     radially, which the projUNN step removes, so it would waste the sketch's
     rank. Empty groups are left out.
 
+    A parameter constrained by :func:`projunn.nn.unitary_` whose matrices are
+    a view of a different shape (``kind="kernel"``, ``blocks`` > 1) goes into
+    a further unitary group, one per shape, with the same settings and the
+    key ``"matrix_shape"``: ProjUNN updates ``param.view(matrix_shape)``
+    (Note [Matrix views] in ``projunn.nn._constrain``).
+
     Args:
         model: module whose parameters to split (see :func:`unitary_parameters`).
         unitary_lr: learning rate of the unitary group (the paper: lr/32 for
@@ -71,16 +91,53 @@ def param_groups(
     Returns:
         A list to pass to any ``torch.optim`` optimiser's constructor.
 
+    Raises:
+        ValueError: a parameter constrained by :func:`projunn.nn.unitary_`
+            is also held by another module or under another name (tied
+            weights are refused; share the module instead).
+
     Example:
         >>> model = torch.nn.Sequential(projunn.nn.UnitaryLinear(8), torch.nn.Linear(8, 2))
         >>> [len(g["params"]) for g in param_groups(model, unitary_lr=1e-4)]
         [2, 1]
     """
+    views = _constrained_views(model)
     unitary_ids = {id(p) for _, p in unitary_parameters(model)}
     ordinary = [p for p in model.parameters() if id(p) not in unitary_ids]
-    unitary = [p for p in model.parameters() if id(p) in unitary_ids]
-    unitary_group: dict[str, Any] = {"params": unitary, "unitary": True, "weight_decay": 0.0}
+    settings: dict[str, Any] = {"unitary": True, "weight_decay": 0.0}
     for key, value in (("lr", unitary_lr), ("method", method), ("rank", rank), ("sketch", sketch)):
         if value is not None:
-            unitary_group[key] = value
-    return [group for group in ({"params": ordinary}, unitary_group) if group["params"]]
+            settings[key] = value
+    unitary: dict[tuple[int, ...] | None, list[torch.nn.Parameter]] = {None: []}
+    for p in model.parameters():
+        if id(p) in unitary_ids:
+            unitary.setdefault(views.get(id(p)), []).append(p)
+    view_groups = [{"params": ps, **settings, MATRIX_SHAPE: shape} for shape, ps in unitary.items() if shape]
+    groups = [{"params": ordinary}, {"params": unitary[None], **settings}, *view_groups]
+    return [group for group in groups if group["params"]]
+
+
+def _constrained_views(model: torch.nn.Module) -> dict[int, tuple[int, ...]]:
+    """id(param) -> matrix shape, for constrained parameters read through a view; ties refused."""
+    holders: dict[int, list[str]] = {}
+    for prefix, module in model.named_modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append(f"{prefix}.{name}" if prefix else name)
+    views = {}
+    for prefix, module in model.named_modules():
+        for name, constraint in constraints(module).items():
+            p = module._parameters.get(name)
+            if p is None:
+                continue
+            qualified = f"{prefix}.{name}" if prefix else name
+            tied = [h for h in holders[id(p)] if h != qualified]
+            if tied:
+                raise ValueError(
+                    f"{qualified!r} of {type(module).__name__} is constrained unitary but tied to {tied[0]!r}; "
+                    "shared weights are refused (share the module instead)"
+                )
+            shape = constraint.matrix_shape(p.shape)
+            if shape != tuple(p.shape):
+                views[id(p)] = shape
+    return views

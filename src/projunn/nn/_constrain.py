@@ -1,0 +1,275 @@
+"""Make a parameter of any existing module orthogonal/unitary in one line.
+
+Note [Constraints live on the module]
+-------------------------------------
+:func:`unitary_` records ``{parameter name: UnitaryConstraint}`` in the
+module's own ``__dict__`` (under ``_projunn_constraints``), next to the
+class-level rule ``unitary_parameter_names`` of the built-in layers. The
+parameter itself stays a plain ``nn.Parameter`` with its usual name and
+shape, so the forward pass, ``state_dict`` keys and checkpoints of the module
+are those of the unconstrained module, and a module attribute, unlike an
+attribute stuck on a Parameter object, is kept by ``copy.deepcopy``, pickling
+(``torch.save`` of the whole model) and wrappers that re-create parameters
+(FSDP). :func:`projunn.optim.param_groups` reads the record and puts the
+parameter in a unitary group; a ``state_dict`` round trip keeps the module,
+hence the record, and loads only values.
+
+Note [Matrix views]
+-------------------
+A constraint says which matrices inside the tensor are (semi-)unitary, as a
+view of the parameter's storage (no copy):
+
+- ``kind="matrix"``: the last two dimensions, leading dimensions a batch:
+  (..., N, M). ``nn.Linear.weight``, ``nn.RNN.weight_hh_l0``.
+- ``kind="kernel"``: a convolution kernel (out, in, *k) read as the
+  (out, in * prod(k)) matrix whose rows are the flattened filters.
+- ``blocks=G``: the rows split into G equal row-slices, each its own
+  matrix: (..., G * N, M) is viewed as (..., G, N, M). ``nn.GRU`` stacks its
+  gates' recurrent matrices as (3H, H): ``blocks=3`` keeps each gate's H x H
+  matrix orthogonal, ``blocks=1`` keeps the stacked (3H, H) matrix
+  semi-orthogonal (orthonormal columns).
+
+When the view differs from the parameter's own shape,
+:func:`projunn.optim.param_groups` gives the parameter a group with the key
+``"matrix_shape"`` (the view's shape), and ProjUNN applies its update to
+``param.view(group["matrix_shape"])``: a batch of G matrices costs one
+batched update, and the base optimiser's statistics stay in the parameter's
+own shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils import parametrize
+
+from ..functional import closest_unitary, unitarity_error
+from ..functional._validate import SUPPORTED_DTYPES, check_choice
+
+__all__ = ["KINDS", "UnitaryConstraint", "is_constrained", "remove_unitary_", "unitary_"]
+
+#: How a constrained tensor is read as matrices (Note [Matrix views]).
+KINDS = ("matrix", "kernel")
+
+_RECORD = "_projunn_constraints"
+
+
+@dataclass(frozen=True)
+class UnitaryConstraint:
+    """How one parameter is read as (a batch of) (semi-)unitary matrices. See Note [Matrix views].
+
+    Attributes:
+        kind: ``"matrix"`` or ``"kernel"``.
+        blocks: number of equal row-slices, each its own matrix.
+    """
+
+    kind: str = "matrix"
+    blocks: int = 1
+
+    def matrix_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the matrix view of a tensor of ``shape``; ValueError if there is none."""
+        shape = tuple(shape)
+        if len(shape) < 2:
+            raise ValueError(f"shape {shape} is not a matrix (it needs at least 2 dimensions)")
+        if self.kind == "kernel":
+            shape = (shape[0], math.prod(shape[1:]))
+        *batch, rows, cols = shape
+        if rows % self.blocks:
+            raise ValueError(f"shape {tuple(shape)} has {rows} rows, which do not split into blocks={self.blocks}")
+        if self.blocks > 1:
+            batch, rows = [*batch, self.blocks], rows // self.blocks
+        if 0 in (*batch, rows, cols):
+            raise ValueError(f"shape {tuple(shape)} has an empty dimension")
+        return (*batch, rows, cols)
+
+    def matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` viewed as its matrices, sharing its storage (writes go to ``tensor``)."""
+        return tensor.view(self.matrix_shape(tensor.shape))
+
+
+def constraints(module: torch.nn.Module) -> dict[str, UnitaryConstraint]:
+    """The constraints :func:`unitary_` recorded on ``module`` itself (not its children); do not modify."""
+    return module.__dict__.get(_RECORD, {})
+
+
+def is_constrained(module: torch.nn.Module, name: str | None = None) -> bool:
+    """Whether :func:`unitary_` constrained ``module``'s parameter ``name`` (any of its parameters if None)."""
+    found = constraints(module)
+    return bool(found) if name is None else name in found
+
+
+def unitary_(
+    module: torch.nn.Module,
+    name: str = "weight",
+    *,
+    kind: str = "matrix",
+    blocks: int = 1,
+    project: bool = True,
+) -> torch.nn.Module:
+    r"""Keep ``module``'s parameter ``name`` orthogonal/unitary, in place; return ``module``.
+
+    The one-line counterpart of ``torch.nn.utils.parametrizations.orthogonal``
+    and ``geotorch.orthogonal``, for the projUNN way of training: the weight
+    stays a plain parameter (same name, shape and forward cost) and
+    :class:`projunn.optim.ProjUNN` keeps it on the group with low-rank steps.
+    :func:`projunn.optim.param_groups` puts it in the unitary group, exactly as
+    for the built-in layers. Each matrix W of the parameter (Note [Matrix views])
+    satisfies
+
+    .. math:: W^H W = I \ (N \ge M), \qquad W W^H = I \ (N < M)
+
+    (orthogonal for real dtypes, unitary for complex; square matrices both).
+
+    With ``project=True`` the current value is replaced once by the closest
+    (semi-)unitary matrix in Frobenius norm (the polar factor of each matrix),
+    which is how a pretrained or freshly initialised ``nn.Linear`` becomes
+    orthogonal. With ``project=False`` the value is kept exactly, and a value
+    that is not already (semi-)unitary (``||W^H W - I||_F > 10 eps N``, N the
+    smaller side) is refused.
+
+    What is orthogonal for a convolution (``kind="kernel"``): the kernel
+    matrix K (out, in * prod(k)), whose rows are the flattened filters. With
+    out <= in * prod(k) the filters are orthonormal, so each output pixel is
+    a contraction of its input patch and the layer's Lipschitz constant is at
+    most sqrt(prod(k)) (stride 1); with out >= in * prod(k) each patch's norm
+    is preserved, and a convolution whose stride equals its kernel size
+    (non-overlapping patches, e.g. a patch embedding) is then an isometry. It
+    is not an orthogonal convolution in general: for that use
+    :class:`projunn.nn.UnitaryConv2d`.
+
+    Tied weights are refused: a parameter held by another module (or under a
+    second name) would be changed behind that module's back, and two
+    constraints on one tensor could disagree. To use one constrained weight
+    in two places, use the same module twice. Where the tie lies outside
+    ``module`` it is found by :func:`projunn.optim.param_groups`, which
+    refuses it the same way.
+
+    Args:
+        module: any ``nn.Module``; ``name`` may be a dotted path below it
+            (``"rnn.weight_hh_l0"``), which lets ties inside ``module`` be
+            found at once.
+        name: the parameter to constrain.
+        kind: ``"matrix"`` (default: the last two dimensions, leading ones a
+            batch) or ``"kernel"`` (a convolution kernel as (out, in*prod(k))).
+        blocks: split the rows into this many equal blocks, each its own
+            matrix (the gates of ``nn.GRU``: 3, ``nn.LSTM``: 4); default 1.
+        project: replace the value by the closest (semi-)unitary one (default),
+            or keep it exactly, refusing one that is not (semi-)unitary.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        TypeError: ``module`` is not a module; the parameter's dtype is not
+            float32/float64/complex64/complex128 (integer, bool and half
+            precisions are refused: keep a float32 weight and use
+            ``torch.autocast``).
+        ValueError: no such parameter; a parameter already parametrised
+            (``torch.nn.utils.parametrize``), already constrained, declared
+            unitary by its class, or tied; a shape with no such matrix view;
+            an unknown ``kind``; ``blocks`` < 1; with ``project=False``, a
+            value that is not (semi-)unitary.
+
+        Every error is one line naming the module and the parameter, and
+        nothing is modified when the call fails.
+
+    Example:
+        >>> layer = unitary_(torch.nn.Linear(8, 8, dtype=torch.float64))
+        >>> W = layer.weight.detach()
+        >>> torch.allclose(W.T @ W, torch.eye(8, dtype=torch.float64))
+        True
+        >>> gru = unitary_(torch.nn.GRU(4, 6), "weight_hh_l0", blocks=3)
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"unitary_ needs an nn.Module, got {type(module).__name__}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    path, _, attr = name.rpartition(".")
+    try:
+        owner = module.get_submodule(path) if path else module
+    except AttributeError:
+        raise ValueError(f"{type(module).__name__} has no submodule {path!r} (from name {name!r})") from None
+    where = f"{name!r} of {type(owner).__name__}"
+
+    def refuse(reason: str, error: type[Exception] = ValueError) -> Exception:
+        return error(f"cannot make {where} unitary: {reason}")
+
+    try:
+        kind = check_choice("kind", kind, KINDS)
+    except ValueError as error:
+        raise refuse(str(error)) from None
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise refuse(f"blocks must be an int >= 1, got {blocks!r}")
+    if parametrize.is_parametrized(owner, attr):
+        raise refuse("it is already parametrised (torch.nn.utils.parametrize); remove that parametrisation first")
+    param = owner._parameters.get(attr)
+    if param is None:
+        found = "is None" if attr in owner._parameters else "does not exist"
+        raise refuse(f"the parameter {found}; parameters: {', '.join(owner._parameters) or 'none'}")
+    if attr in constraints(owner):
+        raise refuse("it is already constrained; call projunn.nn.remove_unitary_ first to change the constraint")
+    if attr in getattr(type(owner), "unitary_parameter_names", ()):
+        raise refuse(f"{type(owner).__name__} already declares it unitary (unitary_parameter_names)")
+    if param.dtype not in SUPPORTED_DTYPES:
+        hint = (
+            "; keep the weight in float32 and use torch.autocast for half-precision compute"
+            if param.is_floating_point()
+            else ""
+        )
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise refuse(f"dtype {param.dtype} is not one of {names}{hint}", TypeError)
+    constraint = UnitaryConstraint(kind, blocks)
+    try:
+        shape = constraint.matrix_shape(param.shape)
+    except ValueError as error:
+        raise refuse(f"{error} (kind={kind!r}, blocks={blocks})") from None
+    try:
+        view = param.detach().view(shape)
+    except RuntimeError:
+        raise refuse(f"its strides {param.stride()} do not allow a matrix view; make it contiguous first") from None
+    others = [
+        f"{prefix}.{other}" if prefix else other
+        for prefix, sub in module.named_modules()
+        for other, p in sub._parameters.items()
+        if p is param and (sub is not owner or other != attr)
+    ]
+    if others:
+        raise refuse(f"it is tied to {others[0]!r} (shared weights are refused: share the module instead)")
+    n = min(shape[-2:])
+    if project:
+        value = closest_unitary(view)
+    else:
+        error = float(unitarity_error(view).max())
+        tolerance = 10 * torch.finfo(param.dtype).eps * n
+        if not error <= tolerance:
+            raise refuse(
+                f"||W^H W - I||_F = {error:.3g} exceeds {tolerance:.3g} and project=False keeps the value; "
+                "pass project=True to start from the closest unitary matrix"
+            )
+        value = None
+    # Everything is checked; only now is anything modified.
+    if value is not None:
+        with torch.no_grad():
+            view.copy_(value)
+    owner.__dict__[_RECORD] = {**constraints(owner), attr: constraint}
+    return module
+
+
+def remove_unitary_(module: torch.nn.Module, name: str = "weight") -> torch.nn.Module:
+    """Undo :func:`unitary_`: the parameter (its current value kept) is an ordinary one again; return ``module``.
+
+    Raises:
+        ValueError: the parameter was not constrained by :func:`unitary_`.
+    """
+    path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    remaining = dict(constraints(owner))
+    if remaining.pop(attr, None) is None:
+        raise ValueError(f"{name!r} of {type(owner).__name__} is not constrained by projunn.nn.unitary_")
+    if remaining:
+        owner.__dict__[_RECORD] = remaining
+    else:
+        del owner.__dict__[_RECORD]
+    return module
