@@ -290,6 +290,48 @@ def test_warnings_point_at_the_line_that_called_the_optimiser():
         assert [w.filename for w in caught] == [__file__], label
 
 
+def _skip_unless_compile_works():
+    """Skip the test when this machine cannot run torch.compile (no C++ toolchain, ...)."""
+    try:
+        torch.compile(lambda x: x + 1)(torch.zeros(2))
+    except Exception as error:  # Inductor raises many kinds; any of them means no compiler here
+        pytest.skip(f"torch.compile cannot run on this machine: {type(error).__name__}: {error}")
+
+
+@pytest.mark.slow  # ~15 s of Inductor compilation on a 2-core machine
+def test_compiled_model_and_step_match_eager_without_graph_breaks(capfd):
+    """A compiled model and a compiled function around ``step``: eager weights to rounding, no Dynamo noise.
+
+    The step runs eagerly (Note [Eager steps under torch.compile]); only the model's
+    kernels differ from the eager run, so the two agree to float64 rounding, not bit for bit.
+    """
+    runs = {}
+    # torch's own deprecation notices (TorchScript internals) are not ours; anything else,
+    # such as Inductor's "does not support code generation for complex operators", fails below.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _skip_unless_compile_works()
+        try:
+            for label in ("eager", "compiled"):
+                torch.manual_seed(0)
+                model = Student()
+                opt = ProjUNN(torch.optim.Adam(param_groups(model), lr=0.01), rank=2, seed=0)
+                forward = torch.compile(model) if label == "compiled" else model
+                step = torch.compile(opt.step) if label == "compiled" else opt.step
+                for x, y in _batches(8, 3):
+                    torch.nn.functional.mse_loss(forward(x), y).backward()
+                    step()
+                    opt.zero_grad()
+                runs[label] = [p.detach().clone() for p in model.parameters()]
+        finally:
+            torch._dynamo.reset()  # leave no compiled frames behind for other tests
+    assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
+    for eager, compiled in zip(runs["eager"], runs["compiled"]):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-12)
+    logged = capfd.readouterr().err
+    assert "Graph break" not in logged and "projunn" not in logged, logged
+
+
 def test_nonfinite_proposed_step_restores_every_unitary_weight():
     torch.manual_seed(0)
     w1 = torch.nn.Parameter(unitary_init(5, dtype=torch.float64))

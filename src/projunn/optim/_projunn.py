@@ -82,6 +82,15 @@ _NONFINITE_POLICIES = ("skip", "raise")
 #: The others can skip entries (column sampling) or raise inside an SVD, so D is checked first.
 _SKETCHES_THAT_PROPAGATE = frozenset({"lsi"})
 
+# Note [Eager steps under torch.compile]
+# The step is data-dependent Python (NaN/Inf checks that decide whether to skip, QR, eigh and
+# SVD of small matrices, complex arithmetic for real weights), so Dynamo would split it into
+# dozens of graphs, log a warning for each break and hand Inductor complex operators it cannot
+# generate code for, for no speed-up: the work is a few BLAS calls per weight. The step and
+# its hooks therefore always run eagerly, also inside a compiled function (as torch.optim
+# keeps its own bookkeeping eager); compile the model and call ``step`` as usual.
+_eager = torch.compiler.disable(reason="projUNN's optimiser step runs eagerly (Note [Eager steps under torch.compile])")
+
 
 class ProjUNN:
     r"""Wrap a torch optimiser so that parameters in groups marked ``unitary`` stay unitary.
@@ -202,6 +211,7 @@ class ProjUNN:
         """The base optimiser's parameter groups (shared, not copied)."""
         return self.optimizer.param_groups
 
+    @_eager
     def step(self, closure=None):
         """Run the base optimiser's step; the hooks apply the projUNN updates.
 
@@ -306,6 +316,7 @@ class ProjUNN:
             p.grad = grad
         self._hidden_grads.clear()
 
+    @_eager
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
         # A previous base step that raised without going through ProjUNN.step
@@ -337,6 +348,7 @@ class ProjUNN:
             buffer.copy_(p)
         self._in_step = params
 
+    @_eager
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._hidden_grads:
