@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import pathlib
+import runpy
 from contextlib import nullcontext
 
 import pytest
@@ -15,9 +17,10 @@ import torch
 
 from projunn.functional import unitarity_error
 from projunn.nn import unitary_
-from projunn.optim import ProjUNN, param_groups
+from projunn.optim import ProjUNN, param_groups, unitary_parameters
 
 INSTALL = "install the trainers extra: pip install 'projunn[trainers]'"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _require(name: str):
@@ -164,14 +167,18 @@ def test_lightning_bf16_mixed_keeps_float32_unitary_weights(lightning, tmp_path)
 # -- accelerate --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def accelerate():
-    module = _require("accelerate")
-    yield module
+def _reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # an Accelerator's settings are process-wide
     GradientState._reset_state()
+
+
+@pytest.fixture
+def accelerate():
+    module = _require("accelerate")
+    yield module
+    _reset_accelerate()
 
 
 def test_accelerate_projects_once_per_real_step_under_gradient_accumulation(accelerate):
@@ -233,3 +240,41 @@ def test_grad_scaler_skips_overflowing_steps_without_projecting():
     assert projunn.steps == 3 and projunn.skipped_steps == 0
     assert [not torch.equal(a, b) for a, b in itertools.pairwise(weights)] == [False, True, True, True]
     assert unitarity_error(model[0].weight.detach()) < 1e-5
+
+
+# -- the README's examples ------------------------------------------------------------------------------
+
+EXAMPLES = [
+    pytest.param("constrain.py", None, id="constrain"),
+    pytest.param("amp.py", None, id="amp"),
+    pytest.param(
+        "lightning_module.py",
+        "lightning",
+        id="lightning",
+        marks=[
+            *LIGHTNING_NOISE,
+            # Lightning's model summary sizes parameters as float32 under bf16-mixed and says so.
+            pytest.mark.filterwarnings("ignore:Precision bf16-mixed is not supported by the model summary"),
+        ],
+    ),
+    pytest.param("accelerate_loop.py", "accelerate", id="accelerate"),
+]
+
+
+@pytest.mark.parametrize("name, package", EXAMPLES)
+def test_readme_example_is_an_examples_file_verbatim_and_runs(name, package, tmp_path, monkeypatch):
+    path = ROOT / "examples" / name
+    assert f"```python\n{path.read_text()}```" in (ROOT / "README.md").read_text(), f"README lacks examples/{name}"
+    if package is not None:
+        _require(package)
+    if package == "lightning":
+        logging.getLogger("lightning").setLevel(logging.ERROR)
+    monkeypatch.chdir(tmp_path)
+    try:
+        namespace = runpy.run_path(str(path), run_name="__main__")
+    finally:
+        if package == "accelerate":
+            _reset_accelerate()
+    models = [value for value in namespace.values() if isinstance(value, torch.nn.Module)]
+    weights = [p for model in models for _, p in unitary_parameters(model)]
+    assert weights and all(unitarity_error(w.detach()).max() < 1e-5 for w in weights)
