@@ -5,6 +5,7 @@ from ._constrain import KINDS, UnitaryConstraint, is_constrained, remove_unitary
 from ._conv import UnitaryConv2d, frequency_layout
 from ._linear import OrthogonalLinear, StiefelLinear, UnitaryLinear, init_unitary_
 from ._models import SequenceModel
+from ._recurrence import flush_denormals, unitary_recurrence
 from ._resnet import UnitaryResNet9
 from ._rnn import NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
 
@@ -25,9 +26,11 @@ __all__ = [
     "UnitaryRNN",
     "UnitaryRNNCell",
     "UnitaryResNet9",
+    "flush_denormals",
     "frequency_layout",
     "init_unitary_",
     "is_constrained",
     "remove_unitary_",
     "unitary_",
+    "unitary_recurrence",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._rnn import ComplexToReal, UnitaryRNN
 
@@ -44,7 +43,10 @@ class SequenceModel(torch.nn.Module):
         self.readout = torch.nn.Linear(features, output_size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tokens:
-            x = F.one_hot(x, self.input_size).to(self.readout.weight.dtype)
-        outputs, last = self.rnn(x)
-        return self.readout(self.to_real(outputs if self.every_step else last))
+        if self.tokens and x.is_floating_point():
+            raise ValueError(f"expected int64 token ids of shape (batch, time), got {x.dtype}")
+        outputs, last = self.rnn(x)  # token ids are one-hot encoded by the RNN (as a lookup)
+        if not self.every_step:
+            return self.readout(self.to_real(last))
+        # Read out in the RNN's time-major layout (contiguous), then view as batch first.
+        return self.readout(self.to_real(outputs.transpose(0, 1))).transpose(0, 1)

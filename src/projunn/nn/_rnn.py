@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..functional import INITS, unitary_init
 from ..functional._validate import check_choice
+from ._recurrence import unitary_recurrence
 
 __all__ = ["NONLINEARITIES", "ComplexToReal", "ModReLU", "UnitaryRNN", "UnitaryRNNCell"]
 
@@ -165,22 +166,73 @@ class UnitaryRNNCell(torch.nn.Module):
 class UnitaryRNN(torch.nn.Module):
     """Run a :class:`UnitaryRNNCell` over a sequence (batch first).
 
+    By default the whole sequence runs through :func:`unitary_recurrence`:
+    the input projections of all steps in one product, the recurrence in one
+    loop, and a hand-written backward over the whole sequence, with the same
+    values and gradients as stepping the cell (to rounding). Under autocast
+    it steps the cell instead, so that each product follows autocast's rules.
+
     Args:
         input_size, hidden_size, and keyword arguments: as for :class:`UnitaryRNNCell`.
+        fused: use the fused whole-sequence recurrence (``False``: step the cell
+            under autograd, e.g. for double backward).
 
     Shape:
-        x (B, T, input_size) -> outputs (B, T, hidden_size), last state (B, hidden_size).
+        x (B, T, input_size), or (B, T) int64 token ids in [0, input_size) for
+        one-hot inputs; h (B, hidden_size) or None
+        -> outputs (B, T, hidden_size) (a view of time-major storage:
+        ``outputs.transpose(0, 1)`` is contiguous), last state (B, hidden_size).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, **cell_options) -> None:
+    def __init__(self, input_size: int, hidden_size: int, *, fused: bool = True, **cell_options) -> None:
         super().__init__()
         self.cell = UnitaryRNNCell(input_size, hidden_size, **cell_options)
+        self.fused = bool(fused)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.dim() != 3:
-            raise ValueError(f"expected input of shape (batch, time, {self.cell.input_size}), got {tuple(x.shape)}")
+        cell = self.cell
+        tokens = not x.is_floating_point() and not x.is_complex()
+        if tokens:
+            if x.dim() != 2:
+                raise ValueError(f"expected token ids of shape (batch, time), got {tuple(x.shape)}")
+        elif x.dim() != 3 or x.shape[-1] != cell.input_size:
+            raise ValueError(f"expected input of shape (batch, time, {cell.input_size}), got {tuple(x.shape)}")
+        if h is None:
+            h = cell.initial_state(x.shape[0])
+        elif h.shape != (x.shape[0], cell.hidden_size):
+            raise ValueError(f"expected hidden state of shape ({x.shape[0]}, {cell.hidden_size}), got {tuple(h.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError("expected a sequence of at least one step")
+        if not self.fused or torch.is_autocast_enabled(x.device.type):
+            if tokens:
+                x = F.one_hot(x, cell.input_size).to(cell.input_weight.real.dtype)
+            return self._step_by_step(x, h)
+        hs, last = unitary_recurrence(
+            self._input_terms(x.transpose(0, 1)),
+            cell.recurrent_weight,
+            h.to(cell.state_dtype),
+            cell.nonlinearity,
+            cell.activation.bias if cell.activation is not None else None,
+            with_last=True,
+        )
+        return hs.transpose(0, 1), last
+
+    def _input_terms(self, x: torch.Tensor) -> torch.Tensor:
+        """W_in x_t (+ b) for all steps at once: (T, B, I) features or (T, B) token ids -> (T, B, H)."""
+        cell = self.cell
+        if x.is_floating_point() or x.is_complex():
+            return F.linear(x.to(cell.state_dtype), cell.input_weight, cell.bias)
+        # One-hot inputs select columns of W_in: a lookup, not a product with K = vocabulary.
+        table = cell.input_weight.mT if cell.bias is None else cell.input_weight.mT + cell.bias
+        return table[x]  # (not F.embedding: it has no complex autograd)
+
+    def _step_by_step(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = []
-        for t in range(x.shape[1]):
-            h = self.cell(x[:, t], h)
+        for x_t in x.unbind(1):  # unbind: no full-size zero tensor per step in backward, unlike x[:, t]
+            h = self.cell(x_t, h)
             outputs.append(h)
-        return torch.stack(outputs, dim=1), h
+        # Time-major storage, as the fused path returns, so readouts see one layout.
+        return torch.stack(outputs, dim=0).transpose(0, 1), h
+
+    def extra_repr(self) -> str:
+        return "" if self.fused else "fused=False"

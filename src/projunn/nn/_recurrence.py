@@ -1,0 +1,215 @@
+"""The whole-sequence recurrence ``h_t = sigma(xw_t + h_{t-1} U^T)`` with a hand-written backward.
+
+Autograd through a per-step cell records a dozen nodes per time step, and at
+T = 1000 their bookkeeping, not the arithmetic, dominates an iteration. Here
+the forward pass is one loop of ``addmm`` and an in-place activation into
+preallocated (T, B, H) buffers, and the backward pass is one loop of
+``addmm`` and a multiplication by precomputed activation derivatives. Every
+derivative that does not lie on the recurrent chain (the derivative factors,
+the gradient of U, of the modReLU bias and of the inputs) is computed for
+all steps at once, outside the loops.
+
+Note [Gradients at zero modulus]
+    The reference cell computes modReLU as ``z * relu(|z| + b) / where(|z| > 0, |z|, 1)``.
+    At z = 0 its autograd derivative is ``relu(b)`` (in z) and 0 (in b), and
+    ``relu`` has derivative 0 at 0. The factors below reproduce these values
+    exactly, so both paths give the same gradients everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["flush_denormals", "unitary_recurrence"]
+
+#: Activations the fused recurrence supports (the same as :class:`UnitaryRNNCell`).
+ACTIVATIONS = ("modrelu", "relu", "tanh", "identity")
+
+
+@contextlib.contextmanager
+def flush_denormals(device: torch.device):
+    """Treat subnormal floats as zero on the CPU inside the block, and restore the mode after.
+
+    ReLU and tanh recurrences drive many hidden units towards zero, and
+    arithmetic on subnormal numbers is up to 100x slower on x86. Flushing
+    them changes values below ~1e-38 (float32) or ~1e-308 (float64) only.
+    torch has no getter for the mode, so the previous one is read off a probe.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    probe = torch.tensor([1e-39], dtype=torch.float32)  # subnormal in float32
+    was_flushing = bool((probe * 1.0).item() == 0.0)
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if supported and not was_flushing:
+            torch.set_flush_denormal(False)
+
+
+def unitary_recurrence(
+    xw: torch.Tensor,
+    weight: torch.Tensor,
+    h0: torch.Tensor,
+    activation: str,
+    modrelu_bias: torch.Tensor | None = None,
+    *,
+    with_last: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""All hidden states of ``h_t = sigma(xw_t + h_{t-1} U^T)``, t = 1..T, with a fused backward.
+
+    Args:
+        xw: (T, B, H) time-major input contributions (input projection plus any
+            additive bias), real or complex.
+        weight: (H, H) recurrent matrix U, in the dtype of ``xw``.
+        h0: (B, H) initial state.
+        activation: ``"modrelu"``, ``"relu"`` (on real and imaginary parts
+            separately when complex), ``"tanh"`` or ``"identity"``.
+        modrelu_bias: (H,) real bias of modReLU (required for ``"modrelu"``).
+        with_last: also return h_T as a separate tensor; a loss that reads only
+            it then back-propagates without a (T, B, H) gradient of zeros.
+
+    Returns:
+        (T, B, H) hidden states h_1..h_T, and (B, H) h_T with ``with_last``.
+
+    Gradients flow to ``xw``, ``weight``, ``h0`` and ``modrelu_bias`` and equal
+    those of the step-by-step cell, at zero modulus too.
+    The backward pass is not itself differentiable (no double backward).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+    if xw.dim() != 3 or weight.shape != (xw.shape[-1], xw.shape[-1]) or h0.shape != xw.shape[1:]:
+        raise ValueError(
+            f"expected xw (T, B, H), weight (H, H), h0 (B, H); got {tuple(xw.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(h0.shape)}"
+        )
+    if (activation == "modrelu") != (modrelu_bias is not None):
+        raise ValueError("modrelu_bias is required for, and only for, the modrelu activation")
+    hs, last = _Recurrence.apply(xw, weight, h0, modrelu_bias, activation)
+    return (hs, last) if with_last else hs
+
+
+def _real(x: torch.Tensor) -> torch.Tensor:
+    """A real view of x: (…, 2) real/imaginary pairs when complex, x itself otherwise."""
+    return torch.view_as_real(x) if x.is_complex() else x
+
+
+def _activate_(z: torch.Tensor, activation: str, bias: torch.Tensor | None, out: torch.Tensor, scratch) -> None:
+    """Write sigma(z) into out (which is z itself, except for modReLU)."""
+    if activation == "relu":
+        _real(out).relu_()  # relu on real and imaginary parts
+    elif activation == "tanh":
+        out.tanh_()
+    elif activation == "modrelu":
+        # sgn(z) * relu(|z| + b): sgn(0) = 0 gives 0 at z = 0, as the reference does.
+        modulus = torch.abs(z, out=scratch)
+        modulus.add_(bias).relu_()
+        torch.sgn(z, out=out)
+        out.mul_(modulus)
+
+
+class _Recurrence(torch.autograd.Function):
+    """Outputs (hs, last): all states, and a copy of the last one so that a loss reading only
+    the last state sends no (T, B, H) gradient of zeros through the backward pass."""
+
+    @staticmethod
+    def forward(ctx, xw, weight, h0, bias, activation):
+        # Each step accumulates h_{t-1} U^T in place into its own slot of a copy of xw.
+        # modReLU's derivative needs that pre-activation; the others are read off h.
+        pre = xw.contiguous().clone()
+        hs = torch.empty_like(pre) if activation == "modrelu" else pre
+        scratch = torch.empty(pre.shape[1:], dtype=pre.real.dtype, device=pre.device)
+        transposed = weight.t()
+        h = h0
+        with flush_denormals(pre.device):
+            for t in range(pre.shape[0]):
+                z = pre[t].addmm_(h, transposed)
+                _activate_(z, activation, bias, hs[t], scratch)
+                h = hs[t]
+        ctx.activation = activation
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(weight, h0, bias, pre if activation == "modrelu" else None, hs)
+        return hs, hs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_hs, grad_last):
+        weight, h0, bias, pre, hs = ctx.saved_tensors
+        steps = hs.shape[0]
+        # grad_h[t] collects dL/dh_t from every source (the outputs, and dL/dz_{t+1} U-bar added
+        # in place); the step then turns it into dL/dz_t in place.
+        grad_h = torch.zeros_like(hs) if grad_hs is None else grad_hs.contiguous().clone()
+        if grad_last is not None:
+            grad_h[-1] += grad_last
+        # grad wrt h of F.linear(h, U) = h U^T is g U-bar (conjugate for complex).
+        carry = weight.conj().resolve_conj() if weight.is_complex() else weight
+        backprop = _ActivationBackward(ctx.activation, hs, pre, bias)
+        with flush_denormals(hs.device):
+            for t in range(steps - 1, -1, -1):
+                backprop(t, grad_h[t])
+                if t > 0:
+                    grad_h[t - 1].addmm_(grad_h[t], carry)
+        grad_pre = grad_h
+        grad_xw = grad_pre if ctx.needs_input_grad[0] else None
+        grad_h0 = grad_pre[0] @ carry if ctx.needs_input_grad[2] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            size = hs.shape[-1]
+            # grad U = sum_t grad_pre_t^T conj(h_{t-1}).
+            grad_weight = grad_pre[0].mT @ h0.conj()
+            if steps > 1:
+                grad_weight = grad_weight + grad_pre[1:].reshape(-1, size).mT @ hs[:-1].reshape(-1, size).conj()
+        grad_bias = backprop.grad_bias() if bias is not None and ctx.needs_input_grad[3] else None
+        return grad_xw, grad_weight, grad_h0, grad_bias, None
+
+
+class _ActivationBackward:
+    """Turns dL/dh_t into dL/dz_t in place, one step at a time, on (B, H) slices.
+
+    Step-sized temporaries stay in cache and are recycled by the allocator,
+    where whole-sequence ones would be fresh pages on every iteration.
+    For modReLU it also accumulates the bias gradient.
+    """
+
+    def __init__(self, activation: str, hs: torch.Tensor, pre: torch.Tensor | None, bias: torch.Tensor | None):
+        self.activation, self.hs, self.pre, self.bias = activation, hs, pre, bias
+        if activation == "modrelu":
+            shape = hs.shape[1:]
+            self.bias_terms = torch.zeros(shape, dtype=bias.dtype, device=hs.device)  # sum_t of dh/db terms
+            self.at_zero = torch.relu(bias).expand(shape)  # Note [Gradients at zero modulus]
+
+    def __call__(self, t: int, g: torch.Tensor) -> None:
+        h = self.hs[t]
+        if self.activation == "relu":
+            # dL/dz = g where z > 0 (h > 0), on real and imaginary parts separately.
+            _real(g).mul_(_real(h) > 0)
+        elif self.activation == "tanh":
+            factor = 1 - h * h
+            g.mul_(factor.conj() if factor.is_complex() else factor)
+        elif self.activation == "modrelu":
+            self._modrelu(t, g, h)
+
+    def _modrelu(self, t: int, g: torch.Tensor, h: torch.Tensor) -> None:
+        # Where active (|z| + b > 0) and z != 0: h = c z with c = (|z| + b) / |z|, sgn(h) = sgn(z),
+        # dh/db = sgn(z); for real z dL/dz = g, for complex z dL/dz = c g - (b / |z|) Re(conj(g) sgn(z)) sgn(z).
+        # Elsewhere h = 0 and dL/dz = 0, except dL/dz = relu(b) g at z = 0.
+        z = self.pre[t]
+        direction = torch.sgn(h)
+        along = (_real(g) * _real(direction)).sum(-1) if g.is_complex() else g * direction  # Re(conj(g) sgn h)
+        self.bias_terms += along
+        zero = z == 0
+        if not g.is_complex():
+            g.mul_(torch.where(zero, self.at_zero, direction.abs()))
+            return
+        modulus = z.abs()
+        safe = torch.where(zero, torch.ones_like(modulus), modulus)
+        scale = torch.where(zero, self.at_zero, h.abs() / safe)
+        g.mul_(scale)
+        _real(g).addcmul_(_real(direction), (along * self.bias / safe).unsqueeze(-1), value=-1)
+
+    def grad_bias(self) -> torch.Tensor:
+        return self.bias_terms.sum(0)

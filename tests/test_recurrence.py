@@ -1,0 +1,133 @@
+"""The fused whole-sequence recurrence against the step-by-step cell under autograd (float64, complex128)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from projunn.nn import NONLINEARITIES, UnitaryRNN, flush_denormals, unitary_recurrence
+
+
+def _pair(nonlinearity: str, complex_state: bool, seed: int = 0) -> tuple[UnitaryRNN, UnitaryRNN]:
+    """A fused RNN and a step-by-step copy with identical parameters (float64 / complex128)."""
+    generator = torch.Generator().manual_seed(seed)
+    fused = UnitaryRNN(
+        3, 6, nonlinearity=nonlinearity, complex=complex_state, init="haar", dtype=torch.float64, generator=generator
+    )
+    with torch.no_grad():  # non-zero biases of both signs, so every branch of modReLU is taken
+        for name, p in fused.named_parameters():
+            if "bias" in name:
+                p.copy_(torch.randn(p.shape, dtype=p.dtype, generator=generator) * 0.5)
+    reference = copy.deepcopy(fused)
+    reference.fused = False
+    return fused, reference
+
+
+def _inputs_with_zero_modulus(complex_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B=4, T=9, 3) and h0 (4, 6): rows 0 of x (first steps) and h0 are zero, so z = 0 exactly there."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 9, 3, dtype=torch.float64, generator=generator)
+    x[0, :3] = 0.0
+    dtype = torch.complex128 if complex_state else torch.float64
+    h0 = torch.randn(4, 6, dtype=dtype, generator=generator)
+    h0[0] = 0.0
+    return x, h0
+
+
+@pytest.mark.parametrize("complex_state", [False, True])
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_fused_values_and_gradients_equal_autograd_on_the_cell(nonlinearity, complex_state):
+    fused, reference = _pair(nonlinearity, complex_state)
+    x, h0 = _inputs_with_zero_modulus(complex_state)
+    weights = torch.randn(4, 9, 6, dtype=h0.dtype, generator=torch.Generator().manual_seed(2))
+    results = []
+    for model in (fused, reference):
+        xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        outputs, last = model(xi, hi)
+        # A loss reading every step and the last state, as the copy and adding tasks do.
+        loss = (weights.conj() * outputs).real.sum() + last.abs().square().sum()
+        grads = torch.autograd.grad(loss, [xi, hi, *model.parameters()])
+        results.append((outputs.detach(), grads))
+    (out_f, grads_f), (out_r, grads_r) = results
+    assert (out_r[0, 0] == 0).any() or nonlinearity in ("relu", "tanh", "identity")  # zero entries exercised
+    torch.testing.assert_close(out_f, out_r, rtol=1e-12, atol=1e-12)
+    names = ["x", "h0", *(name for name, _ in fused.named_parameters())]
+    for name, gf, gr in zip(names, grads_f, grads_r):
+        # Normwise: the two paths add the same terms in different orders, and a chain of
+        # complex tanh amplifies one rounding to a few 1e-12 of the largest entry.
+        error = torch.linalg.vector_norm(gf - gr) / torch.linalg.vector_norm(gr).clamp_min(1e-300)
+        assert error < 1e-12, f"{name}: relative difference {error:.2e}"
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_fused_gradcheck(nonlinearity):
+    """Finite differences on the function itself, complex included (torch's gradcheck)."""
+    generator = torch.Generator().manual_seed(3)
+    for dtype in (torch.float64, torch.complex128):
+        xw = torch.randn(5, 2, 3, dtype=dtype, generator=generator, requires_grad=True)
+        weight = torch.linalg.qr(torch.randn(3, 3, dtype=dtype, generator=generator))[0].requires_grad_()
+        h0 = torch.randn(2, 3, dtype=dtype, generator=generator, requires_grad=True)
+        bias = None
+        if nonlinearity == "modrelu":
+            bias = (0.3 * torch.randn(3, dtype=torch.float64, generator=generator)).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda *a: unitary_recurrence(a[0], a[1], a[2], nonlinearity, a[3] if len(a) > 3 else None),
+            (xw, weight, h0) + ((bias,) if bias is not None else ()),
+        )
+
+
+def test_fused_path_matches_under_float32_to_rounding():
+    fused, reference = _pair("modrelu", False)
+    fused, reference = fused.float(), reference.float()
+    x = torch.randn(8, 50, 3)
+    out_f, _ = fused(x)
+    out_r, _ = reference(x)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments():
+    xw, weight, h0 = torch.zeros(4, 2, 3), torch.eye(3), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        unitary_recurrence(xw, weight, h0, "gelu")
+    with pytest.raises(ValueError, match="expected xw"):
+        unitary_recurrence(xw, torch.eye(4), h0, "relu")
+    with pytest.raises(ValueError, match="modrelu_bias is required"):
+        unitary_recurrence(xw, weight, h0, "modrelu")
+    with pytest.raises(ValueError, match="at least one step"):
+        UnitaryRNN(3, 3)(torch.zeros(2, 0, 3))
+
+
+def test_flush_denormals_restores_the_mode():
+    subnormal = torch.tensor([1e-39], dtype=torch.float32)
+    before = (subnormal * 1.0).item()
+    with flush_denormals(torch.device("cpu")):
+        inside = (subnormal * 1.0).item()
+    assert (subnormal * 1.0).item() == before
+    assert inside in (0.0, before)  # 0 where the CPU supports flushing
+
+
+@pytest.mark.parametrize("complex_state", [False, True])
+@pytest.mark.parametrize("nonlinearity", ["relu", "modrelu"])
+def test_token_inputs_are_a_lookup_equal_to_one_hot_products(nonlinearity, complex_state):
+    """SequenceModel on token ids: the fused lookup path equals one-hot products stepped by the cell."""
+    from projunn.nn import SequenceModel
+
+    torch.manual_seed(0)
+    fused = SequenceModel(
+        10, 6, 9, tokens=True, every_step=True, nonlinearity=nonlinearity, complex=complex_state, dtype=torch.float64
+    )
+    reference = copy.deepcopy(fused)
+    reference.rnn.fused = False
+    tokens = torch.randint(0, 10, (3, 12), generator=torch.Generator().manual_seed(4))
+    target = torch.randint(0, 9, (3, 12), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for model in (fused, reference):
+        logits = model(tokens)
+        assert logits.shape == (3, 12, 9)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 9), target.reshape(-1))
+        grads.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-13, atol=0)
+    for gf, gr in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(gf, gr, rtol=1e-11, atol=1e-13)
