@@ -278,3 +278,57 @@ def test_readme_example_is_an_examples_file_verbatim_and_runs(name, package, tmp
     models = [value for value in namespace.values() if isinstance(value, torch.nn.Module)]
     weights = [p for model in models for _, p in unitary_parameters(model)]
     assert weights and all(unitarity_error(w.detach()).max() < 1e-5 for w in weights)
+
+
+# -- TensorBoard -------------------------------------------------------------------------------------
+
+
+def _read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    accumulator = _require("tensorboard.backend.event_processing.event_accumulator").EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_tensorboard_logger_writes_the_metrics_rows_as_scalars(tmp_path):
+    _require("tensorboard")
+    from projunn._loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path / "tb")
+    logger.log_scalars(10, {"step": 10, "train_loss": 0.5, "eval_accuracy": None, "max_unitarity_error": 3e-7})
+    logger.log_scalars(20, {"step": 20, "train_loss": float("nan"), "eval_loss": 0.25, "max_unitarity_error": 4e-7})
+    logger.close()
+    scalars = _read_scalars(tmp_path / "tb")
+    assert scalars.keys() == {"train_loss", "eval_loss", "max_unitarity_error"}  # None, NaN and step left out
+    assert scalars["train_loss"] == [(10, 0.5)] and scalars["eval_loss"] == [(20, 0.25)]
+    assert [step for step, _ in scalars["max_unitarity_error"]] == [10, 20]
+    assert scalars["max_unitarity_error"][1][1] == pytest.approx(4e-7)
+
+
+def test_open_loggers_adds_tensorboard_clears_a_replaced_run_and_refuses_non_loggers(tmp_path):
+    import contextlib
+    import types
+
+    _require("tensorboard")
+    from projunn._loggers import TensorBoardLogger, open_loggers
+
+    class Recorder:
+        def __init__(self):
+            self.rows = []
+
+        def log_scalars(self, step, scalars):
+            self.rows.append((step, dict(scalars)))
+
+    recorder = Recorder()
+    for run in range(2):  # the second, a new run in the same folder, replaces the first one's curves
+        with contextlib.ExitStack() as cleanup:
+            config = types.SimpleNamespace(tensorboard=True, resume=False)
+            loggers = open_loggers(config, tmp_path, cleanup, extra=[recorder])
+            assert loggers[0] is recorder and isinstance(loggers[1], TensorBoardLogger)
+            for logger in loggers:
+                logger.log_scalars(run + 1, {"eval_loss": float(run)})
+    assert _read_scalars(tmp_path / "tensorboard") == {"eval_loss": [(2, 1.0)]}
+    assert recorder.rows == [(1, {"eval_loss": 0.0}), (2, {"eval_loss": 1.0})]
+    with contextlib.ExitStack() as cleanup:
+        assert open_loggers(types.SimpleNamespace(), tmp_path, cleanup) == []
+        with pytest.raises(TypeError, match="log_scalars"):
+            open_loggers(types.SimpleNamespace(), tmp_path, cleanup, extra=[print])
