@@ -69,7 +69,8 @@ def markdown(rows: list[Row], machine: str) -> str:
             lines += [
                 f"\n## {_TITLES[bench]}, k = {k}\n",
                 f"Ratios: to `{PROJUNN_REFERENCE[bench]}` and to `{baseline}` at the same N. "
-                "Peak: extra memory one call needs (MiB).\n",
+                "Peak: the most memory torch holds at once during one call, above what it held before (MiB; "
+                "BLAS/LAPACK's own buffers not included).\n",
                 f"| N | case | ms | x projunn | x {baseline} | peak MiB | runs | note |",
                 "|---|---|---|---|---|---|---|---|",
             ]
@@ -81,34 +82,74 @@ def markdown(rows: list[Row], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(path: pathlib.Path, rows: list[Row], machine: str) -> None:
-    """Log-log time against N, one panel per benchmark, at the smallest k measured."""
+def series_styles(cases: list[str], emphasised: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Matplotlib line styles that tell every case apart: a colour of its own, a marker, and a line.
+
+    Up to 20 cases get 20 different colours (the ten of ``tab10``, then their
+    light variants from ``tab20``); projunn's own cases are solid lines, the
+    others dashed, and the ``emphasised`` ones (reference and baseline) thick.
+
+    Args:
+        cases: series names, in plotting order.
+        emphasised: names drawn with a thicker line.
+
+    Returns:
+        case -> keyword arguments for ``Axes.plot`` (color, linestyle, marker, linewidth).
+    """
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"].colors
+    palette = [*tab20[0::2], *tab20[1::2]]  # dark hues first, light ones after
+    markers = "osD^vP*Xh<>p"
+    return {
+        case: {
+            "color": palette[i % len(palette)],
+            "linestyle": "-" if case.lower().startswith("projunn") else "--",
+            "marker": markers[i % len(markers)],
+            "linewidth": 2.5 if case in emphasised else 1.2,
+            "markersize": 4,
+        }
+        for i, case in enumerate(cases)
+    }
+
+
+def figure(rows: list[Row], machine: str):
+    """Log-log time against N, one panel per benchmark at the smallest k measured, legends beside the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     benches = list(dict.fromkeys(r.bench for r in rows))
-    fig, axes = plt.subplots(1, len(benches), figsize=(6.5 * len(benches), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(benches), figsize=(9 * len(benches), 5), squeeze=False)
     for ax, bench in zip(axes[0], benches):
         k = min(r.k for r in rows if r.bench == bench)
-        for case in dict.fromkeys(r.case for r in rows if r.bench == bench):
+        cases = list(dict.fromkeys(r.case for r in rows if r.bench == bench))
+        styles = series_styles(cases, emphasised=(BASELINE[bench], PROJUNN_REFERENCE[bench]))
+        for case in cases:
             points = [(r.N, r.ms) for r in rows if (r.bench, r.k, r.case) == (bench, k, case) and r.ms is not None]
-            if not points:
-                continue
-            sizes, times = zip(*points)
-            dashed = case in (BASELINE[bench], PROJUNN_REFERENCE[bench])
-            ax.plot(sizes, times, "o-" if not dashed else "s--", label=case, linewidth=2 if dashed else 1)
+            if points:
+                sizes, times = zip(*points)
+                ax.plot(sizes, times, label=case, **styles[case])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("N")
         ax.set_ylabel("ms per step (median)")
         ax.set_title(f"{bench}, k = {k}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        # Beside the panel, not over it: 16 series leave no empty corner on a log-log plot.
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.suptitle(machine, fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return fig
+
+
+def plot(path: pathlib.Path, rows: list[Row], machine: str) -> None:
+    """Write :func:`figure` as a PNG."""
+    fig = figure(rows, machine)
+    import matplotlib.pyplot as plt  # after figure() has chosen the Agg backend
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
     plt.close(fig)
 
 
