@@ -7,9 +7,10 @@ from ._linear import OrthogonalLinear, StiefelLinear, UnitaryLinear, init_unitar
 from ._models import SequenceModel
 from ._recurrence import flush_denormals, unitary_recurrence
 from ._resnet import UnitaryResNet9
-from ._rnn import NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
+from ._rnn import INPUT_INITS, NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
 
 __all__ = [
+    "INPUT_INITS",
     "KINDS",
     "NONLINEARITIES",
     "ChannelPad",

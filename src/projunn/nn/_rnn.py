@@ -11,10 +11,28 @@ from ..functional import INITS, unitary_init
 from ..functional._validate import check_choice
 from ._recurrence import unitary_recurrence
 
-__all__ = ["NONLINEARITIES", "ComplexToReal", "ModReLU", "UnitaryRNN", "UnitaryRNNCell"]
+__all__ = ["INPUT_INITS", "NONLINEARITIES", "ComplexToReal", "ModReLU", "UnitaryRNN", "UnitaryRNNCell"]
 
 #: Nonlinearities accepted by :class:`UnitaryRNNCell`.
 NONLINEARITIES = ("modrelu", "relu", "tanh", "identity")
+#: Initialisations of the input weight accepted by :class:`UnitaryRNNCell`.
+INPUT_INITS = ("he", "xavier")
+
+
+def _input_weight(hidden: int, inputs: int, kind: str, *, dtype, device, generator) -> torch.Tensor:
+    """W_in (hidden, inputs) with E|w|^2 = 2 / inputs (He) or 2 / (inputs + hidden) (Xavier).
+
+    Complex weights split the variance evenly between real and imaginary parts.
+    """
+    if kind == "he":  # torch's complex randn has E|z|^2 = 1 too
+        return torch.randn(hidden, inputs, dtype=dtype, device=device, generator=generator) * math.sqrt(2.0 / inputs)
+    bound = math.sqrt(6.0 / (inputs + hidden))  # U(-a, a) has variance a^2 / 3
+    real = dtype.to_real() if dtype.is_complex else dtype
+    parts = 2 if dtype.is_complex else 1
+    draws = torch.empty(parts, hidden, inputs, dtype=real, device=device).uniform_(-bound, bound, generator=generator)
+    if dtype.is_complex:
+        return torch.complex(draws[0], draws[1]) / math.sqrt(2.0)
+    return draws[0]
 
 
 def _check_size(name: str, value: int) -> int:
@@ -88,6 +106,9 @@ class UnitaryRNNCell(torch.nn.Module):
         complex: complex hidden state and unitary U.
         init: initialisation of U, one of :data:`projunn.functional.INITS`
             (the paper: ``"henaff"`` for the copy task, ``"cayley"`` for MNIST).
+        input_init: initialisation of W_in: ``"he"`` (normal, variance 2 / input_size)
+            or ``"xavier"`` (uniform, variance 2 / (input_size + hidden_size), as the
+            authors' copy and adding scripts).
         dtype: real dtype of the parameters (float32 by default); complex
             cells use the matching complex dtype.
         generator: source of randomness for initialisation.
@@ -106,6 +127,7 @@ class UnitaryRNNCell(torch.nn.Module):
         nonlinearity: str = "modrelu",
         complex: bool = False,
         init: str = "henaff",
+        input_init: str = "he",
         dtype: torch.dtype | None = None,
         device=None,
         generator: torch.Generator | None = None,
@@ -123,9 +145,10 @@ class UnitaryRNNCell(torch.nn.Module):
         self.recurrent_weight = torch.nn.Parameter(
             unitary_init(hidden_size, init, dtype=state, device=device, generator=generator)
         )
-        # He initialisation of the input map (torch's complex randn has E|z|^2 = 1 too).
-        input_weight = torch.randn(hidden_size, input_size, dtype=state, device=device, generator=generator)
-        self.input_weight = torch.nn.Parameter(input_weight * math.sqrt(2.0 / input_size))
+        self.input_init = check_choice("input_init", input_init, INPUT_INITS)
+        self.input_weight = torch.nn.Parameter(
+            _input_weight(hidden_size, input_size, input_init, dtype=state, device=device, generator=generator)
+        )
         if self.nonlinearity == "modrelu":
             self.activation = ModReLU(hidden_size, dtype=real, device=device)
             self.bias = None
