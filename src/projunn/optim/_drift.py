@@ -36,6 +36,14 @@ alone would ask for less than one rounding can deliver.
 The probes are generated once per shape from a fixed seed, so the control
 draws nothing from the sketch generator and every data-parallel replica
 makes the same decision. Wide (N < M) weights use U U^H - I.
+
+On weights whose rows are split over ranks (FSDP2, Note [Row-sharded projUNN])
+the estimate stays thin: one all-reduce of a 2 x M block (a wide weight: of
+an M x 2 block and one number per matrix). The Newton-Schulz step needs the
+M x M Gram matrix W^H W, one all-reduce of M^2 numbers (as much traffic as
+all-gathering a square weight) and O(n_r M^2) flops per rank; the exact
+projection all-gathers the weight once and every rank takes the same SVD.
+Both are as rare as on one process.
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ import math
 
 import torch
 
-from ..functional import closest_unitary
+from ..functional._sharded import row_shards, sharded_drift_residual, sharded_newton_schulz_
+from ._sharded import local_part, project
 
 __all__ = ["CHECK_EVERY", "EXACT_ABOVE", "DriftControl"]
 
@@ -96,7 +105,10 @@ class DriftControl:
 
     def estimate(self, weight: torch.Tensor) -> torch.Tensor:
         """Estimated ||U^H U - I||_F (or ||U U^H - I||_F for wide U), one value per matrix, O(N M)."""
-        U = _tall(weight)
+        shards = row_shards(weight)
+        if shards is not None:  # rows split over ranks: thin products and small all-reduces
+            return sharded_drift_residual(local_part(weight), self._probe(_tall(weight)), shards) / math.sqrt(_PROBES)
+        U = _tall(local_part(weight))
         X = self._probe(U)
         residual = ((U @ X).mH @ U).mH - X  # (U X)^H U = (U^H U X)^H, no conjugate copy of U
         return torch.linalg.matrix_norm(residual) / math.sqrt(_PROBES)
@@ -117,9 +129,11 @@ class DriftControl:
             if not error > tolerance:
                 continue
             if error > EXACT_ABOVE:
-                weight.copy_(closest_unitary(weight))
+                project(weight)  # a sharded weight is all-gathered once
+            elif row_shards(weight) is not None:  # the same step from the M x M Gram matrix (one all-reduce)
+                sharded_newton_schulz_(local_part(weight), row_shards(weight))
             else:  # one Newton-Schulz step, U - U (U^H U - I) / 2
-                U = _tall(weight)
+                U = _tall(local_part(weight))
                 defect = U.mH @ U
                 defect.diagonal(dim1=-2, dim2=-1).sub_(1)
                 U.sub_(U @ defect, alpha=0.5)

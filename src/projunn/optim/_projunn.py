@@ -62,10 +62,11 @@ from typing import Any
 
 import torch
 
-from ..functional import SKETCHES, closest_unitary, lowrank, projunn_d, projunn_t
+from ..functional import SKETCHES
 from ..functional._validate import SUPPORTED_DTYPES, check_choice, check_positive_int
 from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
 from ._drift import DriftControl
+from ._sharded import all_finite_everywhere, check_weight, local_part, project, sketch, update
 
 __all__ = ["METHODS", "ProjUNN"]
 
@@ -73,7 +74,6 @@ __all__ = ["METHODS", "ProjUNN"]
 #: group unconstrained (the plain base optimiser step), for comparisons.
 METHODS = ("t", "d", "none")
 
-_UPDATES = {"t": projunn_t, "d": projunn_d}
 _STATE_KEY = "projunn"
 _NONFINITE_POLICIES = ("skip", "raise")
 #: Sketches whose factors are non-finite whenever D is: LSI multiplies D by a Gaussian matrix (no
@@ -287,6 +287,7 @@ class ProjUNN:
                     f"unitary parameters must be matrices (..., N, N), or (..., N, M) semi-unitary; "
                     f"got shape {tuple(p.shape)}"
                 )
+            check_weight(p, self._setting(group, "sketch"))  # DTensor placements: Note [Row-sharded projUNN]
         self._checked[id(group)] = self._group_signature(group)
 
     def _unitary_params(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
@@ -310,7 +311,7 @@ class ProjUNN:
     def _abort(self) -> None:
         """Undo an interrupted step: restore saved unitary weights and hidden gradients."""
         for p in self._in_step:
-            p.copy_(self._saved[p])
+            local_part(p).copy_(self._saved[p])
         self._in_step = []
         for p, grad in self._hidden_grads.items():
             p.grad = grad
@@ -334,7 +335,7 @@ class ProjUNN:
         has_closure = bool(args[1:]) or kwargs.get("closure") is not None
         params = [p for p, _ in self._unitary_params() if has_closure or p.grad is not None]
         grads = [p.grad for p in params if p.grad is not None]
-        if not has_closure and grads and not _all_finite(grads):
+        if not has_closure and grads and not all_finite_everywhere(_all_finite, grads, params):
             # Note [Non-finite steps]: the base optimiser skips parameters whose grad is None.
             for p in params:
                 if p.grad is not None:
@@ -342,10 +343,11 @@ class ProjUNN:
                     p.grad = None
             return
         for p in params:
+            local = local_part(p)  # a DTensor's part on this rank
             buffer = self._saved.get(p)
-            if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
-                buffer = self._saved[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            buffer.copy_(p)
+            if buffer is None or buffer.shape != local.shape or buffer.dtype != p.dtype or buffer.device != p.device:
+                buffer = self._saved[p] = torch.empty_like(local, memory_format=torch.contiguous_format)
+            buffer.copy_(local)
         self._in_step = params
 
     @_eager
@@ -361,24 +363,24 @@ class ProjUNN:
         try:
             # Each weight now holds U + D; recover D in place (the buffer holds U).
             for p in params:
-                p.sub_(self._saved[p])
+                local_part(p).sub_(self._saved[p])
             stepped = {id(p) for p in params}
             work = [(p, group) for p, group in self._unitary_params() if id(p) in stepped]
             # Note [Non-finite steps]: an LSI sketch of a non-finite D is itself non-finite (see
             # _SKETCHES_THAT_PROPAGATE), so only the other sketches need a separate pass over D.
             unchecked = [p for p, group in work if self._setting(group, "sketch") not in _SKETCHES_THAT_PROPAGATE]
-            if unchecked and not _all_finite(unchecked):
+            if unchecked and not all_finite_everywhere(_all_finite, unchecked, params):
                 self._skip_nonfinite_step()
                 return
             factors = []
             for D, group in work:
                 rank = min(self._setting(group, "rank"), *D.shape[-2:])
-                factors.append(lowrank(D, rank, self._setting(group, "sketch"), generator=self._generator(D.device)))
-            if factors and not _all_finite([t for pair in factors for t in pair]):
+                factors.append(sketch(D, rank, self._setting(group, "sketch"), self._generator(D.device)))
+            if factors and not all_finite_everywhere(_all_finite, [t for pair in factors for t in pair], params):
                 self._skip_nonfinite_step()
                 return
             for (p, group), (a, b) in zip(work, factors):
-                _UPDATES[self._setting(group, "method")](self._saved[p], a, b, out=p)
+                update(self._setting(group, "method"), p, self._saved[p], a, b)
         except BaseException:
             self._abort()
             raise
@@ -386,7 +388,7 @@ class ProjUNN:
         self.steps += 1
         if self.reorthogonalize_every and self.steps % self.reorthogonalize_every == 0:
             for p, _ in self._unitary_params():
-                p.copy_(closest_unitary(p))
+                project(p)
         elif self.drift_control is not None and self.steps % DRIFT_CHECK_EVERY == 0:
             self.drift_control(*(p for p, _ in self._unitary_params()))
 
