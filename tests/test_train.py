@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import pathlib
 import pickle
 import struct
 
@@ -17,6 +18,7 @@ from projunn.tasks import DatasetMissingError, load_images, read_idx
 from projunn.tasks._mnist import read_mnist_pickle
 from projunn.train import CHECKPOINT, TrainConfig, train
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {
     "task",
     "method",
@@ -72,7 +74,16 @@ def test_every_task_and_method_writes_all_files(tmp_path, task, extra, method):
         assert summary["max_unitarity_error"] < 1e-5
     rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [1, 2]
-    assert list(rows[0]) == ["step", "seconds", "train_loss", "eval_loss", "eval_accuracy", "max_unitarity_error"]
+    assert list(rows[0]) == [
+        "step",
+        "seconds",
+        "train_loss",
+        "eval_loss",
+        "eval_accuracy",
+        "eval_baseline",
+        "max_unitarity_error",
+    ]
+    assert float(rows[-1]["eval_baseline"]) > 0  # the constant / memoryless predictor on the same set
     config = json.loads((out / "config.json").read_text())
     assert config["hidden"] == 8 and config["method"] == method
 
@@ -216,6 +227,53 @@ def test_bad_values_exit_2_with_one_line(argv, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
+def test_config_json_names_no_folder_of_this_machine(tmp_path):
+    out = _run(tmp_path, "copy", "--seq-len", "5")
+    assert "out" not in json.loads((out / "config.json").read_text())
+    assert "out" not in torch.load(out / CHECKPOINT, weights_only=True)["config"]
+    moved = out.rename(tmp_path / "moved")  # a run folder copied to another place (or machine) resumes there
+    assert main(["train", "copy", "--steps", "3", "--resume", "--out", str(moved), "--quiet"]) == 0
+    assert json.loads((moved / "summary.json").read_text())["steps"] == 3
+
+
+def test_runs_recorded_with_an_absolute_out_still_resume_and_load(tmp_path):
+    """Checkpoints and config.json files written before ``out`` was left out, the committed ones included."""
+    out = _run(tmp_path, "copy", "--seq-len", "5")
+    checkpoint = torch.load(out / CHECKPOINT, weights_only=True)
+    checkpoint["config"]["out"] = "/home/someone/elsewhere"
+    torch.save(checkpoint, out / CHECKPOINT)
+    assert main(["train", "copy", "--steps", "3", "--resume", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    committed = sorted((ROOT / "benchmarks" / "results").rglob("config.json"))
+    assert committed
+    for path in committed:
+        assert TrainConfig(**json.loads(path.read_text())).task, path
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite replaces it"),
+        (["--hidden", "4", "--rank", "10"], "--rank 10 exceeds 4, the size of this model's smallest unitary matrix"),
+        (["--seed", "100000000000000000000"], "--seed: expected an integer from 0 to 4294967295"),
+        (["--seed", "-1"], "--seed: expected an integer from 0 to 4294967295"),
+    ],
+)
+def test_combinations_that_would_be_ignored_or_overflow_are_refused(tmp_path, capsys, argv, message):
+    try:
+        code = main(["train", "copy", "--seq-len", "5", "--steps", "1", *argv, "--out", str(tmp_path / "r")])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_largest_seed_runs(tmp_path):
+    out = _run(tmp_path, "copy", "--seq-len", "5", "--seed", str(2**32 - 1))
+    assert json.loads((out / "config.json").read_text())["seed"] == 2**32 - 1
+
+
 def test_resume_refuses_other_settings(tmp_path, capsys):
     _run(tmp_path, "copy", "--seq-len", "5")
     code = main(
@@ -228,7 +286,7 @@ def test_a_corrupt_checkpoint_is_refused(tmp_path, capsys):
     out = _run(tmp_path, "copy", "--seq-len", "5")
     (out / CHECKPOINT).write_bytes(b"not a checkpoint")
     assert main(["train", "copy", *TINY, "--seq-len", "5", "--resume", "--out", str(out)]) == 2
-    assert "is not a readable checkpoint" in capsys.readouterr().err
+    assert "is not a readable projunn checkpoint" in capsys.readouterr().err
 
 
 def test_help_explains_every_option(capsys):
@@ -277,8 +335,11 @@ def test_read_idx_round_trip_and_errors(tmp_path):
 def test_load_images_from_a_folder(tiny_mnist, tmp_path):
     data = load_images("mnist", tiny_mnist)
     assert data.train_images.shape == (60, 28, 28) and data.test_labels.shape == (20,)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetMissingError, match="no mnist IDX files"):
         load_images("mnist", tmp_path / "empty")
+    with pytest.raises(DatasetMissingError, match="no such folder"):
+        load_images("mnist", tmp_path / "nope")
     with pytest.raises(ValueError, match="unknown image data set"):
         load_images("cifar", tiny_mnist)
 
@@ -299,8 +360,36 @@ def test_mnist_pickle_reader_and_restricted_unpickler(tmp_path):
     evil = tmp_path / "evil.pkl.gz"
     with gzip.open(evil, "wb") as f:
         pickle.dump(print, f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+    with pytest.raises(ValueError, match="evil.pkl.gz: refusing to load builtins.print"):
         read_mnist_pickle(evil, verify=False)
+
+
+def test_damaged_data_files_are_named(tmp_path, tiny_mnist):
+    truncated = tmp_path / "mnist.pkl.gz"
+    truncated.write_bytes(gzip.compress(pickle.dumps((1, 2, 3)))[:-8])
+    not_gzip = tmp_path / "other.pkl.gz"
+    not_gzip.write_bytes(b"garbage")
+    for path in (truncated, not_gzip):
+        with pytest.raises(ValueError, match=f"^{path}: "):
+            read_mnist_pickle(path, verify=False)
+    idx = tiny_mnist / "train-images-idx3-ubyte.gz"
+    idx.write_bytes(idx.read_bytes()[:40])  # a cut-off download
+    with pytest.raises(ValueError, match=f"^{idx}: "):
+        read_idx(idx)
+
+
+def test_a_damaged_cifar_batch_is_named(tmp_path, capsys):
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert main(["train", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'data_batch_1'}: invalid load key" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("task", ["pmnist", "mnist", "cifar10"])
+def test_a_data_dir_that_does_not_exist_says_so(tmp_path, capsys, task):
+    assert main(["train", task, "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert f"--data-dir {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
 
 
 def test_time_budget_stops_at_a_step_boundary(tmp_path):
