@@ -332,3 +332,41 @@ def test_open_loggers_adds_tensorboard_clears_a_replaced_run_and_refuses_non_log
         assert open_loggers(types.SimpleNamespace(), tmp_path, cleanup) == []
         with pytest.raises(TypeError, match="log_scalars"):
             open_loggers(types.SimpleNamespace(), tmp_path, cleanup, extra=[print])
+
+
+def test_cli_tensorboard_writes_the_rows_of_metrics_csv(tmp_path):
+    import csv
+
+    from projunn.cli import main
+
+    _require("tensorboard")
+    out = tmp_path / "run"
+    argv = ["train", "copy", "--steps", "20", "--eval-every", "10", "--hidden", "16", "--seq-len", "5", "--quiet"]
+    assert main([*argv, "--tensorboard", "--out", str(out)]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    scalars = _read_scalars(out / "tensorboard")
+    assert {"seconds", "train_loss", "eval_loss", "max_unitarity_error"} <= scalars.keys()
+    for tag in ("train_loss", "eval_loss", "max_unitarity_error"):
+        assert [step for step, _ in scalars[tag]] == [int(row["step"]) for row in rows] == [10, 20]
+        assert [value for _, value in scalars[tag]] == pytest.approx([float(row[tag]) for row in rows], rel=1e-6)
+
+
+def test_train_passes_each_metrics_row_to_other_loggers(tmp_path):
+    from projunn.train import TrainConfig, train
+
+    class Recorder:
+        def __init__(self):
+            self.rows = []
+
+        def log_scalars(self, step, scalars):
+            self.rows.append((step, dict(scalars)))
+
+    recorder = Recorder()
+    config = TrainConfig(
+        task="copy", steps=20, eval_every=10, hidden=16, seq_len=5, quiet=True, out=str(tmp_path / "r")
+    )
+    summary = train(config, log=lambda message: None, loggers=[recorder])
+    assert [step for step, _ in recorder.rows] == [10, 20]
+    assert recorder.rows[-1][1]["max_unitarity_error"] == summary["max_unitarity_error"]
+    assert not (tmp_path / "r" / "tensorboard").exists()

@@ -146,6 +146,7 @@ def _add_train_parser(commands) -> None:
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     add("--overwrite", action="store_true", help="replace a run already in --out")
     add("--quiet", action="store_true", help="log lines instead of a progress bar")
+    add("--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars into OUT/tensorboard")
 
 
 def build_parser() -> argparse.ArgumentParser:

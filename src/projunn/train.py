@@ -34,6 +34,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from ._distributed import Replicas, start_replicas
 from ._files import atomic_write as _atomic_write
+from ._loggers import open_loggers
 from .functional import SKETCHES, unitarity_error
 from .optim import ProjUNN
 from .optim._groups import unitary_slots
@@ -93,6 +94,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
+    tensorboard: bool = False
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -356,7 +358,7 @@ def _build(config: TrainConfig, device: torch.device):
     return task, model, optimizer
 
 
-def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
+def train(config: TrainConfig, *, log=print, loggers=()) -> dict[str, Any]:
     """Run (or resume) a training run; return its summary (also written to summary.json).
 
     The first Ctrl-C finishes the current step, saves a checkpoint and
@@ -365,7 +367,8 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
 
     Under ``torchrun`` the run is data parallel (see :mod:`projunn._distributed`):
     every replica trains on its slice of each global batch, and rank 0 alone
-    logs and writes files.
+    logs and writes files. Each ``loggers`` entry gets every metrics.csv row as
+    ``log_scalars(step, row)`` (see :mod:`projunn._loggers`).
 
     Raises:
         RunError: bad settings, an occupied output folder, or an unusable checkpoint.
@@ -373,12 +376,12 @@ def train(config: TrainConfig, *, log=print) -> dict[str, Any]:
     """
     replicas, device_name = start_replicas(config.device)
     try:
-        return _train(config, replicas, device_name, log if replicas.is_main else (lambda message: None))
+        return _train(config, replicas, device_name, log if replicas.is_main else (lambda message: None), loggers)
     finally:
         replicas.close()
 
 
-def _train(config: TrainConfig, replicas: Replicas, device_name: str, log) -> dict[str, Any]:
+def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, loggers=()) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     checkpoint = None
@@ -415,6 +418,8 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log) -> di
         if checkpoint.get("device", device.type) != device.type:
             log(f"note: the run was on {checkpoint['device']}, now on {device.type}; the result may differ slightly")
     replicas.on_main(lambda: (_claim_out_dir(out, config), _write_json(out / "config.json", asdict(config))))
+    opened = contextlib.ExitStack()
+    loggers = open_loggers(config, out, opened, loggers) if replicas.is_main else []
     cached = parametrize.cached if config.method in ("expm", "cayley") else contextlib.nullcontext
     # Half-precision compute; parameters, unitary ones included, stay in full precision (the master copy).
     low_precision = (
@@ -497,6 +502,8 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log) -> di
                     best = min(best, row["eval_loss"])
                 if replicas.is_main:
                     _write_metrics(out / "metrics.csv", history)
+                    for logger in loggers:
+                        logger.log_scalars(step, row)
                 save_checkpoint()
                 postfix = {"loss": f"{scores['eval_loss']:.4g}", "best": f"{best:.4g}"}
                 if row["eval_accuracy"] is not None:
@@ -526,6 +533,7 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log) -> di
         log(f"stopped; the checkpoint of step {step} in {out} is kept (continue with --resume)")
     finally:
         bar.close()
+        opened.close()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
 
