@@ -22,6 +22,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+try:
+    from projunn._allocator import reuse_freed_memory
+except ImportError:  # an older projunn, measured as the "before" variant
+
+    def reuse_freed_memory() -> bool:
+        return False
+
+
 from projunn.nn import SequenceModel
 from projunn.optim import ProjUNN, param_groups
 
@@ -35,19 +43,23 @@ CASES = {
 def _model(case: tuple, fused: bool) -> SequenceModel:
     inputs, hidden, outputs, tokens, every_step, _, nonlinearity, init = case
     torch.manual_seed(0)
-    model = SequenceModel(inputs, hidden, outputs, tokens=tokens, every_step=every_step, nonlinearity=nonlinearity, init=init)
+    model = SequenceModel(
+        inputs, hidden, outputs, tokens=tokens, every_step=every_step, nonlinearity=nonlinearity, init=init
+    )
     model.rnn.fused = fused
     return model
 
 
 def _batch(case: tuple, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs, _, outputs, tokens, every_step, steps, _, _ = case
+    inputs, _, outputs, tokens, _, steps, _, _ = case
     generator = torch.Generator().manual_seed(0)
     if tokens:
         return torch.randint(0, inputs, (batch, steps), generator=generator), torch.randint(
             0, outputs, (batch, steps), generator=generator
         )
-    return torch.rand(batch, steps, inputs, generator=generator), torch.randint(0, outputs, (batch,), generator=generator)
+    return torch.rand(batch, steps, inputs, generator=generator), torch.randint(
+        0, outputs, (batch,), generator=generator
+    )
 
 
 def _iteration(model, optimizer, x, y) -> float:
@@ -81,17 +93,23 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per variant (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--variants",
+        default="fused,stepped",
+        help="comma-separated subset of fused,stepped (for an older projunn without the fused path: stepped)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as projunn train does
     results = {}
     for name, case in CASES.items():
         x, y = _batch(case, args.batch_size)
         runs = {}
-        for fused in (True, False):
+        for fused in [v == "fused" for v in args.variants.split(",")]:
             model = _model(case, fused)
             optimizer = ProjUNN(torch.optim.RMSprop(param_groups(model, unitary_lr=1e-3 / 32), lr=1e-3), seed=0)
             runs["fused" if fused else "stepped"] = (model, optimizer)
-        times = {"fused": [], "stepped": [], "matmul floor": []}
+        times = {label: [] for label in (*runs, "matmul floor")}
         for repeat in range(args.repeats + 1):  # interleaved; the first round warms up
             for label, (model, optimizer) in runs.items():
                 elapsed = _iteration(model, optimizer, x, y)
@@ -101,11 +119,11 @@ def main(argv=None) -> int:
                 times["matmul floor"].append(_matmul_floor(case, args.batch_size))
         medians = {label: statistics.median(values) for label, values in times.items()}
         results[name] = medians
+        ratios = "".join(f", {label}/floor {medians[label] / medians['matmul floor']:.2f}x" for label in runs)
         print(
             f"{name}, batch {args.batch_size}, {args.threads} thread(s): "
             + ", ".join(f"{label} {seconds:.3f} s" for label, seconds in medians.items())
-            + f"; stepped/fused {medians['stepped'] / medians['fused']:.2f}x,"
-            f" fused/floor {medians['fused'] / medians['matmul floor']:.2f}x"
+            + ratios
         )
     if args.json:
         with open(args.json, "w") as f:
