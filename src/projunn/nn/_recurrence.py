@@ -89,8 +89,18 @@ def unitary_recurrence(
         )
     if (activation == "modrelu") != (modrelu_bias is not None):
         raise ValueError("modrelu_bias is required for, and only for, the modrelu activation")
-    hs, last = _Recurrence.apply(xw, weight, h0, modrelu_bias, activation)
+    hs, last = _Recurrence.apply(xw, weight, h0, modrelu_bias, activation, False)
     return (hs, last) if with_last else hs
+
+
+def _recurrence_over(xw, weight, h0, activation, modrelu_bias=None):
+    """:func:`unitary_recurrence` (with the last state) that may write the states over ``xw``.
+
+    For callers that made ``xw`` for this call alone: it saves a (T, B, H) copy
+    per forward pass. ``xw`` must not be needed afterwards, nor saved by the
+    operation that produced it (a lookup or a linear map: neither saves its output).
+    """
+    return _Recurrence.apply(xw, weight, h0, modrelu_bias, activation, True)
 
 
 def _real(x: torch.Tensor) -> torch.Tensor:
@@ -117,10 +127,13 @@ class _Recurrence(torch.autograd.Function):
     the last state sends no (T, B, H) gradient of zeros through the backward pass."""
 
     @staticmethod
-    def forward(ctx, xw, weight, h0, bias, activation):
-        # Each step accumulates h_{t-1} U^T in place into its own slot of a copy of xw.
-        # modReLU's derivative needs that pre-activation; the others are read off h.
-        pre = xw.contiguous().clone()
+    def forward(ctx, xw, weight, h0, bias, activation, overwrite):
+        # Each step accumulates h_{t-1} U^T in place into its own slot of xw (or a copy of it).
+        # modReLU's derivative needs that pre-activation; the others are read off h, in place.
+        reuse = overwrite and activation != "modrelu" and xw.is_contiguous()
+        pre = xw if reuse else xw.contiguous().clone()
+        if reuse:
+            ctx.mark_dirty(xw)
         hs = torch.empty_like(pre) if activation == "modrelu" else pre
         scratch = torch.empty(pre.shape[1:], dtype=pre.real.dtype, device=pre.device)
         transposed = weight.t()
@@ -164,7 +177,7 @@ class _Recurrence(torch.autograd.Function):
             if steps > 1:
                 grad_weight = grad_weight + grad_pre[1:].reshape(-1, size).mT @ hs[:-1].reshape(-1, size).conj()
         grad_bias = backprop.grad_bias() if bias is not None and ctx.needs_input_grad[3] else None
-        return grad_xw, grad_weight, grad_h0, grad_bias, None
+        return grad_xw, grad_weight, grad_h0, grad_bias, None, None
 
 
 class _ActivationBackward:
@@ -186,7 +199,7 @@ class _ActivationBackward:
         h = self.hs[t]
         if self.activation == "relu":
             # dL/dz = g where z > 0 (h > 0), on real and imaginary parts separately.
-            _real(g).mul_(_real(h) > 0)
+            torch.ops.aten.threshold_backward.grad_input(_real(g), _real(h), 0, grad_input=_real(g))
         elif self.activation == "tanh":
             factor = 1 - h * h
             g.mul_(factor.conj() if factor.is_complex() else factor)

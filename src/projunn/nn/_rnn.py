@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..functional import INITS, unitary_init
 from ..functional._validate import check_choice
-from ._recurrence import unitary_recurrence
+from ._recurrence import _recurrence_over
 
 __all__ = ["INPUT_INITS", "NONLINEARITIES", "ComplexToReal", "ModReLU", "UnitaryRNN", "UnitaryRNNCell"]
 
@@ -230,13 +230,12 @@ class UnitaryRNN(torch.nn.Module):
             if tokens:
                 x = F.one_hot(x, cell.input_size).to(cell.input_weight.real.dtype)
             return self._step_by_step(x, h)
-        hs, last = unitary_recurrence(
+        hs, last = _recurrence_over(  # xw is made here for this call: the states may overwrite it
             self._input_terms(x.transpose(0, 1)),
             cell.recurrent_weight,
             h.to(cell.state_dtype),
             cell.nonlinearity,
             cell.activation.bias if cell.activation is not None else None,
-            with_last=True,
         )
         return hs.transpose(0, 1), last
 
