@@ -20,8 +20,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from projunn.nn import StiefelLinear, UnitaryLinear
-from projunn.optim import ProjUNN, param_groups
-from projunn.optim._sharded import distributed_state_dict, load_distributed_state_dict
+from projunn.optim import ProjUNN, distributed_state_dict, load_distributed_state_dict, param_groups
 
 STEPS, BATCH, RANK = 20, 6, 2
 # (name, dtype, method, sketch, extra ProjUNN options)

@@ -2,5 +2,13 @@
 
 from ._groups import param_groups, unitary_parameters
 from ._projunn import METHODS, ProjUNN
+from ._sharded import distributed_state_dict, load_distributed_state_dict
 
-__all__ = ["METHODS", "ProjUNN", "param_groups", "unitary_parameters"]
+__all__ = [
+    "METHODS",
+    "ProjUNN",
+    "distributed_state_dict",
+    "load_distributed_state_dict",
+    "param_groups",
+    "unitary_parameters",
+]

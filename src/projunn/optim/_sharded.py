@@ -109,7 +109,8 @@ def distributed_state_dict(model: torch.nn.Module, optimizer: Any) -> dict[str, 
     Example:
         >>> import torch.distributed.checkpoint as dcp  # doctest: +SKIP
         >>> dcp.save(distributed_state_dict(model, opt), checkpoint_id=path)  # doctest: +SKIP
-        >>> state = distributed_state_dict(model, opt)  # in the new process group  # doctest: +SKIP
+        >>> # later, in a new process group, with the same model and optimiser built afresh:
+        >>> state = distributed_state_dict(model, opt)  # doctest: +SKIP
         >>> dcp.load(state, checkpoint_id=path)  # doctest: +SKIP
         >>> load_distributed_state_dict(model, opt, state)  # doctest: +SKIP
     """
