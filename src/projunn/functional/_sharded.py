@@ -341,7 +341,7 @@ def _direct_small(
     return (V * scale.unsqueeze(-2).to(S.dtype)) @ V.mH, eye, degenerate
 
 
-def _dense_fallback(W, a, b, degenerate, shards, transpose=False):
+def _dense_fallback(W, a, b, degenerate, shards):
     """The exact polar factor of the degenerate matrices of the batch (an all-gather; a step no run takes)."""
     if not bool(degenerate.any()):
         return None
@@ -352,11 +352,13 @@ def _dense_fallback(W, a, b, degenerate, shards, transpose=False):
 def _tall_d(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shards: RowShards) -> _Parts:
     # Note [Stiefel projUNN-D]: polar(W + a b^H) = W + ((W Q) C + a R_b^H (I + C)) Q^H, [b, W^H a] = Q R.
     k, wide = a.shape[-1], double(W.dtype)
-    c = _all_sum(a.mH @ W, shards).mH  # M x k
-    Q, R = torch.linalg.qr(torch.cat([b.to(wide), c.to(wide)], dim=-1))
-    R_b = R[..., :k]
     a_wide = a.to(wide)
-    C, eye, degenerate = _direct_small(R_b, R[..., k:], _all_sum(a_wide.mH @ a_wide, shards))
+    # W^H a (M x k) and a^H a (k x k) summed in one all-reduce.
+    sums = _all_sum(torch.cat([(a.mH @ W).to(wide), a_wide.mH @ a_wide], dim=-1), shards)
+    c, gram_a = sums[..., :W.shape[-1]].mH, sums[..., W.shape[-1] :]
+    Q, R = torch.linalg.qr(torch.cat([b.to(wide), c], dim=-1))
+    R_b = R[..., :k]
+    C, eye, degenerate = _direct_small(R_b, R[..., k:], gram_a)
     fallback = _dense_fallback(W, a, b, degenerate, shards)
     left = (W @ Q.to(W.dtype)) @ C.to(W.dtype) + a @ (R_b.mH @ (eye + C)).to(W.dtype)
     return left, Q.mH.to(W.dtype), fallback
