@@ -16,9 +16,6 @@ from projunn.optim import ProjUNN, param_groups, unitary_parameters
 
 F64 = torch.float64
 TOL = 1e-12
-# ProjUNN does not yet apply its update to the view that the "matrix_shape" group key names (see
-# Note [Matrix views] in projunn.nn._constrain); these tests pass once it does.
-NEEDS_VIEWS = pytest.mark.xfail(strict=True, reason="ProjUNN does not read the 'matrix_shape' group key yet")
 
 
 def train(model: torch.nn.Module, inputs: torch.Tensor, steps: int = 12, **projunn) -> ProjUNN:
@@ -112,7 +109,6 @@ def test_gate_blocks_are_a_batch_view_of_the_stacked_matrix(rnn_class, gates):
     assert torch.equal(matrices(rnn, "weight_hh_l1"), W.view(gates, 5, 5))
 
 
-@NEEDS_VIEWS
 @pytest.mark.parametrize("rnn_class, gates", [(torch.nn.GRU, 3), (torch.nn.LSTM, 4)])
 def test_gate_blocks_stay_orthogonal_under_projunn(rnn_class, gates):
     rnn = unitary_(rnn_class(3, 5, batch_first=True, dtype=F64), "weight_hh_l0", blocks=gates)
@@ -139,7 +135,6 @@ def test_conv_with_orthonormal_columns_and_stride_equal_to_kernel_is_an_isometry
     assert torch.allclose(patchify(x).flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
 
 
-@NEEDS_VIEWS
 def test_conv_kernel_stays_orthogonal_under_projunn():
     conv = unitary_(torch.nn.Conv2d(2, 6, 3, padding=1, dtype=F64), kind="kernel")
     train(conv, torch.randn(2, 2, 5, 5, dtype=F64))

@@ -475,7 +475,14 @@ def test_bad_settings_name_the_problem():
 
 
 def test_public_names():
-    assert set(projunn.optim.__all__) == {"METHODS", "ProjUNN", "param_groups", "unitary_parameters"}
+    assert set(projunn.optim.__all__) == {
+        "METHODS",
+        "ProjUNN",
+        "distributed_state_dict",
+        "load_distributed_state_dict",
+        "param_groups",
+        "unitary_parameters",
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ProjUNN(torch.optim.SGD(param_groups(Student()), lr=0.1))

@@ -66,6 +66,7 @@ from ..functional import SKETCHES
 from ..functional._validate import SUPPORTED_DTYPES, check_choice, check_positive_int
 from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
 from ._drift import DriftControl
+from ._groups import MATRIX_SHAPE, matrix_view
 from ._sharded import all_finite_everywhere, check_weight, local_part, project, sketch, update
 
 __all__ = ["METHODS", "ProjUNN"]
@@ -112,7 +113,9 @@ class ProjUNN:
 
     Group keys (each optional, defaulting to the constructor's arguments):
     ``unitary`` (bool), ``method`` ("t", "d" or "none"), ``rank`` (int >= 1,
-    capped at N), ``sketch`` (one of :data:`projunn.functional.SKETCHES`), and
+    capped at N), ``sketch`` (one of :data:`projunn.functional.SKETCHES`),
+    ``matrix_shape`` (update ``p.view(matrix_shape)`` instead of ``p``: gate
+    blocks, convolution kernels; Note [Matrix views] in ``projunn.nn._constrain``), and
     the base optimiser's own ``lr`` (the paper uses lr/32 for unitary RNN
     weights and lr/10 for convolutions). :func:`projunn.optim.param_groups`
     builds such groups from a model.
@@ -263,7 +266,7 @@ class ProjUNN:
 
     def _group_signature(self, group: dict[str, Any]) -> tuple:
         """What a group's check depends on; the check is repeated only when this changes."""
-        keys = ("unitary", "method", "rank", "sketch")
+        keys = ("unitary", "method", "rank", "sketch", MATRIX_SHAPE)
         return (*(group.get(key) for key in keys), id(group["params"]), len(group["params"]))
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -277,6 +280,15 @@ class ProjUNN:
         check_positive_int("rank", self._setting(group, "rank"))
         check_choice("sketch", self._setting(group, "sketch"), SKETCHES)
         for p in params:
+            if MATRIX_SHAPE in group:  # Note [Matrix views] in projunn.nn._constrain
+                if local_part(p) is not p:
+                    raise ValueError(
+                        f"a matrix_shape view of a DTensor weight of shape {tuple(p.shape)} is not supported"
+                    )
+                try:
+                    p = matrix_view(p, group)
+                except RuntimeError as error:
+                    raise ValueError(f"unitary parameter of shape {tuple(p.shape)}: {error}") from None
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(
                     f"unitary parameter of shape {tuple(p.shape)} has unsupported dtype {p.dtype}; keep unitary "
@@ -373,24 +385,26 @@ class ProjUNN:
                 self._skip_nonfinite_step()
                 return
             factors = []
-            for D, group in work:
+            for p, group in work:
+                D = matrix_view(p, group)
                 rank = min(self._setting(group, "rank"), *D.shape[-2:])
                 factors.append(sketch(D, rank, self._setting(group, "sketch"), self._generator(D.device)))
             if factors and not all_finite_everywhere(_all_finite, [t for pair in factors for t in pair], params):
                 self._skip_nonfinite_step()
                 return
             for (p, group), (a, b) in zip(work, factors):
-                update(self._setting(group, "method"), p, self._saved[p], a, b)
+                saved = matrix_view(self._saved[p], group)
+                update(self._setting(group, "method"), matrix_view(p, group), saved, a, b)
         except BaseException:
             self._abort()
             raise
         self._in_step = []
         self.steps += 1
         if self.reorthogonalize_every and self.steps % self.reorthogonalize_every == 0:
-            for p, _ in self._unitary_params():
-                project(p)
+            for p, group in self._unitary_params():
+                project(matrix_view(p, group))
         elif self.drift_control is not None and self.steps % DRIFT_CHECK_EVERY == 0:
-            self.drift_control(*(p for p, _ in self._unitary_params()))
+            self.drift_control(*(matrix_view(p, group) for p, group in self._unitary_params()))
 
     def _skip_nonfinite_step(self) -> None:
         self._abort()
