@@ -10,9 +10,8 @@ import matplotlib.pyplot
 import pytest
 import torch
 
-from projunn.bench import BenchConfig, run_bench
+from projunn.bench import BenchConfig, _report, run_bench
 from projunn.bench import _cases as cases
-from projunn.bench import _report
 from projunn.bench._measure import _peak_mib, measure, running_peak
 from projunn.cli import main
 

@@ -6,7 +6,6 @@ import itertools
 
 import pytest
 import torch
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ALL_DTYPES, REAL_AND_COMPLEX, eps, gram_defect, haar, polar_reference, randn, tangent_reference
