@@ -352,6 +352,17 @@ def test_cli_tensorboard_writes_the_rows_of_metrics_csv(tmp_path):
         assert [value for _, value in scalars[tag]] == pytest.approx([float(row[tag]) for row in rows], rel=1e-6)
 
 
+def test_a_run_may_start_logging_to_tensorboard_when_resumed(tmp_path):
+    from projunn.cli import main
+
+    _require("tensorboard")
+    out = tmp_path / "run"
+    argv = ["train", "copy", "--eval-every", "10", "--hidden", "16", "--seq-len", "5", "--quiet", "--out", str(out)]
+    assert main([*argv, "--steps", "10"]) == 0
+    assert main(["train", "copy", "--resume", "--steps", "20", "--tensorboard", "--out", str(out), "--quiet"]) == 0
+    assert [step for step, _ in _read_scalars(out / "tensorboard")["eval_loss"]] == [20]
+
+
 def test_train_passes_each_metrics_row_to_other_loggers(tmp_path):
     from projunn.train import TrainConfig, train
 

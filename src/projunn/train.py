@@ -82,6 +82,7 @@ _RESUMABLE = {
     "device",
     "out",
     "data_dir",
+    "tensorboard",  # logging only: a resumed run may start or stop writing event files
 }
 
 
