@@ -47,10 +47,18 @@ def _run(rank: int, world: int, init: str, n: int) -> None:
         gather = n * n * 4
         if rank == 0:
             print(f"N = {n}, float32, {world} processes; one all-gather of the weight = {gather:,} bytes")
-            print(f"{'sketch':>7} {'method':>6} {'rank k':>6} {'bytes/step':>12} {'collectives':>11} "
-                  f"{'all-gather / step':>17} {'step s':>7}")
-        for sketch, method, k in [("lsi", "t", 1), ("lsi", "d", 1), ("lsi", "t", 8), ("lsi", "d", 8),
-                                  ("column", "t", 8), ("rsvd", "t", 8)]:
+            print(
+                f"{'sketch':>7} {'method':>6} {'rank k':>6} {'bytes/step':>12} {'collectives':>11} "
+                f"{'all-gather / step':>17} {'step s':>7}"
+            )
+        for sketch, method, k in [
+            ("lsi", "t", 1),
+            ("lsi", "d", 1),
+            ("lsi", "t", 8),
+            ("lsi", "d", 8),
+            ("column", "t", 8),
+            ("rsvd", "t", 8),
+        ]:
             torch.manual_seed(0)
             model = torch.nn.Sequential(UnitaryLinear(n, init="identity"))
             fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
@@ -65,8 +73,11 @@ def _run(rank: int, world: int, init: str, n: int) -> None:
                 optimizer.step()
             elapsed = time.perf_counter() - start
             if rank == 0:
-                print(f"{sketch:>7} {method:>6} {k:>6} {counter.total:>12,} {counter.calls:>11} "
-                      f"{gather / counter.total:>16,.0f}x {elapsed:>7.3f}", flush=True)
+                print(
+                    f"{sketch:>7} {method:>6} {k:>6} {counter.total:>12,} {counter.calls:>11} "
+                    f"{gather / counter.total:>16,.0f}x {elapsed:>7.3f}",
+                    flush=True,
+                )
     finally:
         dist.destroy_process_group()
 

@@ -269,8 +269,11 @@ def _refusals(world: int) -> dict[str, str | None]:
     mesh = init_device_mesh("cpu", (world,))
     messages = {}
     weight = _model(torch.float64)[0].weight.detach()
-    for name, placement, sketch in (("columns", Shard(1), "lsi"), ("replicated", Replicate(), "lsi"),
-                                    ("exact", Shard(0), "exact")):
+    for name, placement, sketch in (
+        ("columns", Shard(1), "lsi"),
+        ("replicated", Replicate(), "lsi"),
+        ("exact", Shard(0), "exact"),
+    ):
         param = torch.nn.Parameter(distribute_tensor(weight, mesh, [placement]))
         try:
             ProjUNN(torch.optim.SGD([{"params": [param], "unitary": True, "sketch": sketch}], lr=0.1))

@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from ._kernels import direct_block, double, tangent_block
-from ._sketch import SKETCHES, _adjoint_times
+from ._sketch import SKETCHES
 from ._stiefel import _DENSE_BELOW
 from ._unitary import closest_unitary
 from ._validate import check_choice
@@ -355,7 +355,7 @@ def _tall_d(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shar
     a_wide = a.to(wide)
     # W^H a (M x k) and a^H a (k x k) summed in one all-reduce.
     sums = _all_sum(torch.cat([(a.mH @ W).to(wide), a_wide.mH @ a_wide], dim=-1), shards)
-    c, gram_a = sums[..., :W.shape[-1]].mH, sums[..., W.shape[-1] :]
+    c, gram_a = sums[..., : W.shape[-1]].mH, sums[..., W.shape[-1] :]
     Q, R = torch.linalg.qr(torch.cat([b.to(wide), c], dim=-1))
     R_b = R[..., :k]
     C, eye, degenerate = _direct_small(R_b, R[..., k:], gram_a)
