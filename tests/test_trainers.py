@@ -289,6 +289,16 @@ def _read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
+class Recorder:
+    """A logger that keeps every (step, scalars) it is given."""
+
+    def __init__(self):
+        self.rows = []
+
+    def log_scalars(self, step, scalars):
+        self.rows.append((step, dict(scalars)))
+
+
 def test_tensorboard_logger_writes_the_metrics_rows_as_scalars(tmp_path):
     _require("tensorboard")
     from projunn._loggers import TensorBoardLogger
@@ -310,13 +320,6 @@ def test_open_loggers_adds_tensorboard_clears_a_replaced_run_and_refuses_non_log
 
     _require("tensorboard")
     from projunn._loggers import TensorBoardLogger, open_loggers
-
-    class Recorder:
-        def __init__(self):
-            self.rows = []
-
-        def log_scalars(self, step, scalars):
-            self.rows.append((step, dict(scalars)))
 
     recorder = Recorder()
     for run in range(2):  # the second, a new run in the same folder, replaces the first one's curves
@@ -365,13 +368,6 @@ def test_a_run_may_start_logging_to_tensorboard_when_resumed(tmp_path):
 
 def test_train_passes_each_metrics_row_to_other_loggers(tmp_path):
     from projunn.train import TrainConfig, train
-
-    class Recorder:
-        def __init__(self):
-            self.rows = []
-
-        def log_scalars(self, step, scalars):
-            self.rows.append((step, dict(scalars)))
 
     recorder = Recorder()
     config = TrainConfig(

@@ -161,7 +161,7 @@ class CopyTask(_SequenceTask):
 
     def __init__(self):
         super().__init__(
-            generate=lambda b, t, generator: copy_batch(b, t, generator=generator),
+            generate=copy_batch,
             name="copy",
             description="recall 10 symbols after a delay T (cross-entropy; baseline 10 ln 8 / (T + 20))",
             defaults=dict(_RNN_DEFAULTS, hidden=128, seq_len=100, steps=2000, batch_size=128, eval_every=200),
@@ -234,7 +234,7 @@ class AddingTask(_SequenceTask):
 
     def __init__(self):
         super().__init__(
-            generate=lambda b, t, generator: adding_batch(b, t, generator=generator),
+            generate=adding_batch,
             name="adding",
             description="sum the two marked numbers of a length-T sequence (MSE; baseline: best constant)",
             defaults=dict(_RNN_DEFAULTS, hidden=128, seq_len=200, steps=3000, batch_size=50, eval_every=250),
