@@ -9,12 +9,12 @@ import torch.nn.functional as F
 
 from ..functional import INITS, unitary_init
 from ..functional._validate import check_choice
-from ._recurrence import _recurrence_over
+from ._recurrence import ACTIVATIONS, _recurrence_over
 
 __all__ = ["INPUT_INITS", "NONLINEARITIES", "ComplexToReal", "ModReLU", "UnitaryRNN", "UnitaryRNNCell"]
 
-#: Nonlinearities accepted by :class:`UnitaryRNNCell`.
-NONLINEARITIES = ("modrelu", "relu", "tanh", "identity")
+#: Nonlinearities accepted by :class:`UnitaryRNNCell` (those the fused recurrence implements).
+NONLINEARITIES = ACTIVATIONS
 #: Initialisations of the input weight accepted by :class:`UnitaryRNNCell`.
 INPUT_INITS = ("he", "xavier")
 
