@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from projunn._allocator import reuse_freed_memory
+    from projunn.harness._allocator import reuse_freed_memory
 except ImportError:  # an older projunn, measured as the "before" variant
 
     def reuse_freed_memory() -> bool:

@@ -22,8 +22,8 @@ import torch
 from torch.nn.utils import parametrize
 
 from _timing import median_ms
-from projunn.tasks import get_task
-from projunn.train import TrainConfig, _build_optimizer, _constrain, resolve
+from projunn.harness.tasks import get_task
+from projunn.harness.train import TrainConfig, _build_optimizer, _constrain, resolve
 
 METHODS = ("t", "expm", "cayley", "none")
 

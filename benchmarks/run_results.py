@@ -22,7 +22,7 @@ import traceback
 
 import torch
 
-from projunn.train import TrainConfig, train
+from projunn.harness.train import TrainConfig, train
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "rnn"
 METHODS = ("t", "d", "expm", "cayley", "none")

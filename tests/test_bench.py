@@ -10,10 +10,10 @@ import matplotlib.pyplot
 import pytest
 import torch
 
-from projunn.bench import BenchConfig, _report, run_bench
-from projunn.bench import _cases as cases
-from projunn.bench._measure import _peak_mib, measure, running_peak
-from projunn.cli import main
+from projunn.harness.bench import BenchConfig, _report, run_bench
+from projunn.harness.bench import _cases as cases
+from projunn.harness.bench._measure import _peak_mib, measure, running_peak
+from projunn.harness.cli import main
 
 TINY = BenchConfig(sizes=(8, 16), ranks=(1, 2), repeats=3, budget_s=0.05, dense_max=8, peer_max=8)
 UPDATE_CASES = {

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import projunn
-from projunn.cli import main
+from projunn.harness.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_no_command_is_a_one_line_error_with_exit_status_2(capsys):
 
 @pytest.mark.parametrize("task", ["copy", "pmnist", "mnist"])
 def test_train_task_help_shows_the_tasks_resolved_defaults(capsys, task):
-    from projunn.train import TrainConfig, resolve
+    from projunn.harness.train import TrainConfig, resolve
 
     with pytest.raises(SystemExit) as stop:
         main(["train", task, "--help"])
@@ -72,7 +72,7 @@ def test_train_task_help_shows_the_tasks_resolved_defaults(capsys, task):
 
 
 def test_console_script_version():
-    result = subprocess.run([sys.executable, "-m", "projunn.cli", "--version"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "projunn.harness.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == f"projunn {projunn.__version__}"
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from projunn.cli import main
+from projunn.harness.cli import main
+from projunn.harness.datasets import load_cifar10
+from projunn.harness.tasks import DatasetMissingError
 from projunn.nn import ChannelPad, DeepUnitaryCNN, SpaceToDepth, UnitaryConv2d, UnitaryResNet9
-from projunn.tasks import DatasetMissingError
-from projunn.tasks._mnist import load_cifar10
 from test_train import tiny_mnist  # noqa: F401  (fixture)
 
 TINY = ["--batch-size", "4", "--steps", "2", "--eval-every", "1", "--quiet"]
@@ -106,7 +106,7 @@ def test_cayley_in_fourier_baseline_keeps_the_convs_orthogonal(tmp_path, tiny_mn
     ],
 )
 def test_model_options(tmp_path, argv, message):
-    from projunn.train import RunError, TrainConfig, resolve
+    from projunn.harness.train import RunError, TrainConfig, resolve
 
     config = TrainConfig(task="mnist", model=argv[1], depth=4 if "--depth" in argv else None, channels=4)
     if message is None:

@@ -26,7 +26,7 @@ MODULES = [
     "projunn.optim._groups",
     "projunn.nn._linear",
     "projunn.nn._rnn",
-    "projunn.tasks._synthetic",
+    "projunn.harness.tasks._synthetic",
 ]
 
 
@@ -67,29 +67,66 @@ def _readme_api_names() -> list[str]:
     return names
 
 
-def test_readme_api_names_resolve_from_a_bare_import():
+def test_readme_api_names_resolve():
     names = _readme_api_names()
-    assert "projunn.tasks" in names and "projunn.bench.run_bench" in names, names
-    # A fresh interpreter: other tests have imported projunn.tasks already.
-    code = f"""
+    assert "projunn.harness.tasks" in names and "projunn.harness.bench.run_bench" in names, names
+    for name in names:
+        parts = name.split(".")
+        # The longest importable module prefix, then attributes (classes, functions, constants).
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for part in parts[cut:]:
+            obj = getattr(obj, part)
+
+
+# The harness's extra dependencies made unimportable (a None entry in sys.modules is what Python
+# uses for "known missing": import raises ModuleNotFoundError, importlib.util.find_spec returns None),
+# before torch and projunn load, so the library must work on an install of torch alone.
+_WITHOUT_HARNESS_EXTRA = """
 import sys
-import projunn
-lazy = ("projunn.tasks", "projunn.bench")
-assert not any(name in sys.modules for name in lazy), "import projunn loaded a lazy submodule"
-for name in {names!r}:
-    obj = projunn
-    for part in name.split(".")[1:]:
-        obj = getattr(obj, part)
-try:
-    projunn.no_such_name
-except AttributeError as error:
-    assert "no_such_name" in str(error)
-else:
-    raise AssertionError("projunn.no_such_name did not raise AttributeError")
-assert {{"tasks", "bench"}} <= set(dir(projunn))
+for name in ("numpy", "tqdm", "matplotlib"):
+    sys.modules[name] = None
 """
+
+
+def test_library_needs_only_torch():
+    code = (
+        _WITHOUT_HARNESS_EXTRA
+        + """
+import torch
+import projunn, projunn.functional, projunn.optim, projunn.nn
+model = projunn.nn.UnitaryLinear(8)
+optimizer = projunn.optim.ProjUNN(torch.optim.Adam(projunn.optim.param_groups(model, unitary_lr=0.01)))
+model(torch.randn(4, 8)).square().sum().backward()
+optimizer.step()
+assert float(projunn.functional.unitarity_error(model.weight.detach())) < 1e-5
+assert not any(name.startswith("projunn.harness") for name in sys.modules), "import projunn loaded the harness"
+assert not any(name.split(".")[0] in ("numpy", "tqdm", "matplotlib") for name in sys.modules if sys.modules[name])
+"""
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_command_line_without_the_harness_extra_gives_a_one_line_hint():
+    code = (
+        _WITHOUT_HARNESS_EXTRA
+        + """
+sys.argv = ["projunn", "train", "copy"]
+import projunn.harness
+projunn.harness.console_main()
+"""
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    # torch itself may warn that numpy is missing; projunn's part is one line and no traceback.
+    ours = [line for line in result.stderr.splitlines() if line.startswith("projunn:")]
+    assert len(ours) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "missing: numpy, tqdm, matplotlib" in ours[0] and "pip install 'projunn[harness]'" in ours[0]
 
 
 def _api_generator():

@@ -111,7 +111,7 @@ def test_half_precision_unitary_weights_are_refused_with_the_way_out():
 def test_cli_autocast_run_keeps_the_recurrent_matrix_at_float32_precision(tmp_path):
     import json
 
-    from projunn.cli import main
+    from projunn.harness.cli import main
 
     out = tmp_path / "run"
     argv = ["train", "copy", "--steps", "20", "--eval-every", "10", "--hidden", "32", "--seq-len", "10"]

@@ -14,13 +14,13 @@ import time
 import pytest
 import torch
 
-from projunn import train as train_module
-from projunn._files import lock_folder, make_new_folder, unlock_folder
-from projunn.cli import main
 from projunn.functional import unitarity_error, unitary_init
+from projunn.harness import train as train_module
+from projunn.harness._files import lock_folder, make_new_folder, unlock_folder
+from projunn.harness.cli import main
+from projunn.harness.tasks import _registry
+from projunn.harness.train import CHECKPOINT
 from projunn.optim import ProjUNN
-from projunn.tasks import _registry
-from projunn.train import CHECKPOINT
 
 RUN = ["--hidden", "8", "--batch-size", "4", "--seq-len", "5", "--eval-every", "2", "--quiet"]
 
@@ -281,8 +281,8 @@ def test_settings_the_machine_cannot_hold_are_refused_before_anything_is_allocat
 def test_the_memory_estimate_is_near_what_a_run_uses():
     """The refusal threshold must not refuse runs that fit: the estimate of the default copy run is
     within a small factor of the ~1.3 GiB one measured at T = 2000 (and scales with T)."""
-    from projunn._memory import estimate_bytes
-    from projunn.train import TrainConfig, resolve
+    from projunn.harness._memory import estimate_bytes
+    from projunn.harness.train import TrainConfig, resolve
 
     config = resolve(TrainConfig(task="copy", seq_len=2000))
     assert 0.5 * 2**30 < estimate_bytes(config) < 2.5 * 2**30

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from projunn.cli import main
-from projunn.tasks import get_task
-from projunn.tasks._registry import ADDING_TOLERANCE, EVAL_SIZE
-from projunn.train import TrainConfig, _learning_rate_factor, resolve
+from projunn.harness.cli import main
+from projunn.harness.tasks import get_task
+from projunn.harness.tasks._registry import ADDING_TOLERANCE, EVAL_SIZE
+from projunn.harness.train import TrainConfig, _learning_rate_factor, resolve
 
 QUICK = ["--hidden", "8", "--batch-size", "4", "--quiet"]
 

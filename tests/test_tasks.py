@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from projunn.tasks import COPY_MARKER, adding_baseline, adding_batch, copy_baseline, copy_batch
+from projunn.harness.tasks import COPY_MARKER, adding_baseline, adding_batch, copy_baseline, copy_batch
 
 
 def test_copy_batch_structure():

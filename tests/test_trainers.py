@@ -301,7 +301,7 @@ class Recorder:
 
 def test_tensorboard_logger_writes_the_metrics_rows_as_scalars(tmp_path):
     _require("tensorboard")
-    from projunn._loggers import TensorBoardLogger
+    from projunn.harness._loggers import TensorBoardLogger
 
     logger = TensorBoardLogger(tmp_path / "tb")
     logger.log_scalars(10, {"step": 10, "train_loss": 0.5, "eval_accuracy": None, "max_unitarity_error": 3e-7})
@@ -319,7 +319,7 @@ def test_open_loggers_adds_tensorboard_clears_a_replaced_run_and_refuses_non_log
     import types
 
     _require("tensorboard")
-    from projunn._loggers import TensorBoardLogger, open_loggers
+    from projunn.harness._loggers import TensorBoardLogger, open_loggers
 
     recorder = Recorder()
     for run in range(2):  # the second, a new run in the same folder, replaces the first one's curves
@@ -340,7 +340,7 @@ def test_open_loggers_adds_tensorboard_clears_a_replaced_run_and_refuses_non_log
 def test_cli_tensorboard_writes_the_rows_of_metrics_csv(tmp_path):
     import csv
 
-    from projunn.cli import main
+    from projunn.harness.cli import main
 
     _require("tensorboard")
     out = tmp_path / "run"
@@ -356,7 +356,7 @@ def test_cli_tensorboard_writes_the_rows_of_metrics_csv(tmp_path):
 
 
 def test_a_run_may_start_logging_to_tensorboard_when_resumed(tmp_path):
-    from projunn.cli import main
+    from projunn.harness.cli import main
 
     _require("tensorboard")
     out = tmp_path / "run"
@@ -367,7 +367,7 @@ def test_a_run_may_start_logging_to_tensorboard_when_resumed(tmp_path):
 
 
 def test_train_passes_each_metrics_row_to_other_loggers(tmp_path):
-    from projunn.train import TrainConfig, train
+    from projunn.harness.train import TrainConfig, train
 
     recorder = Recorder()
     config = TrainConfig(

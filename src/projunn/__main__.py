@@ -1,5 +1,5 @@
 """``python -m projunn``, the same as the ``projunn`` command (and what ``torchrun -m projunn`` runs)."""
 
-from .cli import console_main
+from .harness import console_main
 
 console_main()

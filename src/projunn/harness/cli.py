@@ -1,8 +1,8 @@
 """The ``projunn`` command line.
 
 ``projunn train TASK`` runs one of the paper's experiments (see
-:mod:`projunn.train`); ``projunn bench`` times projUNN against the floor
-and the peers (see :mod:`projunn.bench`); ``projunn demo`` trains an orthogonal (or unitary)
+:mod:`projunn.harness.train`); ``projunn bench`` times projUNN against the floor
+and the peers (see :mod:`projunn.harness.bench`); ``projunn demo`` trains an orthogonal (or unitary)
 layer to match a random rotation and reports the loss and how far the weight
 is from the group, so a new user sees the method work in seconds.
 """
@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from . import __version__
+from .. import __version__
+from ..functional import INITS, SKETCHES, unitarity_error, unitary_init
+from ..nn import NONLINEARITIES, UnitaryLinear
+from ..optim import METHODS, ProjUNN, param_groups
 from ._allocator import reuse_freed_memory
-from .functional import INITS, SKETCHES, unitarity_error, unitary_init
-from .nn import NONLINEARITIES, UnitaryLinear
-from .optim import METHODS, ProjUNN, param_groups
 from .tasks import TASKS, DatasetMissingError, describe_tasks
 from .train import METHODS as TRAIN_METHODS
 from .train import OPTIMIZERS, RunDivergedError, RunError, TrainConfig, _is_terminal, resolve, train
@@ -381,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_train(config: TrainConfig) -> int:
-    reuse_freed_memory()  # activation buffers are reallocated every step: see projunn._allocator
+    reuse_freed_memory()  # activation buffers are reallocated every step: see projunn.harness._allocator
     try:
         summary = train(config)
     except RunDivergedError as error:

@@ -46,7 +46,7 @@ def estimate_bytes(config, processes: int = 1) -> int:
     """Rough peak memory of one process of a run with these (resolved) settings, in bytes.
 
     Args:
-        config: resolved :class:`projunn.train.TrainConfig`.
+        config: resolved :class:`projunn.harness.train.TrainConfig`.
         processes: data-parallel replicas sharing each global batch.
     """
     batch = config.batch_size // max(processes, 1)

@@ -1,6 +1,6 @@
 """Tasks of the paper's experiments: data, models, losses, metrics, baselines, defaults."""
 
-from ._mnist import DatasetMissingError, ImageSet, load_images, read_idx
+from ..datasets import DatasetMissingError, ImageSet, load_images, read_idx
 from ._registry import TASKS, Task, describe_tasks, get_task
 from ._synthetic import (
     COPY_ALPHABET,

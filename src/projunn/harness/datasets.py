@@ -1,4 +1,4 @@
-"""MNIST and Fashion-MNIST from files on disk, never downloaded at run time.
+"""The data sets the tasks read: MNIST, Fashion-MNIST and CIFAR-10 from files on disk, never downloaded at run time.
 
 Sources, in order:
 
@@ -33,7 +33,15 @@ from typing import ClassVar
 
 import numpy as np
 
-__all__ = ["MNIST_SHA256", "DatasetMissingError", "ImageSet", "load_images", "read_idx"]
+__all__ = [
+    "MNIST_SHA256",
+    "DatasetMissingError",
+    "ImageSet",
+    "load_cifar10",
+    "load_images",
+    "read_idx",
+    "read_mnist_pickle",
+]
 
 #: sha256 of the official uint8 arrays (row-major), see the data notes.
 MNIST_SHA256 = {

@@ -1,7 +1,7 @@
 """Where ``projunn train`` sends its evaluation scalars besides metrics.csv.
 
 A logger is any object with ``log_scalars(step, scalars)``.
-``projunn.train.train(config, loggers=[...])`` takes such objects (a Weights & Biases or MLflow adapter is a
+``projunn.harness.train.train(config, loggers=[...])`` takes such objects (a Weights & Biases or MLflow adapter is a
 few lines), and ``--tensorboard`` adds :class:`TensorBoardLogger`. Each call
 gets the same row as metrics.csv: ``step``, ``seconds``, ``train_loss``,
 ``eval_loss``, ``eval_accuracy`` where the task has one, and

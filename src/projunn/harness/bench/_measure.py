@@ -14,7 +14,7 @@ import torch
 
 __all__ = ["Measurement", "measure", "running_peak"]
 
-_MEASURED = "projunn.bench: measured call"  # profiler label of the call whose allocations are read
+_MEASURED = "projunn.harness.bench: measured call"  # profiler label of the call whose allocations are read
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..functional import unitary_init
-from ..nn import DeepUnitaryCNN, SequenceModel, UnitaryLinear, UnitaryResNet9
-from ._mnist import load_cifar10, load_images
+from ...functional import unitary_init
+from ...nn import DeepUnitaryCNN, SequenceModel, UnitaryLinear, UnitaryResNet9
+from ..datasets import load_cifar10, load_images
 from ._synthetic import COPY_ALPHABET, COPY_SYMBOLS, adding_baseline, adding_batch, copy_baseline, copy_batch
 
 __all__ = ["TASKS", "Task", "get_task"]

@@ -10,7 +10,7 @@ A run writes into its output folder:
   replaces a good checkpoint with a broken one;
 - ``summary.json`` and ``curves.png`` at the end (also after Ctrl-C).
 
-Batches are pure functions of (seed, step) (see :mod:`projunn.tasks`), so
+Batches are pure functions of (seed, step) (see :mod:`projunn.harness.tasks`), so
 ``--resume`` continues to exactly the weights an uninterrupted run reaches.
 """
 
@@ -33,6 +33,9 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrizations, parametrize
 
+from ..functional import SKETCHES, unitarity_error
+from ..optim import ProjUNN
+from ..optim._groups import unitary_slots
 from ._distributed import Replicas, start_replicas
 from ._files import (
     LOCK,
@@ -45,9 +48,6 @@ from ._files import (
 )
 from ._loggers import open_loggers
 from ._memory import available_bytes, estimate_bytes, format_bytes, size_options
-from .functional import SKETCHES, unitarity_error
-from .optim import ProjUNN
-from .optim._groups import unitary_slots
 from .tasks import DatasetMissingError, get_task
 
 __all__ = ["CHECKPOINT", "METHODS", "OPTIMIZERS", "RunDivergedError", "RunError", "TrainConfig", "train"]
@@ -605,10 +605,10 @@ def train(config: TrainConfig, *, log=print, loggers=()) -> dict[str, Any]:
     returns (``summary["interrupted"]``); a second one stops at once, keeping
     the last checkpoint, which was written at an evaluation.
 
-    Under ``torchrun`` the run is data parallel (see :mod:`projunn._distributed`):
+    Under ``torchrun`` the run is data parallel (see :mod:`projunn.harness._distributed`):
     every replica trains on its slice of each global batch, and rank 0 alone
     logs and writes files. Each ``loggers`` entry gets every metrics.csv row as
-    ``log_scalars(step, row)`` (see :mod:`projunn._loggers`).
+    ``log_scalars(step, row)`` (see :mod:`projunn.harness._loggers`).
 
     Raises:
         RunError: bad settings, an occupied output folder, or an unusable checkpoint.

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils import parametrizations
 
-from ..functional import lowrank, projunn_d, projunn_t, unitary_init
-from ..nn import OrthogonalLinear
-from ..optim import ProjUNN, param_groups
+from ...functional import lowrank, projunn_d, projunn_t, unitary_init
+from ...nn import OrthogonalLinear
+from ...optim import ProjUNN, param_groups
 
 __all__ = ["Case", "Skip", "layer_cases", "layer_cases_full_rank", "update_cases", "update_cases_full_rank"]
 

@@ -1,7 +1,7 @@
 """``projunn bench``: projUNN against the floor, the dense exact steps and the real peers, in one run.
 
 Two benchmarks, float32 on one device, each case timed the same way
-(:func:`projunn.bench._measure.measure`):
+(:func:`projunn.harness.bench._measure.measure`):
 
 - ``update``: one update of an N x N orthogonal matrix at rank k. The floor
   (one N x N by N x 2k product and one rank-2k in-place update, the least work
