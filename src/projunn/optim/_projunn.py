@@ -50,6 +50,67 @@ state, which cannot be undone generically. Either way the step
 counts in ``skipped_steps`` and a RuntimeWarning is issued (or
 FloatingPointError raised with ``on_nonfinite="raise"``, after restoring).
 Non-unitary parameters are left to the base optimiser, as in plain torch.
+
+Note [Steps from zero]
+----------------------
+The hooks of Note [Composition with the base optimiser] work for any base
+optimiser, at the price of passes over every N x N weight beyond the base
+step and the update: copying U aside, subtracting it from U + D, and (the
+update being written from the copy) copying it into the weight again.
+Many optimisers compute their step from the gradient and their own state
+only, writing p <- p + D with D independent of p's value. For those, p.data
+is swapped with a zeroed buffer before the base step: the base optimiser
+writes 0 + D = D into the buffer (its state is keyed by the Parameter
+object, which does not change), p gets its weight back after the step
+untouched, and the update runs in place on it. What remains is one pass to
+zero the buffer. D is then also exact: the generic path recovers
+fl(fl(U + D) - U), which differs from D by up to eps |U| per entry, so the
+two paths agree to that rounding, not bit for bit.
+
+Which optimisers qualify is an explicit allow-list (:data:`VALUE_FREE_STEPS`),
+checked per group at every step, since it depends on settings:
+
+- SGD (momentum, dampening, nesterov, maximize: all act on the gradient and
+  the momentum buffer), Adam and AdamW (amsgrad, maximize, fused, foreach,
+  capturable), RMSprop (centered, momentum), each with ``weight_decay = 0``:
+  the L2 decay of SGD, Adam and RMSprop adds ``wd * p`` to the gradient, and
+  AdamW's decoupled decay multiplies p by ``1 - lr * wd``; applied to the
+  zeros, either would be lost. (:func:`projunn.optim.param_groups` sets
+  ``weight_decay = 0`` on unitary groups.)
+- ``differentiable=False``: a differentiable step records p in the graph.
+- the exact class, not a subclass, which may change ``step``.
+- no closure: a closure's forward pass during the step would see the zeros.
+- a plain tensor, not a DTensor (whose local shard cannot be swapped).
+
+Anything else takes the generic path. ``step_from_zero=False`` forces it.
+A step pre-hook registered on the base optimiser after ProjUNN's, or
+anything else reading the weight during the base step, sees the zeros.
+
+Note [Batched steps]
+--------------------
+The update kernels are batched over leading dimensions, and a deep model
+holds many weights of one shape (two per layer of DeepUnitaryCNN, the
+recurrent blocks of stacked RNNs). With ``foreach=True`` (the default, the
+foreach idea of torch.optim) the weights of one (matrix shape, dtype,
+device, method, rank, sketch) take one projunn_t / projunn_d call on their
+stack (P, ..., N, M): one U^H a, one QR, one batch of small problems, one
+U Q and one rank-2k update for all P, instead of P rounds of these kernels
+and LAPACK calls. The stack lives in a buffer kept for the next step and is
+copied back into the weights (two passes over the batch's weights).
+
+The sketches stay one :func:`projunn.functional.lowrank` call per weight, in
+the order of ``param_groups`` (first appearance of each parameter), in both
+paths: this is the documented order of the sketch random numbers, the same
+as per parameter and as before batching, so a seed gives the same run
+either way and a checkpoint resumes exactly. A single draw for the stack
+would not give the same numbers: the values of a draw depend on its shape
+(torch's CPU normal sampler transforms blocks of 16 and redraws a tail,
+CUDA's Philox offsets follow the launch), and column sampling's
+``multinomial`` likewise. The batched update may round differently from
+per-matrix calls (BLAS picks kernels by shape), so ``foreach=True`` and
+``foreach=False`` agree to rounding, not bit for bit; a batch of one
+weight makes exactly the per-parameter calls. Row-sharded weights are
+updated one by one (their collectives are per weight).
 """
 
 from __future__ import annotations
@@ -58,6 +119,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,9 +129,9 @@ from ..functional._validate import SUPPORTED_DTYPES, check_choice, check_positiv
 from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
 from ._drift import DriftControl
 from ._groups import MATRIX_SHAPE, matrix_view
-from ._sharded import all_finite_everywhere, check_weight, local_part, project, sketch, update
+from ._sharded import all_finite_everywhere, check_weight, local_part, project, row_shards, sketch, update
 
-__all__ = ["METHODS", "ProjUNN"]
+__all__ = ["METHODS", "ProjUNN", "steps_from_zero"]
 
 #: Update rules a unitary parameter group may ask for. ``"none"`` leaves the
 #: group unconstrained (the plain base optimiser step), for comparisons.
@@ -82,6 +144,41 @@ _NONFINITE_POLICIES = ("skip", "raise")
 #: product D V carry it on. Checking the N x k factors then replaces a pass over the N x N step.
 #: The others can skip entries (column sampling) or raise inside an SVD, so D is checked first.
 _SKETCHES_THAT_PROPAGATE = frozenset({"lsi"})
+
+#: Note [Steps from zero]: optimiser classes whose step does not depend on the weight's value when
+#: each listed group setting has the listed value (checked on the exact class, not subclasses).
+VALUE_FREE_STEPS: dict[type[torch.optim.Optimizer], dict[str, Any]] = {
+    torch.optim.SGD: {"weight_decay": 0, "differentiable": False},
+    torch.optim.Adam: {"weight_decay": 0, "differentiable": False},
+    torch.optim.AdamW: {"weight_decay": 0, "differentiable": False},
+    torch.optim.RMSprop: {"weight_decay": 0, "differentiable": False},
+}
+
+
+def steps_from_zero(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> bool:
+    """Whether the base optimiser's step of ``param`` in ``group`` may act on zeros (Note [Steps from zero]).
+
+    True only for a class of :data:`VALUE_FREE_STEPS` (exactly), a group with
+    the listed settings, and a plain (not DTensor) parameter; unknown
+    optimisers and settings give False, the generic path.
+    """
+    required = VALUE_FREE_STEPS.get(type(optimizer))
+    if required is None or local_part(param) is not param:
+        return False
+    return all(bool(group.get(key, value) == value) for key, value in required.items())
+
+
+@dataclass(eq=False)
+class _Work:
+    """One weight in an after-step hook: where its step D and its weight U are, then its sketch."""
+
+    param: torch.Tensor  # written by the update
+    group: dict[str, Any]
+    step: torch.Tensor  # holds D: the parameter itself (generic path) or its zeroed buffer
+    weight: torch.Tensor  # holds U: the saved copy (generic path) or the parameter itself
+    rank: int = 0
+    factors: tuple[torch.Tensor, ...] = ()
+
 
 # Note [Eager steps under torch.compile]
 # The step is data-dependent Python (NaN/Inf checks that decide whether to skip, QR, eigh and
@@ -142,10 +239,21 @@ class ProjUNN:
         on_nonfinite: ``"skip"`` (default: leave unitary weights untouched,
             count the step in ``skipped_steps``, warn) or ``"raise"``
             (same, then raise FloatingPointError). See Note [Non-finite steps].
+        foreach: update the weights of one shape, dtype, device and setting
+            with one batched call (default); False updates them one by one.
+            Either way the sketches draw the same random numbers, and the
+            results agree to rounding (Note [Batched steps]).
+        step_from_zero: let an optimiser whose step does not depend on the
+            weight's value (SGD, Adam, AdamW, RMSprop without weight decay)
+            write its step into a zeroed buffer, saving two passes over each
+            weight (default); False always copies the weight aside and
+            subtracts it (Note [Steps from zero]). Other optimisers always
+            take that generic path.
 
     Raises:
         TypeError: ``optimizer`` is not a torch optimiser; a unitary
-            parameter has an unsupported dtype.
+            parameter has an unsupported dtype; ``foreach`` or
+            ``step_from_zero`` is not a bool.
         ValueError: unknown method/sketch/policy, rank < 1, a unitary
             parameter that is not a matrix (..., N, M), or an optimiser that
             already has a ProjUNN attached.
@@ -169,6 +277,8 @@ class ProjUNN:
         reorthogonalize_every: int = 0,
         drift_tolerance: float | str | None = "auto",
         on_nonfinite: str = "skip",
+        foreach: bool = True,
+        step_from_zero: bool = True,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -187,11 +297,19 @@ class ProjUNN:
         self.reorthogonalize_every = reorthogonalize_every
         self.drift_control = None if drift_tolerance is None else DriftControl(drift_tolerance)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
+        for name, value in (("foreach", foreach), ("step_from_zero", step_from_zero)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        self.foreach = foreach
+        self.step_from_zero = step_from_zero
         self.seed = _replica_seed(seed)
         self.steps = 0
         self.skipped_steps = 0
         self._generators: dict[str, torch.Generator] = {}
-        self._saved: dict[torch.Tensor, torch.Tensor] = {}
+        self._saved: dict[torch.Tensor, torch.Tensor] = {}  # generic path: U while the base step runs
+        self._zeros: dict[torch.Tensor, torch.Tensor] = {}  # Note [Steps from zero]: the buffers that take D
+        self._swapped: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its weight, during the base step
+        self._stacks: dict[torch.Tensor, torch.Tensor] = {}  # Note [Batched steps]: first parameter -> stack
         self._hidden_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._pending_state: dict[str, Any] | None = None
         self._in_step: list[torch.Tensor] = []
@@ -248,7 +366,8 @@ class ProjUNN:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._saved.clear()
+        for buffers in (self._saved, self._zeros, self._stacks):
+            buffers.clear()
         self.optimizer._projunn_attached = False
 
     def __repr__(self) -> str:
@@ -322,6 +441,7 @@ class ProjUNN:
     @torch.no_grad()
     def _abort(self) -> None:
         """Undo an interrupted step: restore saved unitary weights and hidden gradients."""
+        self._swap_back()  # those weights were never written: the base step wrote into zeroed buffers
         for p in self._in_step:
             local_part(p).copy_(self._saved[p])
         self._in_step = []
@@ -333,7 +453,8 @@ class ProjUNN:
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
         # A previous base step that raised without going through ProjUNN.step
-        # may have left grads hidden; hand them back before anything else.
+        # may have left grads hidden or weights swapped out; hand them back first.
+        self._swap_back()
         for p, grad in self._hidden_grads.items():
             p.grad = grad
         self._hidden_grads.clear()
@@ -345,7 +466,8 @@ class ProjUNN:
         # every unitary weight is saved and only the proposed step is checked
         # for NaN/Inf; otherwise only weights with a gradient take part.
         has_closure = bool(args[1:]) or kwargs.get("closure") is not None
-        params = [p for p, _ in self._unitary_params() if has_closure or p.grad is not None]
+        work = [(p, group) for p, group in self._unitary_params() if has_closure or p.grad is not None]
+        params = [p for p, _ in work]
         grads = [p.grad for p in params if p.grad is not None]
         if not has_closure and grads and not all_finite_everywhere(_all_finite, grads, params):
             # Note [Non-finite steps]: the base optimiser skips parameters whose grad is None.
@@ -354,47 +476,75 @@ class ProjUNN:
                     self._hidden_grads[p] = p.grad
                     p.grad = None
             return
-        for p in params:
+        copied = []
+        for p, group in work:
+            if self.step_from_zero and not has_closure and steps_from_zero(optimizer, group, p):
+                self._swap_in_zeros(p)  # Note [Steps from zero]
+                continue
             local = local_part(p)  # a DTensor's part on this rank
             buffer = self._saved.get(p)
             if buffer is None or buffer.shape != local.shape or buffer.dtype != p.dtype or buffer.device != p.device:
                 buffer = self._saved[p] = torch.empty_like(local, memory_format=torch.contiguous_format)
             buffer.copy_(local)
-        self._in_step = params
+            copied.append(p)
+        self._in_step = copied
+
+    def _swap_in_zeros(self, p: torch.Tensor) -> None:
+        """Let ``p`` hold zeros for the base step; its weight is kept aside until :meth:`_swap_back`."""
+        zeros = self._zeros.get(p)
+        if zeros is None or zeros.shape != p.shape or zeros.dtype != p.dtype or zeros.device != p.device:
+            zeros = self._zeros[p] = torch.empty_like(p)  # p's strides, so p.data may take it
+        zeros.zero_()
+        self._swapped[p] = p.data
+        p.data = zeros
+
+    def _swap_back(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Give every swapped parameter its weight back; returns parameter -> the step its buffer now holds."""
+        steps = {}
+        for p, weight in self._swapped.items():
+            steps[p] = p.data
+            p.data = weight
+        self._swapped = {}
+        return steps
 
     @_eager
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        steps = self._swap_back()  # Note [Steps from zero]: these weights still hold U, their buffers D
         if self._hidden_grads:
             for p, grad in self._hidden_grads.items():
                 p.grad = grad
             self._hidden_grads.clear()
             self._report_skip("a unitary parameter's gradient is NaN or Inf")
             return
-        params = self._in_step
+        params = [*self._in_step, *steps]
         try:
-            # Each weight now holds U + D; recover D in place (the buffer holds U).
-            for p in params:
+            # Each copied weight now holds U + D; recover D in place (the buffer holds U).
+            for p in self._in_step:
                 local_part(p).sub_(self._saved[p])
-            stepped = {id(p) for p in params}
-            work = [(p, group) for p, group in self._unitary_params() if id(p) in stepped]
+            copied = {id(p) for p in self._in_step}
+            work = [
+                _Work(p, group, step=steps[p], weight=p) if p in steps else _Work(p, group, p, self._saved[p])
+                for p, group in self._unitary_params()
+                if p in steps or id(p) in copied
+            ]
             # Note [Non-finite steps]: an LSI sketch of a non-finite D is itself non-finite (see
             # _SKETCHES_THAT_PROPAGATE), so only the other sketches need a separate pass over D.
-            unchecked = [p for p, group in work if self._setting(group, "sketch") not in _SKETCHES_THAT_PROPAGATE]
+            unchecked = [w.step for w in work if self._setting(w.group, "sketch") not in _SKETCHES_THAT_PROPAGATE]
             if unchecked and not all_finite_everywhere(_all_finite, unchecked, params):
                 self._skip_nonfinite_step()
                 return
-            factors = []
-            for p, group in work:
-                D = matrix_view(p, group)
-                rank = min(self._setting(group, "rank"), *D.shape[-2:])
-                factors.append(sketch(D, rank, self._setting(group, "sketch"), self._generator(D.device)))
-            if factors and not all_finite_everywhere(_all_finite, [t for pair in factors for t in pair], params):
+            # Note [Batched steps]: one sketch per weight, in parameter order, whichever path.
+            for w in work:
+                D = matrix_view(w.step, w.group)
+                w.rank = min(self._setting(w.group, "rank"), *D.shape[-2:])
+                w.factors = sketch(D, w.rank, self._setting(w.group, "sketch"), self._generator(D.device))
+            factors = [t for w in work for t in w.factors]
+            if factors and not all_finite_everywhere(_all_finite, factors, params):
                 self._skip_nonfinite_step()
                 return
-            for (p, group), (a, b) in zip(work, factors):
-                saved = matrix_view(self._saved[p], group)
-                update(self._setting(group, "method"), matrix_view(p, group), saved, a, b)
+            for batch in self._batches(work):
+                self._update_batch(batch)
         except BaseException:
             self._abort()
             raise
@@ -405,6 +555,50 @@ class ProjUNN:
                 project(matrix_view(p, group))
         elif self.drift_control is not None and self.steps % DRIFT_CHECK_EVERY == 0:
             self.drift_control(*(matrix_view(p, group) for p, group in self._unitary_params()))
+
+    def _batches(self, work: list[_Work]) -> list[list[_Work]]:
+        """The weights updated together: one list per (matrix shape, dtype, device, method, rank, sketch).
+
+        Row-sharded weights and, with ``foreach=False``, every weight form a batch of their own.
+        """
+        if not self.foreach:
+            return [[w] for w in work]
+        batches: dict[tuple, list[_Work]] = {}
+        for w in work:
+            U = matrix_view(w.weight, w.group)
+            if row_shards(U) is not None:
+                batches[("sharded", id(w))] = [w]
+                continue
+            local = local_part(U)
+            key = (tuple(local.shape), local.dtype, local.device, self._setting(w.group, "method"), w.rank)
+            batches.setdefault((*key, self._setting(w.group, "sketch")), []).append(w)
+        return list(batches.values())
+
+    def _update_batch(self, batch: list[_Work]) -> None:
+        """Write the projUNN update of every weight of ``batch``, in one call when there are several."""
+        method = self._setting(batch[0].group, "method")
+        if len(batch) == 1:
+            w = batch[0]
+            update(method, matrix_view(w.param, w.group), matrix_view(w.weight, w.group), *w.factors)
+            return
+        weights = [local_part(matrix_view(w.weight, w.group)) for w in batch]
+        stacked = self._stacked(batch[0].param, weights)
+        a, b = (torch.stack([w.factors[i] for w in batch]) for i in (0, 1))
+        update(method, stacked, stacked, a, b)
+        torch._foreach_copy_([local_part(matrix_view(w.param, w.group)) for w in batch], list(stacked.unbind(0)))
+
+    def _stacked(self, first: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        """``torch.stack(weights)`` in a buffer kept (per first parameter of the batch) for the next step."""
+        shape = (len(weights), *weights[0].shape)
+        buffer = self._stacks.get(first)
+        if (
+            buffer is None
+            or buffer.shape != shape
+            or buffer.dtype != weights[0].dtype
+            or buffer.device != weights[0].device
+        ):
+            buffer = self._stacks[first] = torch.empty(shape, dtype=weights[0].dtype, device=weights[0].device)
+        return torch.stack(weights, out=buffer)
 
     def _skip_nonfinite_step(self) -> None:
         self._abort()
@@ -448,7 +642,8 @@ class ProjUNN:
 
     def _restore_state(self, optimizer) -> None:
         entry, self._pending_state = self._pending_state, None
-        self._saved.clear()
+        for buffers in (self._saved, self._zeros, self._stacks):
+            buffers.clear()
         if entry is None:
             return
         self.steps = int(entry["steps"])
