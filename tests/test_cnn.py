@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from harness_runs import quick_runs  # noqa: F401  (fixture)
 from projunn.harness.cli import main
 from projunn.harness.datasets import load_cifar10
 from projunn.harness.tasks import DatasetMissingError
@@ -51,8 +52,11 @@ def test_mnist_image_task_runs(tmp_path, tiny_mnist):  # noqa: F811
     argv += ["--eval-limit", "7"]
     assert main([*argv, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["max_unitarity_error"] < 1e-5 and 0 <= summary["accuracy"] <= 1
-    assert {"test_accuracy", "train_accuracy"} <= set(summary) and summary["depth"] == 2
+    assert summary["max_unitarity_error"] < 1e-5 and summary["accuracy"] == summary["test_accuracy"]
+    # --eval-limit 7: a whole number of the first 7 test (and training) images right.
+    for key in ("test_accuracy", "train_accuracy"):
+        assert summary[key] * 7 == pytest.approx(round(summary[key] * 7)), key
+    assert summary["depth"] == 2
 
 
 @pytest.mark.parametrize(
@@ -101,7 +105,7 @@ def test_cayley_in_fourier_baseline_keeps_the_convs_orthogonal(tmp_path, tiny_mn
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--model", "resnet9", "--depth", "4"], "--depth does not apply to --model resnet9"),
+        (["--model", "resnet9", "--depth", "4"], "`depth` does not apply to `model` resnet9"),
         (["--model", "resnet9", "--channels", "4"], None),
     ],
 )

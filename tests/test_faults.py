@@ -14,52 +14,69 @@ import time
 import pytest
 import torch
 
+from harness_runs import quick_runs  # noqa: F401  (fixture)
 from projunn.functional import unitarity_error, unitary_init
-from projunn.harness import train as train_module
+from projunn.harness import _folder
 from projunn.harness._files import lock_folder, make_new_folder, unlock_folder
 from projunn.harness.cli import main
-from projunn.harness.tasks import _registry
+from projunn.harness.tasks import TASKS, AddingTask, CopyTask
 from projunn.harness.train import CHECKPOINT
 from projunn.optim import ProjUNN
 
 RUN = ["--hidden", "8", "--batch-size", "4", "--seq-len", "5", "--eval-every", "2", "--quiet"]
 
 
-def _train(tmp_path, *argv, name="run"):
+def _train(tmp_path, *argv, name="run", task="copy"):
     out = tmp_path / name
-    assert main(["train", "copy", *RUN, *argv, "--out", str(out)]) == 0
+    assert main(["train", task, *RUN, *argv, "--out", str(out)]) == 0
     return out
+
+
+class _LossReplaced(CopyTask):
+    """The copy task with ``loss(model, x, y, call)`` in place of its loss; ``call`` counts from 1, one per step."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.replacement, self.calls = loss, 0
+
+    def loss(self, model, x, y):
+        self.calls += 1
+        return self.replacement(model, x, y, self.calls)
+
+
+_copy_loss = CopyTask().loss  # the unchanged loss (the task holds no state)
 
 
 def _summary(out):
     return json.loads((out / "summary.json").read_text())
 
 
+class _NaNInputAtStep1(AddingTask):
+    def prepare(self, config, device):
+        data = super().prepare(config, device)
+        batch = data.batch
+
+        def poisoned(step):
+            x, y = batch(step)
+            return (x.clone().fill_(float("nan")) if step == 1 else x), y
+
+        data.batch = poisoned
+        return data
+
+
 @pytest.mark.parametrize("poison", ["data", "loss"])
 def test_nonfinite_data_or_loss_skips_the_step_and_the_run_finishes_finite(tmp_path, monkeypatch, poison):
-    batch, loss = _registry.CopyTask.batch, _registry.CopyTask.loss
-    if poison == "data":  # a NaN input at step 1 (the copy task's inputs are tokens, so poison the readout)
-
-        def poisoned_batch(self, config, step, device):
-            x, y = batch(self, config, step, device)
-            self._poison = step == 1
-            return x, y
-
-        def poisoned_loss(self, model, x, y):
-            value, accuracy = loss(self, model, x, y)
-            return (value * float("nan") if getattr(self, "_poison", False) else value), accuracy
-
-        monkeypatch.setattr(_registry.CopyTask, "batch", poisoned_batch)
+    if poison == "data":  # NaN inputs at step 1 (the adding task's inputs are numbers)
+        monkeypatch.setitem(TASKS, "adding", _NaNInputAtStep1())
+        out = _train(tmp_path, "--steps", "4", task="adding")
     else:
-        calls = []
 
-        def poisoned_loss(self, model, x, y):
-            value, accuracy = loss(self, model, x, y)
-            calls.append(1)
-            return (value + float("inf") if len(calls) == 2 else value), accuracy
+        def inf_at_step_1(model, x, y, call):
+            value, accuracy = _copy_loss(model, x, y)
+            return (value + float("inf") if call == 2 else value), accuracy
 
-    monkeypatch.setattr(_registry.CopyTask, "loss", poisoned_loss)
-    out = _train(tmp_path, "--steps", "4")
+        monkeypatch.setitem(TASKS, "copy", _LossReplaced(inf_at_step_1))
+        out = _train(tmp_path, "--steps", "4")
     summary = _summary(out)
     assert summary["nonfinite_losses"] == 1 and summary["steps"] == 4
     state = torch.load(out / CHECKPOINT, weights_only=True)["model"]
@@ -220,7 +237,7 @@ def test_a_folder_in_use_by_another_process_is_refused_and_left_alone(tmp_path, 
 def test_default_folder_names_never_collide(tmp_path, monkeypatch):
     """Two runs started in the same second (the default name has one-second resolution) get two folders."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_module.time, "strftime", lambda pattern: "20260101-000000")
+    monkeypatch.setattr(_folder.time, "strftime", lambda pattern: "20260101-000000")
     for seed in ("1", "2"):
         assert main(["train", "copy", *RUN, "--steps", "2", "--seed", seed]) == 0
     first, second = tmp_path / "runs" / "copy-t-20260101-000000", tmp_path / "runs" / "copy-t-20260101-000000-2"
@@ -237,16 +254,16 @@ def test_a_failed_start_leaves_a_folder_both_a_rerun_and_resume_accept(tmp_path,
     out = tmp_path / "run"
     if not fresh:
         out.mkdir()
-    loss = _registry.CopyTask.loss
+    original = TASKS["copy"]
 
-    def fails(self, model, x, y):
+    def fails(model, x, y, call):
         raise RuntimeError("an error in the first step")
 
-    monkeypatch.setattr(_registry.CopyTask, "loss", fails)
+    monkeypatch.setitem(TASKS, "copy", _LossReplaced(fails))
     with pytest.raises(RuntimeError, match="first step"):
         main(["train", "copy", *RUN, "--steps", "4", "--out", str(out)])
     assert not out.exists() if fresh else not list(out.iterdir())
-    monkeypatch.setattr(_registry.CopyTask, "loss", loss)
+    monkeypatch.setitem(TASKS, "copy", original)
     assert main(["train", "copy", *RUN, "--steps", "2", "--out", str(out)]) == 0
     assert main(["train", "copy", *RUN, "--steps", "4", "--resume", "--out", str(out)]) == 0
 
@@ -291,8 +308,8 @@ def test_the_memory_estimate_is_near_what_a_run_uses():
 
 def test_a_run_whose_every_loss_is_nan_stops_with_exit_status_1(tmp_path, monkeypatch, capsys):
     """What ``--lr 1e30`` does to the default copy run, made certain."""
-    loss = _registry.CopyTask.loss
-    monkeypatch.setattr(_registry.CopyTask, "loss", lambda *args: (loss(*args)[0] * float("nan"), None))
+    nan = lambda model, x, y, call: (_copy_loss(model, x, y)[0] * float("nan"), None)  # noqa: E731
+    monkeypatch.setitem(TASKS, "copy", _LossReplaced(nan))
     out = tmp_path / "run"
     assert main(["train", "copy", *RUN, "--steps", "60", "--eval-every", "5", "--out", str(out)]) == 1
     err = capsys.readouterr().err
@@ -303,23 +320,14 @@ def test_a_run_whose_every_loss_is_nan_stops_with_exit_status_1(tmp_path, monkey
 
 
 def test_divergence_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch, capsys):
-    loss = _registry.CopyTask.loss
-
-    def nan_from_step_3(self, model, x, y):  # NaN weights: the loss and the evaluations after it are NaN
-        if self._step >= 2:
+    def nan_from_step_3(model, x, y, call):  # NaN weights: the loss and the evaluations after it are NaN
+        if call >= 3:
             with torch.no_grad():
                 for p in model.parameters():
                     p.fill_(float("nan"))
-        return loss(self, model, x, y)
+        return _copy_loss(model, x, y)
 
-    def count_steps(self, config, step, device):
-        if step < 10**9:  # not an evaluation batch
-            self._step = step
-        return batch(self, config, step, device)
-
-    batch = _registry.CopyTask.batch
-    monkeypatch.setattr(_registry.CopyTask, "batch", count_steps)
-    monkeypatch.setattr(_registry.CopyTask, "loss", nan_from_step_3)
+    monkeypatch.setitem(TASKS, "copy", _LossReplaced(nan_from_step_3))
     out = tmp_path / "run"
     argv = ["train", "copy", *RUN, "--steps", "50", "--max-nonfinite", "3", "--out", str(out)]
     assert main(argv) == 1

@@ -8,10 +8,13 @@ import json
 import pytest
 import torch
 
+from projunn.harness._config import learning_rate_factor
 from projunn.harness.cli import main
 from projunn.harness.tasks import get_task
 from projunn.harness.tasks._registry import ADDING_TOLERANCE, EVAL_SIZE
-from projunn.harness.train import TrainConfig, _learning_rate_factor, resolve
+from projunn.harness.train import TrainConfig, resolve
+
+CPU = torch.device("cpu")
 
 QUICK = ["--hidden", "8", "--batch-size", "4", "--quiet"]
 
@@ -25,7 +28,7 @@ def test_held_out_sets_depend_on_the_task_and_length_only():
     other = copy.held_out(31)[0]
     assert other.shape == (EVAL_SIZE, 51)
     # Not the training stream of any seed: the first training batch differs from the set's start.
-    train_x, _ = copy.batch(resolve(TrainConfig(task="copy", seq_len=30, batch_size=8)), 0, torch.device("cpu"))
+    train_x, _ = copy.prepare(resolve(TrainConfig(task="copy", seq_len=30, batch_size=8)), CPU).batch(0)
     assert not torch.equal(train_x, x[:8])
 
 
@@ -33,9 +36,9 @@ def test_training_streams_of_different_seeds_and_steps_do_not_collide():
     adding = get_task("adding")
     seen = set()
     for seed in range(3):
-        config = resolve(TrainConfig(task="adding", seq_len=10, batch_size=2, seed=seed))
+        data = adding.prepare(resolve(TrainConfig(task="adding", seq_len=10, batch_size=2, seed=seed)), CPU)
         for step in (0, 1, 1_000_003):
-            seen.add(adding.batch(config, step, torch.device("cpu"))[1].tolist().__repr__())
+            seen.add(repr(data.batch(step)[1].tolist()))
     assert len(seen) == 9
 
 
@@ -51,14 +54,16 @@ def test_adding_evaluation_scores_the_whole_set_with_the_best_constant_beside_it
         def forward(self, x):
             return torch.full((x.shape[0], 1), self.c)
 
+    data = adding.prepare(config, CPU)
     _, y = adding.held_out(12)
+    assert torch.equal(data.held_out[1], y)  # a run holds the task's set
     mean = y.mean().item()
-    scores = adding.evaluate(Constant(mean), config, torch.device("cpu"))
+    scores = data.evaluate(Constant(mean))
     assert scores["eval_loss"] == pytest.approx(scores["eval_baseline"], rel=1e-6)
     assert scores["eval_baseline"] == pytest.approx((y - mean).square().mean().item(), rel=1e-6)
     assert scores["eval_baseline"] == pytest.approx(1 / 6, abs=0.01)  # the population value
     assert scores["eval_accuracy"] == pytest.approx(((y - mean).abs() < ADDING_TOLERANCE).float().mean().item())
-    perfect = adding.evaluate(Constant(1.0), config, torch.device("cpu"))["eval_loss"]
+    perfect = data.evaluate(Constant(1.0))["eval_loss"]
     assert perfect == pytest.approx((y - 1).square().mean().item(), rel=1e-6)
 
 
@@ -66,9 +71,10 @@ def test_copy_evaluation_in_chunks_equals_one_pass():
     copy = get_task("copy")
     config = resolve(TrainConfig(task="copy", seq_len=5, hidden=6))
     torch.manual_seed(0)
-    model = copy.build_model(config).double()
+    data = copy.prepare(config, CPU)
+    model = data.build_model().double()
     x, y = copy.held_out(5)
-    scores = copy.evaluate(model, config, torch.device("cpu"))
+    scores = data.evaluate(model)
     with torch.no_grad():
         logits = model(x)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 9), y.reshape(-1)).item()
@@ -131,8 +137,8 @@ def test_resuming_under_a_different_preset_is_refused(tmp_path, capsys):
 
 def test_learning_rate_decays_in_steps_and_the_run_records_it(tmp_path):
     config = TrainConfig(task="copy", lr_decay=0.5, lr_decay_every=3)
-    assert [_learning_rate_factor(config, step) for step in range(7)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25]
-    assert _learning_rate_factor(TrainConfig(task="copy"), 10**6) == 1.0
+    assert [learning_rate_factor(config, step) for step in range(7)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25]
+    assert learning_rate_factor(TrainConfig(task="copy"), 10**6) == 1.0
     out = tmp_path / "run"
     argv = ["train", "copy", "--preset", "paper", "--seq-len", "3", "--out", str(out), "--max-minutes", "0.02"]
     assert main([*argv, "--quiet"]) == 0

@@ -4,7 +4,11 @@
 :mod:`projunn.harness.train`); ``projunn bench`` times projUNN against the floor
 and the peers (see :mod:`projunn.harness.bench`); ``projunn demo`` trains an orthogonal (or unitary)
 layer to match a random rotation and reports the loss and how far the weight
-is from the group, so a new user sees the method work in seconds.
+is from the group, so a new user sees the method work in seconds (the unitary task,
+run by the same loop as ``projunn train``).
+
+The harness names settings by their :class:`~projunn.harness.train.TrainConfig` field in
+backquotes; this module alone turns those into flags (:func:`cli_wording`).
 """
 
 from __future__ import annotations
@@ -12,22 +16,22 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
+import tempfile
 import textwrap
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from .. import __version__
-from ..functional import INITS, SKETCHES, unitarity_error, unitary_init
-from ..nn import NONLINEARITIES, UnitaryLinear
-from ..optim import METHODS, ProjUNN, param_groups
+from ..functional import INITS, SKETCHES
+from ..nn import NONLINEARITIES
+from ..optim import METHODS as PROJUNN_METHODS
 from ._allocator import reuse_freed_memory
-from .tasks import TASKS, DatasetMissingError, describe_tasks
-from .train import METHODS as TRAIN_METHODS
-from .train import OPTIMIZERS, RunDivergedError, RunError, TrainConfig, _is_terminal, resolve, train
+from .tasks import TASKS, DatasetMissingError, describe_tasks, get_task
+from .train import METHODS, OPTIMIZERS, RunDivergedError, RunError, TrainConfig, resolve, train
 
 _DTYPES = {
     "float32": torch.float32,
@@ -142,7 +146,7 @@ def _add_train_parser(commands, help_task: str | None = None) -> None:
     add("task", choices=tuple(TASKS), metavar="TASK", help="one of: " + ", ".join(TASKS))
     add(
         "--method",
-        choices=TRAIN_METHODS,
+        choices=METHODS,
         default="t",
         help="t/d: projUNN-T/-D; expm/cayley: torch's orthogonal parametrisation; none: unconstrained (default t)",
     )
@@ -237,7 +241,9 @@ def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=d.steps, help="training steps")
     demo.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="pairs per step")
     demo.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate of the layer")
-    demo.add_argument("--method", choices=METHODS, default=d.method, help="projUNN-T, projUNN-D, or unconstrained")
+    demo.add_argument(
+        "--method", choices=PROJUNN_METHODS, default=d.method, help="projUNN-T, projUNN-D, or unconstrained"
+    )
     demo.add_argument("--rank", type=_positive_int, default=d.rank, help="rank k of the sketched step")
     demo.add_argument("--sketch", choices=SKETCHES, default=d.sketch, help="low-rank sketch of the step")
     demo.add_argument("--dtype", choices=tuple(_DTYPES), default=d.dtype, help="real=orthogonal, complex=unitary")
@@ -317,44 +323,79 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_run(config: DemoConfig, *, out: str) -> TrainConfig:
+    """The demo as a run of the unitary task: Adam, one learning rate, a row every 50 steps, on the CPU.
+
+    ``dtype``'s real part is the default dtype while it runs (see :func:`run_demo`); a complex dtype
+    asks for a unitary layer.
+    """
+    return TrainConfig(
+        task="unitary",
+        method=config.method,
+        rank=config.rank,
+        sketch=config.sketch,
+        hidden=config.n,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        optimizer="adam",
+        lr=config.lr,
+        unitary_lr=config.lr,
+        complex=_DTYPES[config.dtype].is_complex,
+        eval_every=_DEMO_EVAL_EVERY,
+        seed=config.seed,
+        device="cpu",
+        quiet=config.quiet,
+        out=out,
+    )
+
+
+_DEMO_EVAL_EVERY = 50
+
+
 def run_demo(config: DemoConfig) -> dict[str, float]:
-    """Train the demo layer; return the initial/final loss and max unitarity error."""
-    from tqdm.auto import tqdm
+    """Train the demo layer through ``projunn train``'s loop (its run folder is temporary).
 
-    torch.manual_seed(config.seed)
-    dtype = _DTYPES[config.dtype]
-    target = unitary_init(config.n, "haar", dtype=dtype)
-    layer = UnitaryLinear(config.n, dtype=dtype)
-    groups = param_groups(layer, method=config.method, rank=config.rank, sketch=config.sketch)
-    optimizer = ProjUNN(torch.optim.Adam(groups, lr=config.lr), seed=config.seed)
-
-    def loss_of(x: torch.Tensor) -> torch.Tensor:
-        # Squared error per coordinate: about 2 for an unrelated rotation, 0 when learned.
-        return (layer(x) - x @ target.mT).abs().square().mean()
-
-    start = time.perf_counter()
-    first_loss = max_error = 0.0
-    bar = tqdm(range(config.steps), disable=config.quiet or not _is_terminal(sys.stderr), desc="demo", unit="step")
-    for step in bar:
-        x = torch.randn(config.batch_size, config.n, dtype=dtype)
-        loss = loss_of(x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step == 0:
-            first_loss = loss.item()
-        if step % 50 == 0 or step == config.steps - 1:
-            error = unitarity_error(layer.weight.detach()).item()
-            max_error = max(max_error, error)
-            bar.set_postfix(loss=f"{loss.item():.4f}", unitarity=f"{error:.1e}")
-    with torch.no_grad():
-        final_loss = loss_of(torch.randn(1024, config.n, dtype=dtype)).item()
+    Returns:
+        ``initial_loss`` and ``final_loss`` (held-out MSE before and after training: about 2 for
+        an unrelated rotation, 0 when learned), ``max_unitarity_error`` and ``seconds``.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(_DTYPES[config.dtype].to_real())
+    try:
+        with tempfile.TemporaryDirectory(prefix="projunn-demo-") as folder:
+            run = demo_run(config, out=folder)
+            initial = _initial_loss(run)
+            summary = train(run, log=(lambda message: None) if config.quiet else _say)
+    finally:
+        torch.set_default_dtype(previous)
     return {
-        "initial_loss": first_loss,
-        "final_loss": final_loss,
-        "max_unitarity_error": max_error,
-        "seconds": time.perf_counter() - start,
+        "initial_loss": initial,
+        "final_loss": summary["final_loss"],
+        "max_unitarity_error": summary["max_unitarity_error"],
+        "seconds": summary["seconds"],
     }
+
+
+def _initial_loss(config: TrainConfig) -> float:
+    """The held-out loss of the model a run starts from, built as the run builds it (same seed)."""
+    config = resolve(config)
+    torch.manual_seed(config.seed)
+    data = get_task(config.task).prepare(config, torch.device(config.device))
+    with torch.no_grad():
+        return data.evaluate(data.build_model())["eval_loss"]
+
+
+_SETTING = re.compile(r"`(\w+)`")
+
+
+def cli_wording(message: str) -> str:
+    """A harness message with the settings it names (`` `seq_len` ``) written as flags (``--seq-len``)."""
+    names = {f.name for f in fields(TrainConfig)}
+    return _SETTING.sub(lambda m: "--" + m[1].replace("_", "-") if m[1] in names else m[0], message)
+
+
+def _say(message: str) -> None:
+    print(cli_wording(message))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -383,12 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_train(config: TrainConfig) -> int:
     reuse_freed_memory()  # activation buffers are reallocated every step: see projunn.harness._allocator
     try:
-        summary = train(config)
+        summary = train(config, log=_say)
     except RunDivergedError as error:
-        print(f"projunn train: error: {error}", file=sys.stderr)
+        print(f"projunn train: error: {cli_wording(str(error))}", file=sys.stderr)
         return 1
     except (RunError, DatasetMissingError) as error:
-        print(f"projunn train: error: {error}", file=sys.stderr)
+        print(f"projunn train: error: {cli_wording(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("projunn train: interrupted", file=sys.stderr)

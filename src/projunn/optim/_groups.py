@@ -66,6 +66,7 @@ def param_groups(
     method: str | None = None,
     rank: int | None = None,
     sketch: str | None = None,
+    include_parametrized: bool = False,
 ) -> list[dict[str, Any]]:
     """Split ``model``'s parameters into an ordinary group and a unitary group.
 
@@ -82,11 +83,20 @@ def param_groups(
     key ``"matrix_shape"``: ProjUNN updates ``param.view(matrix_shape)``
     (Note [Matrix views] in ``projunn.nn._constrain``).
 
+    A unitary weight that a ``torch.nn.utils.parametrize`` parametrisation
+    computes (``parametrizations.orthogonal``, to compare against torch's maps)
+    is not a parameter; its free tensor ``parametrizations.<name>.original``
+    is an ordinary parameter unless ``include_parametrized`` is set.
+
     Args:
         model: module whose parameters to split (see :func:`unitary_parameters`).
         unitary_lr: learning rate of the unitary group (the paper: lr/32 for
             RNNs, lr/10 for convolutions).
         method, rank, sketch: per-group ProjUNN settings.
+        include_parametrized: put the free tensors of parametrised unitary
+            weights into a last unitary group with the same settings but
+            ``method="none"`` (the parametrisation, not ProjUNN, keeps the
+            weight on the group), so they get ``unitary_lr`` too.
 
     Returns:
         A list to pass to any ``torch.optim`` optimiser's constructor.
@@ -103,7 +113,9 @@ def param_groups(
     """
     views = _constrained_views(model)
     unitary_ids = {id(p) for _, p in unitary_parameters(model)}
-    ordinary = [p for p in model.parameters() if id(p) not in unitary_ids]
+    originals = _parametrized_originals(model) if include_parametrized else []
+    excluded = unitary_ids | {id(p) for p in originals}
+    ordinary = [p for p in model.parameters() if id(p) not in excluded]
     settings: dict[str, Any] = {"unitary": True, "weight_decay": 0.0}
     for key, value in (("lr", unitary_lr), ("method", method), ("rank", rank), ("sketch", sketch)):
         if value is not None:
@@ -113,8 +125,19 @@ def param_groups(
         if id(p) in unitary_ids:
             unitary.setdefault(views.get(id(p)), []).append(p)
     view_groups = [{"params": ps, **settings, MATRIX_SHAPE: shape} for shape, ps in unitary.items() if shape]
-    groups = [{"params": ordinary}, {"params": unitary[None], **settings}, *view_groups]
+    parametrized = {"params": originals, **settings, "method": "none"}
+    groups = [{"params": ordinary}, {"params": unitary[None], **settings}, *view_groups, parametrized]
     return [group for group in groups if group["params"]]
+
+
+def _parametrized_originals(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The free tensors of the unitary weights a ``torch.nn.utils.parametrize`` parametrisation computes."""
+    found: dict[int, torch.nn.Parameter] = {}
+    for _, module, name in unitary_slots(model):
+        if parametrize.is_parametrized(module, name):
+            original = module.parametrizations[name].original
+            found.setdefault(id(original), original)
+    return list(found.values())
 
 
 def _constrained_views(model: torch.nn.Module) -> dict[int, tuple[int, ...]]:

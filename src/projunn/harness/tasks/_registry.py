@@ -24,7 +24,18 @@ from ...nn import DeepUnitaryCNN, SequenceModel, UnitaryLinear, UnitaryResNet9
 from ..datasets import load_cifar10, load_images
 from ._synthetic import COPY_ALPHABET, COPY_SYMBOLS, adding_baseline, adding_batch, copy_baseline, copy_batch
 
-__all__ = ["TASKS", "Task", "get_task"]
+__all__ = [
+    "TASKS",
+    "TASK_OPTIONS",
+    "AddingTask",
+    "CopyTask",
+    "ImageTask",
+    "PixelMNISTTask",
+    "RunData",
+    "Task",
+    "UnitaryTargetTask",
+    "get_task",
+]
 
 #: Sequences in the held-out set of the copy and adding tasks, scored in chunks of EVAL_CHUNK.
 EVAL_SIZE = 10_000
@@ -48,71 +59,99 @@ def _stream(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+#: Settings only some tasks take; each task lists those it takes in ``Task.options`` and the
+#: others are refused when set (every task takes the rest of TrainConfig's fields).
+TASK_OPTIONS = ("hidden", "seq_len", "model", "depth", "channels", "nonlinearity", "epochs", "eval_limit", "complex")
+_RNN_OPTIONS = frozenset({"hidden", "nonlinearity", "complex"})
+
+
 @dataclass
 class Task:
-    """Base class. ``defaults`` fill unset options; ``paper`` is the ``--preset paper`` overlay."""
+    """A task's description, with no per-run state: ``prepare`` makes the data of one run.
+
+    ``defaults`` fill unset options; ``paper`` is the ``preset="paper"`` overlay;
+    ``options`` are the settings of :data:`TASK_OPTIONS` the task takes.
+    """
 
     name: str = ""
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
     paper: dict[str, Any] = field(default_factory=dict)
+    options: frozenset[str] = frozenset()
     has_accuracy: bool = False
     inits: tuple[str, ...] = ("identity", "haar", "henaff", "cayley")
-    #: Per ``--model`` defaults of model-specific options (tasks with a choice of model).
+    #: Per ``model`` defaults of model-specific options (tasks with a choice of model).
     model_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Options of ``paper`` that the paper itself varies, so ``--preset paper`` lets them be set.
+    #: Options of ``paper`` that the paper itself varies, so ``preset="paper"`` lets them be set.
     paper_free: tuple[str, ...] = ()
 
-    def prepare(self, config, device: torch.device) -> None:
-        """Load data once before training (nothing for synthetic tasks)."""
-
-    def total_steps(self, config) -> int:
-        return config.steps
+    def prepare(self, config, device: torch.device) -> RunData:
+        """The data of one run with these (resolved) settings, on ``device``."""
+        raise NotImplementedError
 
     def baseline(self, config) -> float | None:
         return None
-
-    def build_model(self, config) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def batch(self, config, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
 
     def loss(self, model, x, y) -> tuple[torch.Tensor, float | None]:
         """Mean loss and, where the task has one, accuracy in [0, 1]."""
         raise NotImplementedError
 
-    def evaluate(self, model, config, device) -> dict[str, float]:
+
+class RunData:
+    """A task prepared for one run: it owns the run's tensors, makes its batches and scores its model.
+
+    Attributes:
+        task: the :class:`Task`; config: the resolved settings; device: where batches go.
+        total_steps: training steps of the whole run.
+    """
+
+    def __init__(self, task: Task, config, device: torch.device):
+        self.task, self.config, self.device = task, config, device
+        self.total_steps: int = config.steps
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of training step ``step``: a pure function of (seed, step)."""
+        raise NotImplementedError
+
+    def loss(self, model, x, y) -> tuple[torch.Tensor, float | None]:
+        return self.task.loss(model, x, y)
+
+    def evaluate(self, model) -> dict[str, float]:
         """Held-out ``eval_loss``, ``eval_baseline`` and, where the task has one, ``eval_accuracy``."""
         raise NotImplementedError
 
-    def test(self, model, config, device) -> dict[str, float]:
+    def test(self, model) -> dict[str, float]:
         """Final numbers for summary.json (the held-out evaluation unless a test set exists)."""
-        return self.evaluate(model, config, device)
+        return self.evaluate(model)
 
 
 class _SequenceTask(Task):
     """Synthetic sequences (copy, adding): fresh training batches from the ("train", seed, step)
-    stream, and a fixed held-out set of EVAL_SIZE sequences from the ("eval", task, T) stream."""
+    stream, and a fixed held-out set of EVAL_SIZE sequences from the ("eval", task, T) stream.
+
+    Subclasses give ``input_size``, ``output_size``, ``tokens``, and score a chunk of the
+    held-out set (``score_chunk``, sums) and the whole set from those sums (``finish``).
+    """
+
+    input_size: int
+    output_size: int
+    tokens: bool
 
     def __init__(self, *, generate, **fields):
-        super().__init__(**fields)
-        self._generate = generate
-        self._held_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        super().__init__(options=_RNN_OPTIONS | {"seq_len"}, **fields)
+        self.generate = generate
 
-    def batch(self, config, step, device):
-        # Drawn on the CPU (where the generator lives), so every device sees the same batches.
-        x, y = self._generate(config.batch_size, config.seq_len, generator=_stream("train", config.seed, step))
-        return x.to(device), y.to(device)
+    def prepare(self, config, device):
+        return _SequenceData(self, config, device)
 
     def held_out(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The held-out set for sequence length T: inputs and targets of EVAL_SIZE sequences (cached)."""
-        if seq_len not in self._held_out:
-            generator = _stream("eval", self.name, seq_len)
-            self._held_out = {seq_len: self._generate(EVAL_SIZE, seq_len, generator=generator)}
-        return self._held_out[seq_len]
+        """The held-out set for sequence length T: inputs and targets of EVAL_SIZE sequences."""
+        return self.generate(EVAL_SIZE, seq_len, generator=_stream("eval", self.name, seq_len))
 
-    def build_model(self, config):
+    def build_model(self, config) -> torch.nn.Module:
         return SequenceModel(
             self.input_size,
             config.hidden,
@@ -120,27 +159,47 @@ class _SequenceTask(Task):
             tokens=self.tokens,
             every_step=self.tokens,
             nonlinearity=config.nonlinearity,
-            complex=config.complex,
+            dtype=_weight_dtype(config),
             init=config.init,
             input_init=config.input_init or "he",
         )
 
-    def evaluate(self, model, config, device):
-        x, y = self.held_out(config.seq_len)
+    def score_chunk(self, model, x, y) -> dict[str, float]:
+        raise NotImplementedError
+
+    def finish(self, totals: dict[str, float], y: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class _SequenceData(RunData):
+    def __init__(self, task: _SequenceTask, config, device):
+        super().__init__(task, config, device)
+        self.held_out = task.held_out(config.seq_len)  # on the CPU, scored in chunks on the device
+
+    def build_model(self):
+        return self.task.build_model(self.config)
+
+    def batch(self, step):
+        # Drawn on the CPU (where the generator lives), so every device sees the same batches.
+        config = self.config
+        x, y = self.task.generate(config.batch_size, config.seq_len, generator=_stream("train", config.seed, step))
+        return x.to(self.device), y.to(self.device)
+
+    def evaluate(self, model):
+        x, y = self.held_out
         was_training = model.training
         model.eval()
         totals: dict[str, float] = {}
         try:
             with torch.no_grad():
                 for start in range(0, len(x), EVAL_CHUNK):
-                    chunk = self._score_chunk(
-                        model, x[start : start + EVAL_CHUNK].to(device), y[start : start + EVAL_CHUNK].to(device)
-                    )
+                    rows = slice(start, start + EVAL_CHUNK)
+                    chunk = self.task.score_chunk(model, x[rows].to(self.device), y[rows].to(self.device))
                     for key, value in chunk.items():
                         totals[key] = totals.get(key, 0.0) + value
         finally:
             model.train(was_training)
-        return self._finish(totals, y)
+        return self.task.finish(totals, y)
 
 
 class CopyTask(_SequenceTask):
@@ -195,15 +254,13 @@ class CopyTask(_SequenceTask):
         recall = logits[:, -COPY_SYMBOLS:].argmax(-1) == y[:, -COPY_SYMBOLS:]
         return loss, recall.float().mean().item()
 
-    @staticmethod
-    def _score_chunk(model, x, y):
+    def score_chunk(self, model, x, y):
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
         recalled = (logits[:, -COPY_SYMBOLS:].argmax(-1) == y[:, -COPY_SYMBOLS:]).sum()
         return {"loss": loss.item(), "recalled": recalled.item()}
 
-    @staticmethod
-    def _finish(totals, y):
+    def finish(self, totals, y):
         # The memoryless predictor (blanks, then uniform over the 8 symbols) scores exactly
         # 10 ln 8 / (T + 20) on any set: its loss does not depend on which symbols were drawn.
         return {
@@ -267,13 +324,11 @@ class AddingTask(_SequenceTask):
         close = (prediction - y).abs() < ADDING_TOLERANCE
         return F.mse_loss(prediction, y), close.float().mean().item()
 
-    @staticmethod
-    def _score_chunk(model, x, y):
+    def score_chunk(self, model, x, y):
         error = model(x).squeeze(-1) - y
         return {"squared": error.square().sum().item(), "close": (error.abs() < ADDING_TOLERANCE).sum().item()}
 
-    @staticmethod
-    def _finish(totals, y):
+    def finish(self, totals, y):
         return {
             "eval_loss": totals["squared"] / len(y),
             "eval_accuracy": totals["close"] / len(y),
@@ -285,58 +340,57 @@ class _ClassificationTask(Task):
     """Labelled data sets: the last tenth of the training set held out for validation (as in
     the paper), a seeded shuffle per epoch, cross-entropy and accuracy, test-set numbers at the end.
 
-    Subclasses load the data in ``prepare`` (calling ``_store``) and map raw examples to
-    model inputs in ``_inputs``.
+    Subclasses load the data in ``prepare`` and return a :class:`_ClassificationData`.
     """
 
     #: Also score this many training images at the end (None: do not).
     train_sample: int | None = None
 
-    def _store(self, config, train_x, train_y, test_x, test_y) -> None:
-        split = len(train_x) - len(train_x) // 10
-        if split < config.batch_size:
-            raise ValueError(f"batch size {config.batch_size} exceeds the {split} training images")
-        self._data = {
-            "train_x": train_x[:split],
-            "train_y": train_y[:split],
-            "val_x": train_x[split:],
-            "val_y": train_y[split:],
-            "test_x": test_x,
-            "test_y": test_y,
-        }
-        self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)
-
-    def _inputs(self, raw: torch.Tensor, device) -> torch.Tensor:
-        raise NotImplementedError
-
-    def steps_per_epoch(self, config) -> int:
-        return len(self._data["train_x"]) // config.batch_size
-
-    def total_steps(self, config):
-        return config.steps if config.steps is not None else config.epochs * self.steps_per_epoch(config)
-
-    def batch(self, config, step, device):
-        epoch, index = divmod(step, self.steps_per_epoch(config))
-        if self._epoch_order[0] != epoch:
-            shuffle = _stream("shuffle", config.seed, epoch)
-            self._epoch_order = (epoch, torch.randperm(len(self._data["train_x"]), generator=shuffle))
-        rows = self._epoch_order[1][index * config.batch_size : (index + 1) * config.batch_size]
-        return self._inputs(self._data["train_x"][rows], device), self._data["train_y"][rows].to(device)
-
     def loss(self, model, x, y):
         logits = model(x)
         return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean().item()
 
-    def _score(self, model, split, device, limit: int | None = None) -> tuple[float, float]:
-        xs, ys = self._data[f"{split}_x"][:limit], self._data[f"{split}_y"][:limit]
+
+class _ClassificationData(RunData):
+    """Training, validation and test splits (on the CPU); ``inputs`` maps raw examples to model inputs."""
+
+    def __init__(self, task: _ClassificationTask, config, device, train_x, train_y, test_x, test_y):
+        super().__init__(task, config, device)
+        split = len(train_x) - len(train_x) // 10
+        if split < config.batch_size:
+            raise ValueError(f"batch size {config.batch_size} exceeds the {split} training images")
+        self.splits = {
+            "train": (train_x[:split], train_y[:split]),
+            "val": (train_x[split:], train_y[split:]),
+            "test": (test_x, test_y),
+        }
+        self.steps_per_epoch = split // config.batch_size
+        self.total_steps = config.steps if config.steps is not None else config.epochs * self.steps_per_epoch
+        self._epoch_order: tuple[int, torch.Tensor | None] = (-1, None)  # the current epoch's shuffle
+
+    def inputs(self, raw: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch(self, step):
+        epoch, index = divmod(step, self.steps_per_epoch)
+        train_x, train_y = self.splits["train"]
+        if self._epoch_order[0] != epoch:
+            shuffle = _stream("shuffle", self.config.seed, epoch)
+            self._epoch_order = (epoch, torch.randperm(len(train_x), generator=shuffle))
+        size = self.config.batch_size
+        rows = self._epoch_order[1][index * size : (index + 1) * size]
+        return self.inputs(train_x[rows]), train_y[rows].to(self.device)
+
+    def _score(self, model, split: str, limit: int | None = None) -> tuple[float, float]:
+        xs, ys = (part[:limit] for part in self.splits[split])
         was_training = model.training
         model.eval()  # BatchNorm, where there is one, uses its running statistics
         total_loss = correct = 0.0
         try:
             with torch.no_grad():
                 for start in range(0, len(xs), 500):
-                    logits = model(self._inputs(xs[start : start + 500], device))
-                    y = ys[start : start + 500].to(device)
+                    logits = model(self.inputs(xs[start : start + 500]))
+                    y = ys[start : start + 500].to(self.device)
                     total_loss += F.cross_entropy(logits, y, reduction="sum").item()
                     correct += (logits.argmax(-1) == y).sum().item()
         finally:
@@ -345,30 +399,24 @@ class _ClassificationTask(Task):
 
     def _prior_loss(self, split: str, limit: int | None) -> float:
         """Cross-entropy of the constant predictor: the training split's class frequencies."""
-        counts = torch.bincount(self._data["train_y"].long()).double()
+        counts = torch.bincount(self.splits["train"][1].long()).double()
         log_prior = (counts / counts.sum()).clamp_min(1e-300).log()
-        labels = self._data[f"{split}_y"][:limit].long()
+        labels = self.splits[split][1][:limit].long()
         labels = labels[labels < len(log_prior)]  # a class absent from training has no prior: skip it
         return -log_prior[labels].mean().item()
 
-    def evaluate(self, model, config, device):
-        loss, accuracy = self._score(model, "val", device, limit=config.eval_limit)
-        return {
-            "eval_loss": loss,
-            "eval_accuracy": accuracy,
-            "eval_baseline": self._prior_loss("val", config.eval_limit),
-        }
+    def evaluate(self, model):
+        limit = self.config.eval_limit
+        loss, accuracy = self._score(model, "val", limit)
+        return {"eval_loss": loss, "eval_accuracy": accuracy, "eval_baseline": self._prior_loss("val", limit)}
 
-    def test(self, model, config, device):
-        loss, accuracy = self._score(model, "test", device, limit=config.eval_limit)
-        scores = {
-            "test_loss": loss,
-            "test_accuracy": accuracy,
-            "test_baseline": self._prior_loss("test", config.eval_limit),
-        }
-        if self.train_sample:
-            limit = min(self.train_sample, config.eval_limit or self.train_sample)
-            train_loss, train_accuracy = self._score(model, "train", device, limit=limit)
+    def test(self, model):
+        limit = self.config.eval_limit
+        loss, accuracy = self._score(model, "test", limit)
+        scores = {"test_loss": loss, "test_accuracy": accuracy, "test_baseline": self._prior_loss("test", limit)}
+        sample = self.task.train_sample
+        if sample:
+            train_loss, train_accuracy = self._score(model, "train", min(sample, limit or sample))
             scores |= {"train_eval_loss": train_loss, "train_accuracy": train_accuracy}
         return scores
 
@@ -413,6 +461,7 @@ class PixelMNISTTask(_ClassificationTask):
                 rank=1,
                 eval_every=_MNIST_STEPS_PER_EPOCH,
             ),
+            options=_RNN_OPTIONS | {"epochs", "eval_limit"},
             paper_free=("hidden",),
             has_accuracy=True,
         )
@@ -420,30 +469,42 @@ class PixelMNISTTask(_ClassificationTask):
 
     def prepare(self, config, device):
         images = load_images("mnist", config.data_dir)
-        self._order = torch.arange(784)
+        order = torch.arange(784)
         if self.permuted:
-            self._order = torch.randperm(784, generator=torch.Generator().manual_seed(config.permutation_seed))
-        self._store(
+            order = torch.randperm(784, generator=torch.Generator().manual_seed(config.permutation_seed))
+        return _PixelData(
+            self,
             config,
+            device,
+            order,
             torch.as_tensor(images.train_images).reshape(-1, 784),
             torch.as_tensor(images.train_labels),
             torch.as_tensor(images.test_images).reshape(-1, 784),
             torch.as_tensor(images.test_labels),
         )
 
-    def _inputs(self, pixels: torch.Tensor, device) -> torch.Tensor:
-        return (pixels[:, self._order].to(device=device, dtype=torch.get_default_dtype()) / 255.0).unsqueeze(-1)
-
-    def build_model(self, config):
+    def build_model(self, config) -> torch.nn.Module:
         return SequenceModel(
             1,
             config.hidden,
             10,
             nonlinearity=config.nonlinearity,
-            complex=config.complex,
+            dtype=_weight_dtype(config),
             init=config.init,
             input_init=config.input_init or "he",
         )
+
+
+class _PixelData(_ClassificationData):
+    def __init__(self, task, config, device, order: torch.Tensor, *splits):
+        super().__init__(task, config, device, *splits)
+        self.order = order  # (784,): the pixel shown at each time step
+
+    def inputs(self, pixels):
+        return (pixels[:, self.order].to(device=self.device, dtype=torch.get_default_dtype()) / 255.0).unsqueeze(-1)
+
+    def build_model(self):
+        return self.task.build_model(self.config)
 
 
 class UnitaryTargetTask(Task):
@@ -461,10 +522,10 @@ class UnitaryTargetTask(Task):
                 unitary_lr_divider=1,
                 optimizer="adam",
                 init="haar",
-                nonlinearity="identity",
                 eval_every=50,
             ),
             paper=dict(hidden=2048, steps=1000, batch_size=128),
+            options=frozenset({"hidden", "complex"}),
         )
 
     #: Input/output pairs in the fixed held-out set.
@@ -473,35 +534,44 @@ class UnitaryTargetTask(Task):
     def baseline(self, config):
         return 1.0  # E|T x|^2 per coordinate: the MSE of predicting 0, the best constant
 
-    def evaluate(self, model, config, device):
+    def prepare(self, config, device):
+        return _UnitaryData(self, config, device)
+
+    def loss(self, model, x, y):
+        return (model(x) - y).abs().square().mean(), None
+
+
+def _weight_dtype(config) -> torch.dtype:
+    """The default dtype, or its complex counterpart for ``complex`` runs (float32 -> complex64)."""
+    default = torch.get_default_dtype()
+    return torch.promote_types(default, torch.complex64) if config.complex else default
+
+
+class _UnitaryData(RunData):
+    def __init__(self, task: UnitaryTargetTask, config, device):
+        super().__init__(task, config, device)
+        generator = torch.Generator().manual_seed(config.seed + 7)
+        dtype = _weight_dtype(config)
+        self.target = unitary_init(config.hidden, "haar", dtype=dtype, generator=generator).to(device)
+        x = torch.randn(task.eval_size, config.hidden, dtype=dtype, generator=_stream("eval", task.name, config.hidden))
+        self.held_out = x.to(device), x.to(device) @ self.target.mT
+
+    def build_model(self):
+        return UnitaryLinear(self.config.hidden, init=self.config.init, dtype=_weight_dtype(self.config))
+
+    def batch(self, step):
+        config = self.config
         x = torch.randn(
-            self.eval_size, config.hidden, dtype=self._target.dtype, generator=_stream("eval", self.name, config.hidden)
-        )
-        x = x.to(device)
-        y = x @ self._target.mT
+            config.batch_size, config.hidden, dtype=self.target.dtype, generator=_stream("train", config.seed, step)
+        ).to(self.device)
+        return x, x @ self.target.mT
+
+    def evaluate(self, model):
+        x, y = self.held_out
         with torch.no_grad():
             loss, _ = self.loss(model, x, y)
         # The zero predictor (the best constant) on the same pairs; an unrelated rotation scores 2.
         return {"eval_loss": loss.item(), "eval_baseline": y.abs().square().mean().item()}
-
-    def prepare(self, config, device):
-        dtype = torch.complex64 if config.complex else torch.get_default_dtype()
-        generator = torch.Generator().manual_seed(config.seed + 7)
-        self._target = unitary_init(config.hidden, "haar", dtype=dtype, generator=generator).to(device)
-
-    def build_model(self, config):
-        dtype = torch.complex64 if config.complex else None
-        return UnitaryLinear(config.hidden, init=config.init, dtype=dtype)
-
-    def batch(self, config, step, device):
-        target = self._target
-        x = torch.randn(
-            config.batch_size, config.hidden, dtype=target.dtype, generator=_stream("train", config.seed, step)
-        ).to(device)
-        return x, x @ target.mT
-
-    def loss(self, model, x, y):
-        return (model(x) - y).abs().square().mean(), None
 
 
 class ImageTask(_ClassificationTask):
@@ -527,6 +597,7 @@ class ImageTask(_ClassificationTask):
                 eval_limit=None,
             ),
             paper=dict(depth=100, channels=32, epochs=20, batch_size=64, lr=1e-3, unitary_lr_divider=10),
+            options=frozenset({"model", "depth", "channels", "epochs", "eval_limit"}),
             has_accuracy=True,
             inits=("identity", "haar"),
             model_defaults={"cnn": dict(depth=8, channels=32), "resnet9": dict(channels=8)},
@@ -543,30 +614,40 @@ class ImageTask(_ClassificationTask):
             x = torch.as_tensor(array)
             return x.unsqueeze(1) if x.dim() == 3 else x
 
-        self._store(
+        return _ImageData(
+            self,
             config,
+            device,
             with_channels(images.train_images),
             torch.as_tensor(images.train_labels),
             with_channels(images.test_images),
             torch.as_tensor(images.test_labels),
         )
-        # Per-channel standardisation from the training split only.
-        scaled = self._data["train_x"].float() / 255.0
-        self._mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
-        self._std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
 
-    def _inputs(self, images: torch.Tensor, device) -> torch.Tensor:
-        x = (images.float() / 255.0 - self._mean) / self._std
-        return x.to(device=device, dtype=torch.get_default_dtype())
-
-    def build_model(self, config):
-        shape = self._data["train_x"].shape
-        size, in_channels = tuple(shape[-2:]), shape[1]
+    def build_model(self, config, image_shape: tuple[int, int, int]) -> torch.nn.Module:
+        """The model for images of shape (C, n, m)."""
+        in_channels, size = image_shape[0], tuple(image_shape[1:])
         if config.model == "resnet9":
             return UnitaryResNet9(width=config.channels, size=size, in_channels=in_channels, init=config.init)
         return DeepUnitaryCNN(
             config.depth, channels=config.channels, size=size, in_channels=in_channels, init=config.init
         )
+
+
+class _ImageData(_ClassificationData):
+    def __init__(self, task: ImageTask, config, device, *splits):
+        super().__init__(task, config, device, *splits)
+        # Per-channel standardisation from the training split only: (1, C, 1, 1) each.
+        scaled = self.splits["train"][0].float() / 255.0
+        self.mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
+        self.std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+
+    def inputs(self, images):
+        x = (images.float() / 255.0 - self.mean) / self.std
+        return x.to(device=self.device, dtype=torch.get_default_dtype())
+
+    def build_model(self):
+        return self.task.build_model(self.config, tuple(self.splits["train"][0].shape[1:]))
 
 
 TASKS: dict[str, Task] = {

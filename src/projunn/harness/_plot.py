@@ -1,0 +1,77 @@
+"""curves.png: a run's loss (beside its baseline), unitarity error and, where there is one, accuracy."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import torch
+
+from ._folder import write_file
+
+__all__ = ["figure", "plot_curves"]
+
+_MARKED_POINTS = 30
+_UNITARITY_RANGE = (1e-8, 1e-2)  # the y range of the unitarity panel unless values fall outside it
+
+
+def plot_curves(path: pathlib.Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Write curves.png: loss (with the baseline), unitarity error and, where there is one, accuracy."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(history, summary)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def figure(history: list[dict[str, Any]], summary: dict[str, Any]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    steps = [row["step"] for row in history]
+    # Markers while there are few points: a one-point line is invisible without one.
+    points = {"marker": "o", "markersize": 3} if len(history) <= _MARKED_POINTS else {}
+    has_accuracy = any(row.get("eval_accuracy") is not None for row in history)
+    fig, axes = plt.subplots(1, 3 if has_accuracy else 2, figsize=(13 if has_accuracy else 9, 3.6))
+    ax = axes[0]
+    ax.plot(steps, [row["train_loss"] for row in history], label="train", **points)
+    ax.plot(steps, [row["eval_loss"] for row in history], label="held out", **points)
+    # The constant / memoryless predictor on the held-out set these curves are measured on.
+    measured = [row.get("eval_baseline") for row in history if row.get("eval_baseline") is not None]
+    baseline = measured[-1] if measured else summary.get("baseline_loss")
+    if baseline is not None:
+        ax.axhline(baseline, color="k", linestyle="--", linewidth=1, label="baseline (same set)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("loss")
+    ax.legend()
+    ax = axes[1]
+    errors = [max(row["max_unitarity_error"], 1e-16) for row in history]
+    ax.plot(steps, errors, color="tab:red", **points)
+    # A fixed decade range, so rounding-level noise (1e-7..1e-6) stays a flat line near the floor
+    # instead of being stretched into spikes; it widens only for values outside it.
+    dtype = torch.get_default_dtype()
+    ax.axhline(
+        torch.finfo(dtype).eps, color="gray", linestyle="--", linewidth=1, label=f"{dtype} eps".replace("torch.", "")
+    )
+    ax.set_yscale("log")
+    ax.set_ylim(min(_UNITARITY_RANGE[0], min(errors) / 3), max(_UNITARITY_RANGE[1], max(errors) * 3))
+    ax.set_xlabel("step")
+    ax.set_title(r"max $\|U^H U - I\|_F$")
+    ax.legend(loc="upper right")
+    if has_accuracy:
+        ax = axes[2]
+        ax.plot(steps, [row.get("eval_accuracy") for row in history], color="tab:green", **points)
+        ax.set_ylim(-0.02, 1.04)  # a curve at 0 or 1 stays visible inside the frame
+        ax.set_xlabel("step")
+        ax.set_title("held-out accuracy")
+    shown = [("T", "seq_len"), ("hidden", "hidden"), ("model", "model"), ("depth", "depth"), ("channels", "channels")]
+    details = "".join(f", {label} {summary[key]}" for label, key in shown if summary.get(key) is not None)
+    fig.suptitle(f"{summary['task']}{details}, method {summary['method']}", fontsize=10)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 0.96 ... 1.04 around one point
+    fig.tight_layout()
+    return fig
