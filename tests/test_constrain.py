@@ -11,7 +11,7 @@ from torch.nn.utils import parametrizations
 
 from conftest import polar_reference
 from projunn.functional import unitarity_error
-from projunn.nn import UnitaryConstraint, UnitaryLinear, is_constrained, remove_unitary_, unitary_
+from projunn.nn import UnitaryConstraint, UnitaryLinear, constraints, is_constrained, remove_unitary_, unitary_
 from projunn.optim import ProjUNN, param_groups, unitary_parameters
 
 F64 = torch.float64
@@ -272,8 +272,22 @@ BAD = [
         ValueError,
         "'weight_hh_l0' of GRU.*12 rows",
     ),
-    ("zero blocks", lambda: torch.nn.Linear(4, 4), {"blocks": 0}, ValueError, "'weight' of Linear.*blocks"),
+    (
+        "zero blocks",
+        lambda: torch.nn.Linear(4, 4),
+        {"blocks": 0},
+        ValueError,
+        "Linear.*blocks must be >= 1",
+    ),
+    (
+        "float blocks",
+        lambda: torch.nn.Linear(4, 4),
+        {"blocks": 2.0},
+        TypeError,
+        "Linear.*blocks must be an int",
+    ),
     ("kind", lambda: torch.nn.Linear(4, 4), {"kind": "rows"}, ValueError, "'weight' of Linear.*kind must be one of"),
+    ("kind type", lambda: torch.nn.Linear(4, 4), {"kind": None}, TypeError, "'weight' of Linear.*kind must be a str"),
     ("missing", lambda: torch.nn.Linear(4, 4), {"name": "weights"}, ValueError, "'weights' of Linear.*does not exist"),
     ("none", lambda: torch.nn.Linear(4, 4, bias=False), {"name": "bias"}, ValueError, "'bias' of Linear.*is None"),
     (
@@ -321,3 +335,11 @@ def test_docstring_examples():
     import projunn.nn._constrain as module
 
     assert doctest.testmod(module, globs={"torch": torch, **vars(module)}).failed == 0
+
+
+def test_constraints_are_read_only_and_public():
+    layer = unitary_(torch.nn.Linear(4, 4))
+    assert dict(constraints(layer)) == {"weight": UnitaryConstraint("matrix", 1)}
+    assert dict(constraints(torch.nn.Linear(4, 4))) == {}
+    with pytest.raises(TypeError):
+        constraints(layer)["bias"] = UnitaryConstraint()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from projunn.functional import lowrank, projunn_t
-from projunn.nn import UnitaryConv2d, frequency_layout
+from projunn.nn import DeepUnitaryCNN, UnitaryConv2d, UnitaryResNet9, frequency_layout
 from projunn.optim import ProjUNN, param_groups
 
 SIZES = [(8, 6), (5, 7), (4, 4), (1, 3), (6, 1)]
@@ -42,7 +42,7 @@ def test_real_layer_is_the_circular_convolution_of_its_real_kernel(size):
 
 def test_complex_layer_is_the_circular_convolution_of_its_kernel():
     torch.manual_seed(0)
-    conv = UnitaryConv2d(2, (4, 5), complex=True, init="haar", dtype=torch.float64)
+    conv = UnitaryConv2d(2, (4, 5), init="haar", dtype=torch.complex128)
     x = torch.randn(3, 2, 4, 5, dtype=torch.complex128)
     torch.testing.assert_close(conv(x), _roll_reference(conv.spatial_kernel(), x), atol=1e-12, rtol=0)
 
@@ -60,19 +60,18 @@ def _train(conv, steps, dtype, method="t"):
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("complex_layer", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("method", ["t", "d"])
-def test_norm_preserved_to_1e_10_after_100_steps(complex_layer, method):
-    conv = UnitaryConv2d(3, (6, 5), complex=complex_layer, init="haar", dtype=torch.float64)
+def test_norm_preserved_to_1e_10_after_100_steps(dtype, method):
+    conv = UnitaryConv2d(3, (6, 5), init="haar", dtype=dtype)
     before = conv.spatial_kernel().clone()
-    dtype = torch.complex128 if complex_layer else torch.float64
     _train(conv, 100, dtype, method)
     assert not torch.allclose(conv.spatial_kernel(), before)  # it trained
     x = torch.randn(50, 3, 6, 5, dtype=dtype)
     norms_in = torch.linalg.vector_norm(x.flatten(1), dim=1)
     norms_out = torch.linalg.vector_norm(conv(x).flatten(1), dim=1)
     torch.testing.assert_close(norms_out, norms_in, atol=1e-10, rtol=0)
-    assert conv.spatial_kernel().is_complex() == complex_layer
+    assert conv.spatial_kernel().is_complex() == dtype.is_complex
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -91,14 +90,60 @@ def test_hermitian_pairing_invariant(size):
     torch.testing.assert_close(full.mH @ full, eye.expand_as(full), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("complex_layer", [False, True])
-def test_spatial_kernel_round_trip(complex_layer):
-    conv = UnitaryConv2d(3, (6, 4), complex=complex_layer, init="haar", dtype=torch.float64)
-    copy = UnitaryConv2d.from_spatial_kernel(conv.spatial_kernel(), complex=complex_layer)
-    x = torch.randn(2, 3, 6, 4, dtype=torch.complex128 if complex_layer else torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_spatial_kernel_round_trip(dtype):
+    conv = UnitaryConv2d(3, (6, 4), init="haar", dtype=dtype)
+    copy = UnitaryConv2d.from_spatial_kernel(conv.spatial_kernel())  # the kernel's dtype is the layer's
+    assert copy.complex == dtype.is_complex
+    x = torch.randn(2, 3, 6, 4, dtype=dtype)
     torch.testing.assert_close(copy(x), conv(x), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="not unitary"):
         UnitaryConv2d.from_spatial_kernel(torch.randn(3, 3, 6, 4, dtype=torch.float64))
+
+
+def test_a_real_kernel_makes_a_complex_layer_with_a_complex_dtype():
+    real = UnitaryConv2d(3, (6, 4), init="haar", dtype=torch.float64)
+    layer = UnitaryConv2d.from_spatial_kernel(real.spatial_kernel(), dtype=torch.complex128)
+    assert layer.complex and layer.weight_free.dtype == torch.complex128
+    x = torch.randn(2, 3, 6, 4, dtype=torch.float64)
+    torch.testing.assert_close(layer(x.to(torch.complex128)), real(x).to(torch.complex128), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="a real layer .* needs a real kernel, got dtype torch.complex128"):
+        UnitaryConv2d.from_spatial_kernel(layer.spatial_kernel(), dtype=torch.float64)
+
+
+def test_complex_flag_is_deprecated_for_a_complex_dtype():
+    """``complex=True`` with a real dtype still builds the complex layer, with a warning naming the replacement."""
+    expected = UnitaryConv2d(2, (4, 3), init="haar", dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    message = r"UnitaryConv2d\(complex=...\) is deprecated .*; pass a complex dtype instead"
+    with pytest.warns(DeprecationWarning, match=message) as record:
+        old = UnitaryConv2d(
+            2, (4, 3), complex=True, init="haar", dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+        )
+    assert record[0].filename == __file__
+    assert torch.equal(old.weight_free, expected.weight_free) and old.weight_self is None
+    with pytest.warns(DeprecationWarning, match=r"from_spatial_kernel\(complex=...\) is deprecated"):
+        copy = UnitaryConv2d.from_spatial_kernel(expected.spatial_kernel(), complex=True)
+    torch.testing.assert_close(copy.weight_free, expected.weight_free, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="complex=False contradicts dtype=torch.complex64"):
+        UnitaryConv2d(2, (4, 3), complex=False, dtype=torch.complex64)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda **f: UnitaryConv2d(2, (4, 3), init="haar", **f),
+        lambda **f: DeepUnitaryCNN(2, channels=2, size=(4, 4), init="haar", **f),
+        lambda **f: UnitaryResNet9(width=2, size=(4, 4), in_channels=1, init="haar", **f),
+    ],
+    ids=["UnitaryConv2d", "DeepUnitaryCNN", "UnitaryResNet9"],
+)
+def test_convolutional_layers_and_models_take_device_and_dtype(build):
+    model = build(dtype=torch.float64, device="meta")
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    floating = [t for t in tensors if t.is_floating_point()]
+    assert floating and all(t.dtype == torch.float64 for t in floating)
+    assert all(t.dtype == torch.complex128 for t in tensors if t.is_complex())
 
 
 def test_identity_init_is_the_identity_map():
@@ -128,12 +173,22 @@ def test_wrong_inputs_are_refused():
         conv(torch.randn(2, 3, 8, 8, dtype=torch.complex64))
     with pytest.raises(TypeError, match="input has dtype torch.float64 but the layer holds torch.float32"):
         conv(torch.randn(2, 3, 8, 8, dtype=torch.float64))
-    with pytest.raises(ValueError, match="size must be two ints"):
+    with pytest.raises(ValueError, match=r"size must be 2 ints >= 1, got 1 values \(8,\)"):
         UnitaryConv2d(3, (8,))
-    with pytest.raises(ValueError, match="channels must be an int >= 1"):
+    with pytest.raises(TypeError, match="size must be a tuple of 2 ints >= 1, got int 8"):
+        UnitaryConv2d(3, 8)
+    with pytest.raises(TypeError, match=r"size\[1\] must be an int >= 1, got float 8.0"):
+        UnitaryConv2d(3, (8, 8.0))
+    with pytest.raises(ValueError, match=r"size\[0\] must be >= 1, got 0"):
+        UnitaryConv2d(3, (0, 8))
+    with pytest.raises(ValueError, match="channels must be >= 1, got 0"):
         UnitaryConv2d(0, (8, 8))
-    with pytest.raises(ValueError, match="init must be one of"):
+    with pytest.raises(ValueError, match="init must be one of 'identity', 'haar'; got 'henaff'"):
         UnitaryConv2d(3, (8, 8), init="henaff")
+    with pytest.raises(TypeError, match="dtype must be one of float32, .*, complex128; got torch.float16"):
+        UnitaryConv2d(3, (8, 8), dtype=torch.half)
+    with pytest.raises(TypeError, match="dtype must be one of float32, float64; got torch.complex64"):
+        DeepUnitaryCNN(2, channels=2, size=(4, 4), dtype=torch.complex64)
     assert "3, size=(8, 8), orthogonal" in repr(conv)
 
 

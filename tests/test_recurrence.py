@@ -14,9 +14,8 @@ from projunn.nn import NONLINEARITIES, UnitaryRNN, flush_denormals, unitary_recu
 def _pair(nonlinearity: str, complex_state: bool, seed: int = 0) -> tuple[UnitaryRNN, UnitaryRNN]:
     """A fused RNN and a step-by-step copy with identical parameters (float64 / complex128)."""
     generator = torch.Generator().manual_seed(seed)
-    fused = UnitaryRNN(
-        3, 6, nonlinearity=nonlinearity, complex=complex_state, init="haar", dtype=torch.float64, generator=generator
-    )
+    dtype = torch.complex128 if complex_state else torch.float64
+    fused = UnitaryRNN(3, 6, nonlinearity=nonlinearity, init="haar", dtype=dtype, generator=generator)
     with torch.no_grad():  # non-zero biases of both signs, so every branch of modReLU is taken
         for name, p in fused.named_parameters():
             if "bias" in name:
@@ -119,9 +118,8 @@ def test_token_inputs_are_a_lookup_equal_to_one_hot_products(nonlinearity, compl
     from projunn.nn import SequenceModel
 
     torch.manual_seed(0)
-    fused = SequenceModel(
-        10, 6, 9, tokens=True, every_step=True, nonlinearity=nonlinearity, complex=complex_state, dtype=torch.float64
-    )
+    dtype = torch.complex128 if complex_state else torch.float64
+    fused = SequenceModel(10, 6, 9, tokens=True, every_step=True, nonlinearity=nonlinearity, dtype=dtype)
     reference = copy.deepcopy(fused)
     reference.rnn.fused = False
     tokens = torch.randint(0, 10, (3, 12), generator=torch.Generator().manual_seed(4))

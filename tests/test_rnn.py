@@ -6,23 +6,23 @@ import pytest
 import torch
 
 from conftest import gram_defect
-from projunn.nn import NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
+from projunn.nn import NONLINEARITIES, ComplexToReal, ModReLU, SequenceModel, UnitaryRNN, UnitaryRNNCell
 from projunn.optim import ProjUNN, param_groups, unitary_parameters
 
 
-@pytest.mark.parametrize("complex_state", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
-def test_shapes_and_dtypes(complex_state, nonlinearity):
-    rnn = UnitaryRNN(3, 8, nonlinearity=nonlinearity, complex=complex_state)
+def test_shapes_and_dtypes(dtype, nonlinearity):
+    rnn = UnitaryRNN(3, 8, nonlinearity=nonlinearity, dtype=dtype)
     out, h = rnn(torch.randn(4, 5, 3))
     assert out.shape == (4, 5, 8) and h.shape == (4, 8)
-    assert out.is_complex() == complex_state
+    assert out.dtype == dtype and rnn.cell.complex == dtype.is_complex
     assert torch.equal(out[:, -1], h)
 
 
-@pytest.mark.parametrize("complex_state", [False, True])
-def test_identity_recurrence_preserves_the_hidden_norm(complex_state):
-    cell = UnitaryRNNCell(2, 16, nonlinearity="identity", complex=complex_state, init="haar", dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_identity_recurrence_preserves_the_hidden_norm(dtype):
+    cell = UnitaryRNNCell(2, 16, nonlinearity="identity", init="haar", dtype=dtype)
     with torch.no_grad():
         cell.bias.zero_()
         h = torch.randn(3, 16, dtype=cell.state_dtype)
@@ -54,11 +54,11 @@ def test_complex_to_real():
     assert ComplexToReal()(x) is x
 
 
-@pytest.mark.parametrize("complex_state", [False, True])
-def test_training_keeps_the_recurrent_matrix_unitary(complex_state):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_training_keeps_the_recurrent_matrix_unitary(dtype):
     torch.manual_seed(0)
-    rnn = UnitaryRNN(2, 12, complex=complex_state, dtype=torch.float64)
-    readout = torch.nn.Linear(24 if complex_state else 12, 1, dtype=torch.float64)
+    rnn = UnitaryRNN(2, 12, dtype=dtype)
+    readout = torch.nn.Linear(24 if dtype.is_complex else 12, 1, dtype=torch.float64)
     model = torch.nn.ModuleDict({"rnn": rnn, "readout": readout})
     assert [name for name, _ in unitary_parameters(model)] == ["rnn.cell.recurrent_weight"]
     opt = ProjUNN(torch.optim.RMSprop(param_groups(model, unitary_lr=1e-3), lr=1e-2), seed=0)
@@ -73,12 +73,25 @@ def test_training_keeps_the_recurrent_matrix_unitary(complex_state):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="nonlinearity must be one of"):
+    """A wrong type is a TypeError, a wrong value a ValueError; both name the argument and what it accepts."""
+    with pytest.raises(
+        ValueError, match="nonlinearity must be one of 'modrelu', 'relu', 'tanh', 'identity'; got 'gelu'"
+    ):
         UnitaryRNNCell(2, 4, nonlinearity="gelu")
-    with pytest.raises(ValueError, match="hidden_size must be an int >= 1"):
+    with pytest.raises(ValueError, match="hidden_size must be >= 1, got 0"):
         UnitaryRNNCell(2, 0)
-    with pytest.raises(TypeError, match="real dtype"):
-        UnitaryRNNCell(2, 4, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="input_size must be an int >= 1, got float 2.0"):
+        UnitaryRNNCell(2.0, 4)
+    with pytest.raises(
+        TypeError, match="dtype must be one of float32, float64, complex64, complex128; got torch.float16"
+    ):
+        UnitaryRNNCell(2, 4, dtype=torch.float16)
+    with pytest.raises(TypeError, match="dtype must be one of float32, float64; got torch.complex64"):
+        ModReLU(4, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="input_init must be one of 'he', 'xavier'; got 'orthogonal'"):
+        UnitaryRNNCell(2, 4, input_init="orthogonal")
+    with pytest.raises(TypeError, match="output_size must be an int >= 1, got NoneType None"):
+        SequenceModel(2, 4, None)
     cell = UnitaryRNNCell(2, 4)
     with pytest.raises(ValueError, match=r"expected input of shape \(batch, 2\)"):
         cell(torch.zeros(3, 5))
@@ -87,3 +100,51 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"expected input of shape \(batch, time, 2\)"):
         UnitaryRNN(2, 4)(torch.zeros(3, 2))
     assert "orthogonal, nonlinearity='modrelu', init='henaff'" in repr(cell)
+
+
+def test_complex_flag_is_deprecated_for_a_complex_dtype():
+    """``complex=True`` with a real dtype still builds the complex cell, with a warning naming the replacement."""
+    message = r"\(complex=...\) is deprecated and will be removed in the next release; pass a complex dtype instead"
+    for build in (UnitaryRNNCell, UnitaryRNN, lambda *sizes, **options: SequenceModel(*sizes, 1, **options)):
+        torch.manual_seed(0)  # for SequenceModel's readout
+        expected = build(2, 4, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        with pytest.warns(DeprecationWarning, match=message) as record:
+            old = build(2, 4, complex=True, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        assert len(record) == 1  # once, from the class the caller built, pointing at the caller
+        assert record[0].filename == __file__
+        assert old.state_dict().keys() == expected.state_dict().keys()
+        for key, value in expected.state_dict().items():
+            assert torch.equal(old.state_dict()[key], value), key
+    with pytest.warns(DeprecationWarning, match=r"UnitaryRNN\(complex=...\)"):
+        real = UnitaryRNN(2, 4, complex=False)
+    assert real.cell.state_dtype == torch.get_default_dtype()
+    with pytest.raises(ValueError, match="complex=False contradicts dtype=torch.complex64"):
+        UnitaryRNNCell(2, 4, complex=False, dtype=torch.complex64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda **f: ModReLU(4, dtype=f["dtype"].to_real(), device=f["device"]),
+        lambda **f: UnitaryRNNCell(2, 4, **f),
+        lambda **f: UnitaryRNN(2, 4, nonlinearity="tanh", **f),
+        lambda **f: SequenceModel(2, 4, 3, **f),
+    ],
+    ids=["ModReLU", "UnitaryRNNCell", "UnitaryRNN", "SequenceModel"],
+)
+def test_recurrent_layers_and_models_take_device_and_dtype(build, dtype):
+    """Every parameter where ``device`` says (SequenceModel's readout included), in ``dtype`` or its real part."""
+    model = build(dtype=dtype, device="meta")
+    params = list(model.parameters())
+    assert params and all(p.device.type == "meta" for p in params)
+    assert all(p.dtype in (dtype, dtype.to_real()) for p in params)
+    assert any(p.dtype == dtype for p in params)
+
+
+def test_sequence_model_readout_is_real_for_a_complex_rnn():
+    model = SequenceModel(2, 4, 3, dtype=torch.complex64)
+    assert model.rnn.cell.state_dtype == torch.complex64
+    assert model.readout.weight.dtype == torch.float32 and model.readout.in_features == 8
+    assert model(torch.randn(5, 7, 2)).shape == (5, 3)

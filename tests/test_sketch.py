@@ -122,29 +122,48 @@ def test_scale_invariant_no_absolute_epsilon(method):
         torch.testing.assert_close(a @ b.mT / scale, D, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("method", SKETCHES)
-def test_does_not_modify_input(method):
-    D = randn(7, 9)
-    before = D.clone()
-    lowrank(D, 2, method, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(D, before)
-
-
 def test_bad_arguments():
+    """A wrong type is a TypeError, a wrong value a ValueError; both name the argument and what it accepts."""
     D = randn(6, 5)
-    with pytest.raises(ValueError, match="method must be one of 'lsi', 'column', 'rsvd', 'exact'"):
+    with pytest.raises(ValueError, match="sketch must be one of 'lsi', 'column', 'rsvd', 'exact'; got 'svd'"):
         lowrank(D, 1, "svd")
-    with pytest.raises(ValueError, match="rank must be >= 1"):
+    with pytest.raises(TypeError, match="sketch must be a str, one of 'lsi', 'column', 'rsvd', 'exact'; got int 1"):
+        lowrank(D, 1, 1)
+    with pytest.raises(ValueError, match="rank must be >= 1, got 0"):
         lowrank(D, 0)
     with pytest.raises(ValueError, match=r"rank must be <= min\(n, m\) = 5"):
         lowrank(D, 6)
-    with pytest.raises(TypeError, match="rank must be an int"):
-        lowrank(D, 1.0)
+    with pytest.raises(TypeError, match="rank must be an int >= 1, got float 1.5"):
+        lowrank(D, 1.5)
+    with pytest.raises(TypeError, match="rank must be an int >= 1, got bool True"):
+        lowrank(D, True)
     with pytest.raises(TypeError, match="supported dtypes"):
         lowrank(D.half(), 1)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         lowrank(D[0], 1)
-    with pytest.raises(ValueError, match="samples must be >= 1"):
+    with pytest.raises(ValueError, match="samples must be >= 1, got 0"):
         lowrank(D, 1, "column", samples=0)
+    with pytest.raises(ValueError, match="samples must be >= rank = 3 for the column sketch, got 1"):
+        lowrank(torch.randn(8, 6), 3, "column", samples=1)
+    with pytest.raises(TypeError, match="samples must be an int >= 1, got float 4.0"):
+        lowrank(D, 1, "column", samples=4.0)
+    with pytest.raises(ValueError, match="oversample must be >= 0, got -1"):
+        lowrank(D, 1, "rsvd", oversample=-1)
+    with pytest.raises(TypeError, match="power_iters must be an int >= 0, got float 1.0"):
+        lowrank(D, 1, "rsvd", power_iters=1.0)
     with pytest.raises(ValueError, match="generator is on"):
         lowrank(D.to("meta"), 1, generator=torch.Generator())
+
+
+def test_method_is_the_deprecated_name_of_sketch():
+    D = randn(6, 5)
+    expected = lowrank(D, 2, "column", generator=torch.Generator().manual_seed(0))
+    message = r"lowrank\(method=...\) is deprecated and will be removed in the next release; use sketch= instead"
+    with pytest.warns(DeprecationWarning, match=message) as record:
+        old = lowrank(D, 2, method="column", generator=torch.Generator().manual_seed(0))
+    assert record[0].filename == __file__  # the warning points at the caller
+    assert all(torch.equal(x, y) for x, y in zip(old, expected))
+    new = lowrank(D, 2, sketch="column", generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(x, y) for x, y in zip(new, expected))
+    with pytest.raises(TypeError, match="got both sketch= and its deprecated name method="):
+        lowrank(D, 2, "exact", method="column")

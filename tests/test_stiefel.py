@@ -122,24 +122,30 @@ def test_rank_deficient_step_falls_back_to_the_dense_projection():
         (torch.complex64, (16, 48), "d"),
     ],
 )
-def test_stiefel_layer_keeps_its_constraint_over_2000_adam_steps(dtype, shape, method):
-    """Fit a random semi-unitary map with StiefelLinear + ProjUNN(Adam): the constraint holds to rounding."""
+def test_stiefel_layer_keeps_its_constraint_over_400_adam_steps(dtype, shape, method):
+    """Fit a random semi-unitary map with StiefelLinear + ProjUNN(Adam): the constraint holds to rounding at every step.
+
+    The float32 rounding walk reaches the drift tolerance (1.9e-6 for these shapes) in 150 to 200 steps,
+    so 400 steps see the default drift control correct it; the learning rate is large enough for the
+    target to be learned by then (the loss falls below 3e-5 of its start in every case here).
+    """
     in_features, out_features = shape
     g = torch.Generator().manual_seed(0)
     layer = StiefelLinear(in_features, out_features, dtype=dtype, generator=g)
     target = unitary_init(out_features, "haar", m=in_features, dtype=dtype, generator=g)
-    groups = param_groups(layer, unitary_lr=2e-2, method=method, rank=2)
+    groups = param_groups(layer, unitary_lr=4e-2, method=method, rank=2)
     optimizer = ProjUNN(torch.optim.Adam(groups), seed=0)
-    losses = []
-    for _ in range(2000):
+    losses, defects = [], []
+    for _ in range(400):
         x = torch.randn(32, in_features, dtype=dtype, generator=g)
         loss = (layer(x) - x @ target.mT).abs().square().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    # Measured 0.7e-6 to 1.6e-6 here with the default drift control (4e-6 to 7.5e-6 without it).
-    assert semi_unitarity_defect(layer.weight.detach()) < 5 * (in_features * out_features) ** 0.5 * eps(dtype)
+        defects.append(semi_unitarity_defect(layer.weight.detach()))
+    # Measured at most 2.3e-6 here with the default drift control.
+    assert max(defects) < 5 * (in_features * out_features) ** 0.5 * eps(dtype)
     assert sum(losses[-50:]) < 1e-3 * sum(losses[:50])  # and the target is learned
 
 
@@ -149,11 +155,13 @@ def test_stiefel_layer_is_an_isometry_or_a_projection():
     torch.testing.assert_close(tall(x).norm(dim=-1), x.norm(dim=-1))
     wide = StiefelLinear(5, 3, init="identity", dtype=torch.complex128)
     assert semi_unitarity_defect(wide.weight.detach()) == 0 and wide.weight.shape == (3, 5)
-    with pytest.raises(ValueError, match="in_features must be an int >= 1"):
+    with pytest.raises(ValueError, match="in_features must be >= 1, got 0"):
         StiefelLinear(0, 3)
+    with pytest.raises(TypeError, match="out_features must be an int >= 1, got str '3'"):
+        StiefelLinear(3, "3")
     with pytest.raises(ValueError, match="init must be one of 'haar', 'identity'"):
         StiefelLinear(3, 5, init="henaff")
     with pytest.raises(ValueError, match=r"expected input of shape \(..., 3\)"):
         tall(torch.zeros(2, 4, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"kind of a rectangular \(3 x 5\) matrix"):
+    with pytest.raises(ValueError, match=r"init of a rectangular \(3 x 5\) matrix"):
         unitary_init(3, "cayley", m=5)

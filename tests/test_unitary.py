@@ -12,12 +12,14 @@ from conftest import ALL_DTYPES, eps, gram_defect, haar, randn
 from projunn.functional import INITS, closest_unitary, unitarity_error, unitary_init
 from projunn.nn import OrthogonalLinear, UnitaryLinear, init_unitary_
 
+ACCEPTED_DTYPES = "float32, float64, complex64, complex128"
 
-@pytest.mark.parametrize("kind", INITS)
+
+@pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 5, 16])
-def test_initialisers_are_unitary(kind, dtype, n):
-    W = unitary_init(n, kind, batch_shape=(3,), dtype=dtype, generator=torch.Generator().manual_seed(0))
+def test_initialisers_are_unitary(init, dtype, n):
+    W = unitary_init(n, init, batch_shape=(3,), dtype=dtype, generator=torch.Generator().manual_seed(0))
     assert W.shape == (3, n, n) and W.dtype == dtype and W.is_contiguous()
     assert gram_defect(W) < 4 * n * eps(dtype)
 
@@ -25,8 +27,8 @@ def test_initialisers_are_unitary(kind, dtype, n):
 def test_henaff_and_cayley_spectra():
     """Real: 2x2 rotation blocks with angles in the stated ranges; complex: phases."""
     g = torch.Generator().manual_seed(0)
-    for kind, low, high in [("henaff", -math.pi, math.pi), ("cayley", 0.0, math.pi / 2)]:
-        W = unitary_init(200, kind, dtype=torch.float64, generator=g)
+    for init, low, high in [("henaff", -math.pi, math.pi), ("cayley", 0.0, math.pi / 2)]:
+        W = unitary_init(200, init, dtype=torch.float64, generator=g)
         angles = torch.atan2(W[1::2, 0::2].diagonal(), W[0::2, 0::2].diagonal())
         assert angles.min() >= low - 1e-12 and angles.max() <= high + 1e-12
         assert angles.max() - angles.min() > 0.8 * (high - low)  # spread over the range
@@ -34,7 +36,7 @@ def test_henaff_and_cayley_spectra():
         for i in range(0, 200, 2):
             off_block[i : i + 2, i : i + 2] = 0
         assert torch.count_nonzero(off_block) == 0
-        Z = unitary_init(50, kind, dtype=torch.complex128, generator=g)
+        Z = unitary_init(50, init, dtype=torch.complex128, generator=g)
         assert torch.count_nonzero(Z - torch.diag_embed(Z.diagonal())) == 0
         phases = Z.diagonal().angle()
         assert phases.min() >= low - 1e-12 and phases.max() <= high + 1e-12
@@ -55,12 +57,36 @@ def test_identity_init():
 
 
 def test_init_bad_arguments():
-    with pytest.raises(ValueError, match="kind must be one of 'identity', 'haar', 'henaff', 'cayley'"):
-        unitary_init(4, "orthogonal")
-    with pytest.raises(ValueError, match="n must be an int >= 1"):
+    """A wrong type is a TypeError, a wrong value a ValueError; both name the argument and what it accepts."""
+    with pytest.raises(ValueError, match="init must be one of 'identity', 'haar', 'henaff', 'cayley'; got 'orth'"):
+        unitary_init(4, "orth")
+    with pytest.raises(TypeError, match="init must be a str, one of 'identity', 'haar'"):
+        unitary_init(4, None)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
         unitary_init(0)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match="n must be an int >= 1, got float 2.5"):
+        unitary_init(2.5)
+    with pytest.raises(TypeError, match="m must be an int >= 1, got bool True"):
+        unitary_init(2, m=True)
+    with pytest.raises(TypeError, match=f"dtype must be one of {ACCEPTED_DTYPES}; got torch.int32"):
         unitary_init(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"init of a rectangular \(3 x 5\) matrix must be one of 'identity', 'haar'"):
+        unitary_init(3, "cayley", m=5)
+
+
+def test_kind_is_the_deprecated_name_of_init():
+    """unitary_init and init_unitary_ took ``kind=``, the layers ``init=``: ``init`` is the one name now."""
+    expected = unitary_init(4, "henaff", generator=torch.Generator().manual_seed(0))
+    message = r"unitary_init\(kind=...\) is deprecated and will be removed in the next release; use init= instead"
+    with pytest.warns(DeprecationWarning, match=message) as record:
+        old = unitary_init(4, kind="henaff", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(old, expected) and record[0].filename == __file__
+    weight = torch.zeros(4, 4)
+    with pytest.warns(DeprecationWarning, match=r"init_unitary_\(kind=...\) is deprecated .* use init= instead"):
+        init_unitary_(weight, kind="henaff", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(weight, expected)
+    with pytest.raises(TypeError, match="got both init= and its deprecated name kind="):
+        unitary_init(4, "cayley", kind="henaff")
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -107,9 +133,11 @@ def test_layer_surface():
     assert torch.equal(clone.weight, layer.weight)
     with pytest.raises(ValueError, match=r"expected input of shape \(..., 4\), got \(2, 3\)"):
         layer(torch.zeros(2, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="features must be an int >= 1"):
+    with pytest.raises(ValueError, match="features must be >= 1, got 0"):
         UnitaryLinear(0)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match="features must be an int >= 1, got float 2.5"):
+        UnitaryLinear(2.5)
+    with pytest.raises(TypeError, match=f"dtype must be one of {ACCEPTED_DTYPES}; got torch.float16"):
         UnitaryLinear(3, dtype=torch.float16)
     with pytest.raises(ValueError, match="init must be one of"):
         UnitaryLinear(3, init="random")
@@ -119,5 +147,28 @@ def test_init_unitary_in_place():
     weight = torch.nn.Parameter(torch.zeros(2, 5, 5, dtype=torch.float64))
     assert init_unitary_(weight, "haar", generator=torch.Generator().manual_seed(0)) is weight
     assert gram_defect(weight.detach()) < 1e-14 and weight.requires_grad
-    with pytest.raises(ValueError, match="square"):
-        init_unitary_(torch.zeros(3, 4))
+    generator = torch.Generator().manual_seed(0)
+    expected = unitary_init(5, "haar", batch_shape=(2,), dtype=torch.float64, generator=generator)
+    assert torch.equal(weight.detach(), expected)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3), (3, 7)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_init_unitary_fills_rectangular_tensors_with_semi_unitary_matrices(shape, dtype):
+    tall = init_unitary_(torch.zeros(shape, dtype=dtype), generator=torch.Generator().manual_seed(0))
+    assert unitarity_error(tall).max() < 1e-14  # orthonormal columns (7 x 3) or rows (3 x 7)
+    identity = init_unitary_(torch.zeros(shape, dtype=dtype), "identity")
+    assert torch.equal(identity, torch.eye(*shape[-2:], dtype=dtype).expand(shape))
+
+
+def test_init_unitary_bad_arguments():
+    with pytest.raises(ValueError, match=r"init of a rectangular \(3 x 4\) matrix must be one of 'identity', 'haar'"):
+        init_unitary_(torch.zeros(3, 4), "henaff")
+    with pytest.raises(ValueError, match=r"tensor must have at least 2 dimensions .* got shape \(4,\)"):
+        init_unitary_(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"tensor must hold non-empty .* got shape \(0, 3\)"):
+        init_unitary_(torch.zeros(0, 3))
+    with pytest.raises(TypeError, match="tensor has dtype torch.int64"):
+        init_unitary_(torch.zeros(3, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="tensor must be a torch.Tensor, got list"):
+        init_unitary_([[1.0]])

@@ -9,11 +9,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ALL_DTYPES, REAL_AND_COMPLEX, eps, gram_defect, haar, polar_reference, randn, tangent_reference
-from projunn.functional import projunn_d, projunn_t
+from projunn.functional import lowrank, projunn_d, projunn_t, unitary_init
 
 SIZES = [2, 3, 8, 64]
-RANKS = [1, 2, 5]
-BATCHES = [(), (3,), (2, 2)]
+RANKS = [1, 2, 5]  # with SIZES, 2k >= N included
 UPDATES = {"d": projunn_d, "t": projunn_t}
 
 
@@ -22,9 +21,11 @@ def _reference(name, U, a, b):
 
 
 @pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
-@pytest.mark.parametrize("n,k,batch", list(itertools.product(SIZES, RANKS, BATCHES)))
+@pytest.mark.parametrize("n,k", list(itertools.product(SIZES, RANKS)))
 @pytest.mark.parametrize("name", ["d", "t"])
-def test_matches_dense_reference(name, n, k, batch, dtype):
+def test_matches_dense_reference(name, n, k, dtype):
+    """Every case batched; that a batch of matrices is each matrix alone is test_batched_equals_looped's."""
+    batch = (3,)
     U = haar(n, batch=batch, dtype=dtype, seed=n + k)
     a = randn(*batch, n, k, dtype=dtype, seed=2, scale=0.3)
     b = randn(*batch, n, k, dtype=dtype, seed=3)
@@ -51,16 +52,6 @@ def test_real_input_gives_real_orthogonal_result(name):
     result = UPDATES[name](U, a, b)
     assert not result.is_complex()
     assert gram_defect(result) < 1e-13
-
-
-@pytest.mark.parametrize("name", ["d", "t"])
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_arguments_are_not_modified(name, dtype):
-    U, a, b = haar(9, dtype=dtype), randn(9, 2, dtype=dtype), randn(9, 2, dtype=dtype, seed=4)
-    copies = [t.clone() for t in (U, a, b)]
-    UPDATES[name](U, a, b)
-    for before, after in zip(copies, (U, a, b)):
-        assert torch.equal(before, after)
 
 
 # Allocations and copies: exact, so they may differ between two paths that must agree bit for bit.
@@ -133,12 +124,31 @@ def test_stays_unitary_over_many_steps(name, dtype):
     assert gram_defect(U) < 20 * (300**0.5) * eps(dtype)
 
 
-@pytest.mark.parametrize("name", ["d", "t"])
-@pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
-def test_two_k_at_least_n(name, dtype):
-    for n, k in [(3, 2), (4, 2), (4, 3), (2, 5)]:
-        U, a, b = haar(n, dtype=dtype), randn(n, k, dtype=dtype, scale=0.4), randn(n, k, dtype=dtype, seed=8)
-        torch.testing.assert_close(UPDATES[name](U, a, b), _reference(name, U, a, b), atol=1e-10, rtol=0)
+def _largest_allocation(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_no_n_by_n_temporary(dtype):
+    """Given ``out``, the update and the LSI sketch allocate only thin blocks, real or complex.
+
+    (The largest allocation seen is an N x 64-element GEMM workspace.)
+    """
+    n = 512
+    U = unitary_init(n, dtype=dtype)
+    D = 1e-3 * torch.randn(n, n, dtype=dtype)
+    out = torch.empty_like(U)
+    generator = torch.Generator().manual_seed(0)
+    a, b = lowrank(D, 1, "lsi", generator=generator)
+    matrix_bytes = n * n * U.element_size()
+    for fn in (
+        lambda: projunn_t(U, a, b, out=out),
+        lambda: projunn_d(U, a, b, out=out),
+        lambda: lowrank(D, 1, "lsi", generator=generator),
+    ):
+        assert _largest_allocation(fn) < matrix_bytes / 4
 
 
 # -- degenerate input never yields NaN ---------------------------------------------------

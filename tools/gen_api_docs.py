@@ -1,7 +1,8 @@
 """Write docs/api.md, the API reference, from the docstrings of projunn's public names.
 
 The reference covers every name in the ``__all__`` of ``projunn.functional``,
-``projunn.optim`` and ``projunn.nn`` (the public API, see CHANGELOG.md), and the
+``projunn.functional.sharded``, ``projunn.optim`` and ``projunn.nn`` (the public
+API, see CHANGELOG.md), and the
 "Note [...]" sections of the modules behind them, which the docstrings refer to.
 It uses only the standard library and the package's own docstrings, so the
 page is a pure function of the source: tests/test_docs.py regenerates it and
@@ -34,7 +35,7 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "docs" / "api.md"
-MODULES = ("projunn.functional", "projunn.optim", "projunn.nn")
+MODULES = ("projunn.functional", "projunn.functional.sharded", "projunn.optim", "projunn.nn")
 # "Note [Title]" followed by a line of dashes, in a module docstring (see STYLE: named invariants).
 _NOTE = re.compile(r"^Note \[(?P<title>[^\]]+)\]\n-+\n", flags=re.MULTILINE)
 _NOTE_REFERENCE = re.compile(r"Note \[(?P<title>[^\]]+)\]")
@@ -80,7 +81,8 @@ def collect_notes(package_names=MODULES) -> dict[str, tuple[str, str]]:
     notes: dict[str, tuple[str, str]] = {}
     for package_name in package_names:
         package = importlib.import_module(package_name)
-        submodules = sorted(info.name for info in pkgutil.iter_modules(package.__path__))
+        # A plain module (no __path__) has no submodules; its Notes are in the package's modules.
+        submodules = sorted(info.name for info in pkgutil.iter_modules(getattr(package, "__path__", [])))
         names = [package_name, *(f"{package_name}.{name}" for name in submodules)]
         for name in names:
             doc = _doc(importlib.import_module(name))
@@ -153,10 +155,11 @@ def render() -> str:
         "",
         "# API reference",
         "",
-        "Every public name of `projunn.functional`, `projunn.optim` and `projunn.nn` (their `__all__`),",
-        "with its signature and docstring, followed by the Notes the docstrings refer to. These names",
-        "are the public Python API of the version policy in [CHANGELOG.md](../CHANGELOG.md). The README",
-        "shows how they fit together; `help(name)` shows the same text.",
+        "Every public name of `projunn.functional`, `projunn.functional.sharded`, `projunn.optim` and",
+        "`projunn.nn` (their `__all__`), with its signature and docstring, followed by the Notes the",
+        "docstrings refer to. These names are the public Python API of the version policy in",
+        "[CHANGELOG.md](../CHANGELOG.md). The README shows how they fit together; `help(name)` shows",
+        "the same text.",
         "",
     ]
     modules = [importlib.import_module(name) for name in MODULES]

@@ -3,8 +3,12 @@
 Every function is batched over leading dimensions, works for real
 (orthogonal) and complex (unitary) float32/float64 tensors, returns results in
 the input's dtype and device, and never modifies its arguments.
+
+:mod:`projunn.functional.sharded` holds the same updates and sketches for
+weights whose rows are split over processes (FSDP2).
 """
 
+from . import sharded as sharded  # a public submodule, documented on its own
 from ._sketch import SKETCHES, lowrank
 from ._unitary import INITS, closest_unitary, unitarity_error, unitary_init
 from ._update import projunn_d, projunn_t

@@ -13,6 +13,11 @@ __all__ = ["add_low_rank", "direct_block", "double", "tangent_block"]
 
 
 def double(dtype: torch.dtype) -> torch.dtype:
+    """The double-precision dtype of the same kind: float64 or complex128.
+
+    Values converted to it are called ``precise`` (``a_precise``); "tall" and
+    "wide" always describe a matrix's shape (N > M and N < M).
+    """
     return torch.complex128 if dtype.is_complex else torch.float64
 
 

@@ -53,19 +53,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._validation import check_choice
 from ._kernels import direct_block, double, tangent_block
 from ._sketch import SKETCHES
 from ._stiefel import _DENSE_BELOW
 from ._unitary import closest_unitary
-from ._validate import check_choice
 
 __all__ = [
+    "SHARDED_SKETCHES",
     "RowShards",
     "local_part",
     "row_shards",
     "sharded_closest_unitary",
+    "sharded_drift_residual",
     "sharded_gram",
     "sharded_lowrank",
+    "sharded_newton_schulz_",
     "sharded_update",
 ]
 
@@ -194,7 +197,7 @@ def sharded_gram(W: torch.Tensor, shards: RowShards) -> torch.Tensor:
 def sharded_lowrank(
     D: torch.Tensor,
     rank: int,
-    method: str,
+    sketch: str,
     shards: RowShards,
     *,
     generator: torch.Generator | None = None,
@@ -211,7 +214,7 @@ def sharded_lowrank(
     Args:
         D: (..., n_r, M), this rank's rows of the step.
         rank: k <= min(N, M) (N = shards.rows).
-        method: ``"lsi"``, ``"column"`` or ``"rsvd"``.
+        sketch: ``"lsi"``, ``"column"`` or ``"rsvd"``.
         shards: the row split.
         generator, samples, oversample, power_iters: as for ``lowrank``.
 
@@ -219,21 +222,21 @@ def sharded_lowrank(
         a: (..., n_r, k), b: (..., M, k), identical on every rank.
 
     Raises:
-        ValueError: ``method="exact"`` or an unknown method.
+        ValueError: ``sketch="exact"`` or an unknown sketch.
     """
-    if method == "exact":
+    if sketch == "exact":
         raise ValueError(
             "the 'exact' sketch needs a full SVD of the step, i.e. gathering it whole; "
             f"use one of {', '.join(map(repr, SHARDED_SKETCHES))} for sharded weights"
         )
-    check_choice("method", method, SHARDED_SKETCHES)
+    check_choice("sketch", sketch, SHARDED_SKETCHES)
     N, M = shards.rows, D.shape[-1]
     gaussian = lambda shape: torch.randn(shape, dtype=D.dtype, device=D.device, generator=generator)  # noqa: E731
-    if method == "lsi":
+    if sketch == "lsi":
         R = shards.local_rows(gaussian((*D.shape[:-2], N, rank)))
         V, _ = torch.linalg.qr(_all_sum(R.mH @ D, shards).mH)
         a, b = D @ V, V
-    elif method == "column":
+    elif sketch == "column":
         a, b = _column(D, rank, 2 * rank + 4 if samples is None else samples, shards, generator)
     else:
         width = min(rank + oversample, N, M)
@@ -312,9 +315,9 @@ _Parts = tuple[torch.Tensor, torch.Tensor, Any]
 
 
 def _square(method: str, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shards: RowShards) -> _Parts:
-    k, wide = a.shape[-1], double(U.dtype)
+    k, precise = a.shape[-1], double(U.dtype)
     c = _all_sum(a.mH @ U, shards).mH  # U^H a, N x k
-    Q, R = torch.linalg.qr(torch.cat([b.to(wide), c.to(wide)], dim=-1))
+    Q, R = torch.linalg.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
     block_fn: Callable = tangent_block if method == "t" else direct_block
     Q = Q.to(U.dtype)
     return (U @ Q) @ block_fn(R[..., :k], R[..., k:]).to(U.dtype), Q.mH, None
@@ -322,8 +325,8 @@ def _square(method: str, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shar
 
 def _tall_t(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shards: RowShards) -> _Parts:
     # Note [Stiefel projUNN-T]: exp(A) W = W + L (exp(S) - I) (L^H W), [W b, a] = L R split by rows.
-    k, wide = a.shape[-1], double(W.dtype)
-    L, R = _tall_qr(torch.cat([(W @ b).to(wide), a.to(wide)], dim=-1), shards)
+    k, precise = a.shape[-1], double(W.dtype)
+    L, R = _tall_qr(torch.cat([(W @ b).to(precise), a.to(precise)], dim=-1), shards)
     block = tangent_block(R[..., :k], R[..., k:]).to(W.dtype)
     L = L.to(W.dtype)
     return L, block @ _all_sum(L.mH @ W, shards), None
@@ -351,12 +354,12 @@ def _dense_fallback(W, a, b, degenerate, shards):
 
 def _tall_d(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shards: RowShards) -> _Parts:
     # Note [Stiefel projUNN-D]: polar(W + a b^H) = W + ((W Q) C + a R_b^H (I + C)) Q^H, [b, W^H a] = Q R.
-    k, wide = a.shape[-1], double(W.dtype)
-    a_wide = a.to(wide)
+    k, precise = a.shape[-1], double(W.dtype)
+    a_precise = a.to(precise)
     # W^H a (M x k) and a^H a (k x k) summed in one all-reduce.
-    sums = _all_sum(torch.cat([(a.mH @ W).to(wide), a_wide.mH @ a_wide], dim=-1), shards)
+    sums = _all_sum(torch.cat([(a.mH @ W).to(precise), a_precise.mH @ a_precise], dim=-1), shards)
     c, gram_a = sums[..., : W.shape[-1]].mH, sums[..., W.shape[-1] :]
-    Q, R = torch.linalg.qr(torch.cat([b.to(wide), c], dim=-1))
+    Q, R = torch.linalg.qr(torch.cat([b.to(precise), c], dim=-1))
     R_b = R[..., :k]
     C, eye, degenerate = _direct_small(R_b, R[..., k:], gram_a)
     fallback = _dense_fallback(W, a, b, degenerate, shards)
@@ -367,8 +370,8 @@ def _tall_d(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shar
 def _wide_t(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shards: RowShards) -> _Parts:
     # The tall update of W^H with the step b a^H: [W^H a, b] = L R is whole on every rank, and
     # (W^H + L B (W L)^H)^H = W + (W L) B^H L^H has this rank's rows in (W_r L) B^H L^H.
-    k, wide = a.shape[-1], double(W.dtype)
-    L, R = torch.linalg.qr(torch.cat([_all_sum(a.mH @ W, shards).mH.to(wide), b.to(wide)], dim=-1))
+    k, precise = a.shape[-1], double(W.dtype)
+    L, R = torch.linalg.qr(torch.cat([_all_sum(a.mH @ W, shards).mH.to(precise), b.to(precise)], dim=-1))
     block = tangent_block(R[..., :k], R[..., k:]).to(W.dtype)
     L = L.to(W.dtype)
     return W @ L, block.mH @ L.mH, None
@@ -377,11 +380,11 @@ def _wide_t(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shar
 def _wide_d(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shards: RowShards) -> _Parts:
     # The tall update of T = W^H with a' = b, b' = a: [a, W b] = Q R is split by rows (TSQR), and
     # (T + left Q^H)^H = W + Q left^H with left = (T Q) C + b R_a^H (I + C), T Q = sum_r W_r^H Q_r.
-    k, wide = a.shape[-1], double(W.dtype)
-    Q, R = _tall_qr(torch.cat([a.to(wide), (W @ b).to(wide)], dim=-1), shards)
+    k, precise = a.shape[-1], double(W.dtype)
+    Q, R = _tall_qr(torch.cat([a.to(precise), (W @ b).to(precise)], dim=-1), shards)
     R_a = R[..., :k]
-    b_wide = b.to(wide)
-    C, eye, degenerate = _direct_small(R_a, R[..., k:], b_wide.mH @ b_wide)
+    b_precise = b.to(precise)
+    C, eye, degenerate = _direct_small(R_a, R[..., k:], b_precise.mH @ b_precise)
     fallback = _dense_fallback(W, a, b, degenerate, shards)
     Q = Q.to(W.dtype)
     left = _all_sum(W.mH @ Q, shards) @ C.to(W.dtype) + b @ (R_a.mH @ (eye + C)).to(W.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_choice, check_positive_int, check_tensor
+from .._validation import check_choice, check_int, check_tensor, renamed_argument
 
 __all__ = ["SKETCHES", "lowrank"]
 
@@ -22,16 +22,17 @@ SKETCHES = ("lsi", "column", "rsvd", "exact")
 def lowrank(
     D: torch.Tensor,
     rank: int,
-    method: str = "lsi",
+    sketch: str = "lsi",
     *,
     generator: torch.Generator | None = None,
     samples: int | None = None,
     oversample: int = 4,
     power_iters: int = 2,
+    method: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Rank-``rank`` factors (a, b) with ``D ~ a @ b.mH``.
 
-    Methods:
+    Sketches:
 
     - ``"lsi"`` (random projection, the paper's LSI): draw a Gaussian
       R (..., n, k), take an orthonormal basis V of the row-space sample
@@ -57,19 +58,22 @@ def lowrank(
     Args:
         D: (..., n, m) real or complex, float32/float64/complex64/complex128.
         rank: k, 1 <= k <= min(n, m).
-        method: one of :data:`SKETCHES`.
+        sketch: one of :data:`SKETCHES`.
         generator: source of randomness for ``lsi``, ``column`` and ``rsvd``,
             on D's device; None uses torch's global generator.
         samples: number of columns drawn by ``column`` (default ``2 * rank + 4``).
-        oversample, power_iters: ``rsvd`` settings.
+        oversample, power_iters: ``rsvd`` settings, ints >= 0.
+        method: deprecated name of ``sketch`` (a DeprecationWarning); it will
+            be removed in the next release.
 
     Returns:
         a: (..., n, k) and b: (..., m, k), dtype and device of D.
 
     Raises:
-        TypeError: D not a supported tensor, or rank not an int.
-        ValueError: rank outside [1, min(n, m)], unknown method, a generator
-            on another device.
+        TypeError: D not a supported tensor; rank, samples, oversample or
+            power_iters not an int; sketch not a str; both sketch and method given.
+        ValueError: rank outside [1, min(n, m)], an unknown sketch, samples < rank,
+            oversample or power_iters < 0, a generator on another device.
 
     Example:
         >>> D = torch.randn(6, 1, dtype=torch.float64) @ torch.randn(1, 5, dtype=torch.float64)
@@ -77,24 +81,25 @@ def lowrank(
         >>> torch.allclose(a @ b.mT, D)
         True
     """
+    sketch = renamed_argument("lowrank", "method", method, "sketch", sketch, "lsi")
     check_tensor("D", D)
-    check_positive_int("rank", rank)
-    check_choice("method", method, SKETCHES)
+    check_int("rank", rank)
+    check_choice("sketch", sketch, SKETCHES)
     n, m = D.shape[-2:]
     if rank > min(n, m):
         raise ValueError(f"rank must be <= min(n, m) = {min(n, m)} for D of shape {tuple(D.shape)}, got {rank}")
     if generator is not None and torch.device(generator.device).type != D.device.type:
         raise ValueError(f"generator is on {generator.device} but D is on {D.device}")
-    if method == "lsi":
+    if sketch == "lsi":
         a, b = _lsi(D, rank, generator)
-    elif method == "column":
-        count = 2 * rank + 4 if samples is None else check_positive_int("samples", samples)
+    elif sketch == "column":
+        count = 2 * rank + 4 if samples is None else check_int("samples", samples)
         if count < rank:
             raise ValueError(f"samples must be >= rank = {rank} for the column sketch, got {samples}")
         a, b = _column(D, rank, count, generator)
-    elif method == "rsvd":
-        if oversample < 0 or power_iters < 0:
-            raise ValueError(f"oversample and power_iters must be >= 0, got {oversample} and {power_iters}")
+    elif sketch == "rsvd":
+        check_int("oversample", oversample, minimum=0)
+        check_int("power_iters", power_iters, minimum=0)
         a, b = _rsvd(D, rank, oversample, power_iters, generator)
     else:
         a, b = _exact(D, rank)

@@ -84,17 +84,17 @@ def _as_tall(fn):
 def stiefel_d(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """polar(W + a b^H) for tall W (..., N, M), a (..., N, k), b (..., M, k). Note [Stiefel projUNN-D]."""
     k = a.shape[-1]
-    wide = double(W.dtype)
+    precise = double(W.dtype)
     c = (a.mH @ W).mH  # (..., M, k)
-    Q, R = torch.linalg.qr(torch.cat([b.to(wide), c.to(wide)], dim=-1))
+    Q, R = torch.linalg.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
     R_b, R_c = R[..., :k], R[..., k:]
-    a_wide = a.to(wide)
-    S = R_c @ R_b.mH + R_b @ R_c.mH + R_b @ (a_wide.mH @ a_wide) @ R_b.mH
-    eye = torch.eye(S.shape[-1], dtype=wide, device=W.device)
+    a_precise = a.to(precise)
+    S = R_c @ R_b.mH + R_b @ R_c.mH + R_b @ (a_precise.mH @ a_precise) @ R_b.mH
+    eye = torch.eye(S.shape[-1], dtype=precise, device=W.device)
     lam, V = torch.linalg.eigh(eye + (S + S.mH) / 2)
     degenerate = lam[..., 0] < _DENSE_BELOW * lam[..., -1].clamp_min(1.0)
     scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt() - 1
-    C = (V * scale.unsqueeze(-2).to(wide)) @ V.mH
+    C = (V * scale.unsqueeze(-2).to(precise)) @ V.mH
     # Dense fallback for the degenerate matrices, formed before ``out`` (which may be W) is written.
     fallback = closest_unitary((W + a @ b.mH)[degenerate]) if bool(degenerate.any()) else None
     left = (W @ Q.to(W.dtype)) @ C.to(W.dtype) + a @ (R_b.mH @ (eye + C)).to(W.dtype)
@@ -108,8 +108,8 @@ def stiefel_d(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tens
 def stiefel_t(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """exp(A) W, A = (a (W b)^H - (W b) a^H) / 2, for tall W (..., N, M). Note [Stiefel projUNN-T]."""
     k = a.shape[-1]
-    wide = double(W.dtype)
-    L, R = torch.linalg.qr(torch.cat([(W @ b).to(wide), a.to(wide)], dim=-1))
+    precise = double(W.dtype)
+    L, R = torch.linalg.qr(torch.cat([(W @ b).to(precise), a.to(precise)], dim=-1))
     block = tangent_block(R[..., :k], R[..., k:])  # exp(S) - I, S = (R_2 R_1^H - R_1 R_2^H) / 2
     L = L.to(W.dtype)
     return add_low_rank(W, L, block.to(W.dtype) @ (L.mH @ W), out)

@@ -6,12 +6,15 @@ import math
 
 import torch
 
-from ._validate import SUPPORTED_DTYPES, check_choice, check_tensor
+from .._validation import check_choice, check_dtype, check_int, check_tensor, renamed_argument
+from ._kernels import double
 
 __all__ = ["INITS", "closest_unitary", "unitarity_error", "unitary_init"]
 
 #: Names accepted by :func:`unitary_init`.
 INITS = ("identity", "haar", "henaff", "cayley")
+#: Those with a rectangular (semi-unitary) form.
+RECTANGULAR_INITS = ("identity", "haar")
 
 
 def unitarity_error(U: torch.Tensor) -> torch.Tensor:
@@ -34,8 +37,8 @@ def unitarity_error(U: torch.Tensor) -> torch.Tensor:
     n, m = U.shape[-2:]
     # In double precision: a float32 Gram matrix carries rounding of ~N * eps
     # (5e-6 at N = 128), more than the defect of a well-kept float32 weight.
-    wide = U.to(torch.complex128 if U.is_complex() else torch.float64)
-    gram = wide.mH @ wide if n >= m else wide @ wide.mH
+    precise = U.to(double(U.dtype))
+    gram = precise.mH @ precise if n >= m else precise @ precise.mH
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     return torch.linalg.matrix_norm(gram - eye).to(U.real.dtype)
 
@@ -58,24 +61,24 @@ def closest_unitary(A: torch.Tensor) -> torch.Tensor:
     check_tensor("A", A)
     # In double precision, then rounded once: a float32 SVD's factors are
     # orthonormal only to ~N * eps, which would undo the snap's purpose.
-    wide = A.to(torch.complex128 if A.is_complex() else torch.float64)
-    X, _, Yh = torch.linalg.svd(wide, full_matrices=False)
+    X, _, Yh = torch.linalg.svd(A.to(double(A.dtype)), full_matrices=False)
     return (X @ Yh).to(A.dtype)
 
 
 def unitary_init(
     n: int,
-    kind: str = "haar",
+    init: str = "haar",
     *,
     m: int | None = None,
     batch_shape: tuple[int, ...] = (),
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
+    kind: str | None = None,
 ) -> torch.Tensor:
     """A (batch of) n x n orthogonal (real dtype) or unitary (complex dtype) matrices.
 
-    Kinds:
+    Initialisations (``init``; the same argument name as the layers' ``init=``):
 
     - ``"identity"``: I.
     - ``"haar"``: distributed by Haar measure on O(n) or U(n) (QR of a Gaussian
@@ -94,43 +97,48 @@ def unitary_init(
 
     Args:
         n: matrix size (rows), >= 1.
-        kind: one of :data:`INITS` (``"identity"`` or ``"haar"`` when m != n).
-        m: columns; default n.
+        init: one of :data:`INITS` (``"identity"`` or ``"haar"`` when m != n).
+        m: columns, >= 1; default n.
         batch_shape: leading dimensions of the result.
         dtype: float32, float64, complex64 or complex128.
         device: device of the result.
         generator: source of randomness (on ``device``); None uses the global one.
+        kind: deprecated name of ``init`` (a DeprecationWarning); it will be
+            removed in the next release.
 
     Returns:
         (*batch_shape, n, m) tensor.
+
+    Raises:
+        TypeError: n or m not an int, init not a str, an unsupported dtype,
+            both init and kind given.
+        ValueError: n or m < 1, an unknown init, or one that has no
+            rectangular form when m != n.
 
     Example:
         >>> W = unitary_init(8, "henaff", dtype=torch.float64)
         >>> bool(unitarity_error(W) < 1e-12)
         True
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    check_choice("kind", kind, INITS)
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
-    m = n if m is None else m
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be an int >= 1, got {m!r}")
+    init = renamed_argument("unitary_init", "kind", kind, "init", init, "haar")
+    check_int("n", n)
+    check_choice("init", init, INITS)
+    check_dtype("dtype", dtype)
+    m = n if m is None else check_int("m", m)
     if m != n:
-        check_choice(f"kind of a rectangular ({n} x {m}) matrix", kind, ("identity", "haar"))
+        check_choice(f"init of a rectangular ({n} x {m}) matrix", init, RECTANGULAR_INITS)
     shape = (*tuple(batch_shape), n, m)
-    if kind == "identity":
+    if init == "identity":
         return torch.eye(n, m, dtype=dtype, device=device).expand(shape).clone()
     # Built in double precision and rounded once: a float32 QR would leave a
     # Haar matrix ~10x further from orthogonal than that single rounding.
-    wide = torch.complex128 if dtype.is_complex else torch.float64
-    if kind == "haar":
+    precise = double(dtype)
+    if init == "haar":
         if m > n:  # a wide Haar matrix is the conjugate transpose of a tall one
-            return _haar((*shape[:-2], m, n), wide, device, generator).mH.to(dtype).contiguous()
-        return _haar(shape, wide, device, generator).to(dtype)
-    low, high = (-math.pi, math.pi) if kind == "henaff" else (0.0, math.pi / 2)
-    return _rotations(shape, low, high, wide, device, generator).to(dtype)
+            return _haar((*shape[:-2], m, n), precise, device, generator).mH.to(dtype).contiguous()
+        return _haar(shape, precise, device, generator).to(dtype)
+    low, high = (-math.pi, math.pi) if init == "henaff" else (0.0, math.pi / 2)
+    return _rotations(shape, low, high, precise, device, generator).to(dtype)
 
 
 def _haar(shape, dtype, device, generator) -> torch.Tensor:

@@ -62,9 +62,9 @@ from collections.abc import Callable
 
 import torch
 
+from .._validation import check_out, check_update_args
 from ._kernels import add_low_rank, direct_block, double, tangent_block
 from ._stiefel import stiefel_d, stiefel_t
-from ._validate import check_out, check_update_args
 
 __all__ = ["projunn_d", "projunn_t"]
 
@@ -84,11 +84,11 @@ def _subspace(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.
         R_b, R_c: (..., r, k) with b = Q R_b and U^H a = Q R_c, in double precision.
     """
     k = a.shape[-1]
-    wide = double(U.dtype)
+    precise = double(U.dtype)
     # (a^H U)^H rather than U^H a: for complex U the latter resolves the
     # conjugate view into a full N x N copy before the product.
     c = (a.mH @ U).mH
-    Q, R = torch.linalg.qr(torch.cat([b.to(wide), c.to(wide)], dim=-1))
+    Q, R = torch.linalg.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
     return Q, R[..., :k], R[..., k:]
 
 

@@ -1,7 +1,7 @@
 """Layers holding plain parameters that the optimiser keeps orthogonal/unitary."""
 
 from ._cnn import ChannelPad, DeepUnitaryCNN, SpaceToDepth
-from ._constrain import KINDS, UnitaryConstraint, is_constrained, remove_unitary_, unitary_
+from ._constrain import KINDS, UnitaryConstraint, constraints, is_constrained, remove_unitary_, unitary_
 from ._conv import UnitaryConv2d, frequency_layout
 from ._linear import OrthogonalLinear, StiefelLinear, UnitaryLinear, init_unitary_
 from ._models import SequenceModel
@@ -27,6 +27,7 @@ __all__ = [
     "UnitaryRNN",
     "UnitaryRNNCell",
     "UnitaryResNet9",
+    "constraints",
     "flush_denormals",
     "frequency_layout",
     "init_unitary_",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._validation import REAL_DTYPES, check_int
 from ._conv import UnitaryConv2d
+from ._dtype import layer_dtype
 
 __all__ = ["ChannelPad", "DeepUnitaryCNN", "SpaceToDepth"]
 
@@ -22,7 +24,9 @@ class ChannelPad(torch.nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        if not 1 <= in_channels <= out_channels:
+        check_int("in_channels", in_channels)
+        check_int("out_channels", out_channels)
+        if in_channels > out_channels:
             raise ValueError(
                 f"ChannelPad needs 1 <= in_channels <= out_channels (dropping channels is not an isometry), "
                 f"got {in_channels} -> {out_channels}"
@@ -49,9 +53,7 @@ class SpaceToDepth(torch.nn.Module):
 
     def __init__(self, factor: int) -> None:
         super().__init__()
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
-        self.factor = factor
+        self.factor = check_int("factor", factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
@@ -65,10 +67,10 @@ class SpaceToDepth(torch.nn.Module):
 class _ConvBlock(torch.nn.Sequential):
     """Orthogonal conv, BatchNorm, ReLU; (B, C, n, m) -> (B, C, n, m)."""
 
-    def __init__(self, channels: int, size: tuple[int, int], init: str, dtype, generator) -> None:
+    def __init__(self, channels: int, size: tuple[int, int], init: str, *, dtype, device, generator) -> None:
         super().__init__(
-            UnitaryConv2d(channels, size, init=init, dtype=dtype, generator=generator),
-            torch.nn.BatchNorm2d(channels, dtype=dtype),
+            UnitaryConv2d(channels, size, init=init, dtype=dtype, device=device, generator=generator),
+            torch.nn.BatchNorm2d(channels, dtype=dtype, device=device),
             torch.nn.ReLU(),
         )
 
@@ -87,8 +89,11 @@ class DeepUnitaryCNN(torch.nn.Module):
         size: (n, m) image size.
         in_channels, classes: input channels and output classes.
         init: ``"identity"`` or ``"haar"`` for every conv.
-        dtype: real dtype of the model (float32 by default). Use this rather
-            than ``.double()``, which leaves complex parameters unchanged.
+        dtype: float32 or float64, the real dtype of the model (default:
+            torch's default dtype). Use this rather than ``.double()``, which
+            leaves the convolutions' complex parameters unchanged.
+        device: where to allocate the parameters.
+        generator: randomness for ``"haar"``.
     """
 
     def __init__(
@@ -101,18 +106,21 @@ class DeepUnitaryCNN(torch.nn.Module):
         classes: int = 10,
         init: str = "identity",
         dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+        check_int("depth", depth)
+        factory = {"dtype": layer_dtype(dtype, REAL_DTYPES), "device": device}
         self.stem = ChannelPad(in_channels, channels)
-        self.blocks = torch.nn.Sequential(*(_ConvBlock(channels, size, init, dtype, generator) for _ in range(depth)))
+        self.blocks = torch.nn.Sequential(
+            *(_ConvBlock(channels, size, init, generator=generator, **factory) for _ in range(depth))
+        )
         # A linear classifier on the whole feature map: global average pooling
         # would leave it about one informative number per channel, and with
         # zero-padded input channels and identity-initialised convs nearly
         # nothing to learn from at the start.
-        self.head = torch.nn.Linear(channels * size[0] * size[1], classes, dtype=dtype)
+        self.head = torch.nn.Linear(channels * size[0] * size[1], classes, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)).flatten(1))

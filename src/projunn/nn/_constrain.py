@@ -40,15 +40,17 @@ own shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch.nn.utils import parametrize
 
+from .._validation import SUPPORTED_DTYPES, check_choice, check_int
 from ..functional import closest_unitary, unitarity_error
-from ..functional._validate import SUPPORTED_DTYPES, check_choice
 
-__all__ = ["KINDS", "UnitaryConstraint", "is_constrained", "remove_unitary_", "unitary_"]
+__all__ = ["KINDS", "UnitaryConstraint", "constraints", "is_constrained", "remove_unitary_", "unitary_"]
 
 #: How a constrained tensor is read as matrices (Note [Matrix views]).
 KINDS = ("matrix", "kernel")
@@ -89,9 +91,21 @@ class UnitaryConstraint:
         return tensor.view(self.matrix_shape(tensor.shape))
 
 
-def constraints(module: torch.nn.Module) -> dict[str, UnitaryConstraint]:
-    """The constraints :func:`unitary_` recorded on ``module`` itself (not its children); do not modify."""
-    return module.__dict__.get(_RECORD, {})
+def constraints(module: torch.nn.Module) -> Mapping[str, UnitaryConstraint]:
+    """The constraints :func:`unitary_` recorded on ``module`` itself (not its children), read-only.
+
+    See Note [Constraints live on the module]. :func:`projunn.optim.param_groups`
+    reads them, together with the class-level ``unitary_parameter_names``.
+
+    Returns:
+        {parameter name: :class:`UnitaryConstraint`}, empty if none.
+
+    Example:
+        >>> layer = unitary_(torch.nn.Linear(4, 4))
+        >>> dict(constraints(layer))
+        {'weight': UnitaryConstraint(kind='matrix', blocks=1)}
+    """
+    return MappingProxyType(module.__dict__.get(_RECORD, {}))
 
 
 def is_constrained(module: torch.nn.Module, name: str | None = None) -> bool:
@@ -162,7 +176,8 @@ def unitary_(
         ``module``.
 
     Raises:
-        TypeError: ``module`` is not a module; the parameter's dtype is not
+        TypeError: ``module`` is not a module; ``kind`` not a str or
+            ``blocks`` not an int; the parameter's dtype is not
             float32/float64/complex64/complex128 (integer, bool and half
             precisions are refused: keep a float32 weight and use
             ``torch.autocast``).
@@ -198,10 +213,9 @@ def unitary_(
 
     try:
         kind = check_choice("kind", kind, KINDS)
-    except ValueError as error:
-        raise refuse(str(error)) from None
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise refuse(f"blocks must be an int >= 1, got {blocks!r}")
+        blocks = check_int("blocks", blocks)
+    except (TypeError, ValueError) as error:
+        raise refuse(str(error), type(error)) from None
     if parametrize.is_parametrized(owner, attr):
         raise refuse("it is already parametrised (torch.nn.utils.parametrize); remove that parametrisation first")
     param = owner._parameters.get(attr)

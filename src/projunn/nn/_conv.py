@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import check_choice, check_int, check_ints
 from ..functional import closest_unitary, unitary_init
-from ..functional._validate import check_choice
+from ._dtype import dtype_from_complex_flag, layer_dtype
 
 __all__ = ["UnitaryConv2d", "frequency_layout"]
 
@@ -86,16 +87,20 @@ class UnitaryConv2d(torch.nn.Module):
     Args:
         channels: C.
         size: (n, m), the spatial size of every input.
-        complex: a unitary convolution of complex images (all n x m
-            frequencies independent) instead of an orthogonal one of real images.
         init: ``"identity"`` (the identity map) or ``"haar"`` (an independent
             Haar-random matrix per frequency).
-        dtype: real dtype (float32 by default); frequencies use the matching
-            complex dtype.
+        dtype: float32 or float64 for an orthogonal convolution of real
+            images; complex64 or complex128 for a unitary convolution of
+            complex images (all n x m frequencies independent). Frequencies
+            are stored in the complex dtype of the same precision. Default:
+            torch's default dtype (Note [Complex layers]).
+        device: where to allocate the weights.
         generator: randomness for ``"haar"``.
+        complex: deprecated (a DeprecationWarning): ``complex=True`` with a
+            real dtype is the complex dtype of the same precision.
 
     Shape:
-        input (B, C, n, m), output (B, C, n, m); real unless ``complex``.
+        input (B, C, n, m), output (B, C, n, m), in the layer's dtype.
 
     Example:
         >>> conv = UnitaryConv2d(3, (8, 6), init="haar", dtype=torch.float64)
@@ -111,30 +116,25 @@ class UnitaryConv2d(torch.nn.Module):
         channels: int,
         size: tuple[int, int],
         *,
-        complex: bool = False,
         init: str = "identity",
         dtype: torch.dtype | None = None,
         device=None,
         generator: torch.Generator | None = None,
+        complex: bool | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be an int >= 1, got {channels!r}")
-        if len(tuple(size)) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
-            raise ValueError(f"size must be two ints >= 1 (n, m), got {size!r}")
-        check_choice("init", init, ("identity", "haar"))
-        real = torch.get_default_dtype() if dtype is None else dtype
-        if real not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real dtype), got {real}")
-        cdtype = torch.complex64 if real == torch.float32 else torch.complex128
-        self.channels, self.size, self.complex, self.init = channels, tuple(size), bool(complex), init
+        dtype = layer_dtype(dtype_from_complex_flag("UnitaryConv2d", dtype, complex))
+        self.channels = check_int("channels", channels)
+        self.size = check_ints("size", size, 2)
+        self.init = check_choice("init", init, ("identity", "haar"))
+        real, cdtype = dtype.to_real(), dtype.to_complex()
         n, m = self.size
 
         def matrices(count: int, dtype: torch.dtype) -> torch.nn.Parameter:
             value = unitary_init(channels, init, batch_shape=(count,), dtype=dtype, device=device, generator=generator)
             return torch.nn.Parameter(value)
 
-        if self.complex:
+        if dtype.is_complex:
             self.weight_free = matrices(n * m, cdtype)
             self.weight_self = None
         else:
@@ -143,8 +143,13 @@ class UnitaryConv2d(torch.nn.Module):
             self.weight_self = matrices(len(self_mirrored), real)
             # Position of every half-spectrum frequency in cat([free, self, mirrored]).
             order = torch.cat([free, self_mirrored, mirrored])
-            self.register_buffer("_gather", torch.argsort(order), persistent=False)
-            self.register_buffer("_source", source, persistent=False)
+            self.register_buffer("_gather", torch.argsort(order).to(device), persistent=False)
+            self.register_buffer("_source", source.to(device), persistent=False)
+
+    @property
+    def complex(self) -> bool:
+        """Whether this is a unitary convolution of complex images (a complex ``dtype``)."""
+        return self.weight_self is None
 
     def frequency_weights(self) -> torch.Tensor:
         """W(f) for the frequencies the forward pass uses.
@@ -193,20 +198,41 @@ class UnitaryConv2d(torch.nn.Module):
             return torch.fft.irfft2(W, s=(n, m))
 
     @classmethod
-    def from_spatial_kernel(cls, kernel: torch.Tensor, *, complex: bool = False, atol: float | None = None):
+    def from_spatial_kernel(
+        cls,
+        kernel: torch.Tensor,
+        *,
+        dtype: torch.dtype | None = None,
+        atol: float | None = None,
+        complex: bool | None = None,
+    ):
         """The layer of a given (C, C, n, m) circular kernel, if that convolution is orthogonal/unitary.
 
+        Args:
+            kernel: (C, C, n, m), real or complex.
+            dtype: the layer's dtype (default: the kernel's): a complex dtype
+                gives a unitary convolution of complex images, a real one an
+                orthogonal convolution of real images (the kernel must then be real).
+            atol: largest accepted max |W(f)^H W(f) - I| (default 1e3 * eps of
+                the kernel's dtype).
+            complex: deprecated (a DeprecationWarning): ``complex=True`` is the
+                complex dtype of the kernel's precision.
+
         Raises:
-            ValueError: the kernel's frequency matrices are not unitary within ``atol``
-                (default 1e3 * eps of the dtype), or it is not square in channels.
+            ValueError: the kernel's frequency matrices are not unitary within ``atol``,
+                it is not square in channels, or a complex kernel for a real dtype.
         """
+        if complex is not None:
+            default = kernel.dtype.to_real() if complex else kernel.dtype
+            dtype = dtype_from_complex_flag("UnitaryConv2d.from_spatial_kernel", dtype or default, complex)
         if kernel.dim() != 4 or kernel.shape[0] != kernel.shape[1]:
             raise ValueError(f"kernel must have shape (C, C, n, m), got {tuple(kernel.shape)}")
         c, _, n, m = kernel.shape
-        if kernel.is_complex() and not complex:
-            raise ValueError("a real layer needs a real kernel")
+        dtype = kernel.dtype if dtype is None else dtype
+        if kernel.is_complex() and not dtype.is_complex:
+            raise ValueError(f"a real layer (dtype={dtype}) needs a real kernel, got dtype {kernel.dtype}")
         real = kernel.real.dtype
-        layer = cls(c, (n, m), complex=complex, dtype=real, device=kernel.device)
+        layer = cls(c, (n, m), dtype=dtype, device=kernel.device)
         spectrum = torch.fft.fft2(kernel).permute(2, 3, 0, 1)  # (n, m, C, C)
         eye = torch.eye(c, dtype=spectrum.dtype, device=kernel.device)
         tolerance = 1e3 * torch.finfo(real).eps if atol is None else atol
@@ -215,7 +241,7 @@ class UnitaryConv2d(torch.nn.Module):
             raise ValueError(f"the kernel's convolution is not unitary: max |W^H W - I| = {defect:.2e}")
         with torch.no_grad():
             # Snapped to the group: the check above allows rounding-level defects.
-            if complex:
+            if layer.complex:
                 layer.weight_free.copy_(closest_unitary(spectrum.reshape(n * m, c, c)))
             else:
                 half = spectrum[:, : m // 2 + 1].reshape(-1, c, c)

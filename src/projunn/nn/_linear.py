@@ -5,26 +5,52 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._validation import check_choice, check_int, check_tensor, renamed_argument
 from ..functional import INITS, unitary_init
-from ..functional._validate import SUPPORTED_DTYPES, check_choice
+from ._dtype import layer_dtype
 
 __all__ = ["OrthogonalLinear", "StiefelLinear", "UnitaryLinear", "init_unitary_"]
 
 
 def init_unitary_(
-    tensor: torch.Tensor, kind: str = "haar", *, generator: torch.Generator | None = None
+    tensor: torch.Tensor,
+    init: str = "haar",
+    *,
+    generator: torch.Generator | None = None,
+    kind: str | None = None,
 ) -> torch.Tensor:
-    """Fill a (..., N, N) tensor in place with orthogonal/unitary matrices; return it.
+    """Fill a (..., N, M) tensor in place with (semi-)orthogonal/unitary matrices; return it.
 
     The in-place counterpart of :func:`projunn.functional.unitary_init`, in
     the style of ``torch.nn.init``. Real tensors get orthogonal matrices,
-    complex ones unitary matrices.
+    complex ones unitary matrices. A rectangular tensor gets semi-unitary
+    matrices: orthonormal columns if N > M, orthonormal rows if N < M.
+
+    Args:
+        tensor: (..., N, M), float32, float64, complex64 or complex128.
+        init: one of :data:`projunn.functional.INITS` for square matrices;
+            ``"haar"`` or ``"identity"`` for rectangular ones.
+        generator: source of randomness.
+        kind: deprecated name of ``init`` (a DeprecationWarning); it will be
+            removed in the next release.
+
+    Returns:
+        ``tensor``.
+
+    Raises:
+        TypeError: not a tensor, or an unsupported dtype.
+        ValueError: fewer than 2 dimensions, an empty matrix, an unknown
+            ``init``, or one with no rectangular form for N != M.
     """
-    if tensor.dim() < 2 or tensor.shape[-1] != tensor.shape[-2]:
-        raise ValueError(f"init_unitary_ needs a square (..., N, N) tensor, got shape {tuple(tensor.shape)}")
+    init = renamed_argument("init_unitary_", "kind", kind, "init", init, "haar")
+    check_tensor("tensor", tensor)
+    rows, cols = tensor.shape[-2:]
+    if rows == 0 or cols == 0:
+        raise ValueError(f"tensor must hold non-empty (..., N, M) matrices, got shape {tuple(tensor.shape)}")
     value = unitary_init(
-        tensor.shape[-1],
-        kind,
+        rows,
+        init,
+        m=cols,
         batch_shape=tuple(tensor.shape[:-2]),
         dtype=tensor.dtype,
         device=tensor.device,
@@ -81,13 +107,9 @@ class StiefelLinear(torch.nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features = check_int("in_features", in_features)
+        self.out_features = check_int("out_features", out_features)
+        dtype = layer_dtype(dtype)
         self.init = check_choice("init", init, self.inits)
         weight = unitary_init(out_features, init, m=in_features, dtype=dtype, device=device, generator=generator)
         self.weight = torch.nn.Parameter(weight)
@@ -145,8 +167,7 @@ class UnitaryLinear(StiefelLinear):
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"features must be an int >= 1, got {features!r}")
+        check_int("features", features)
         super().__init__(features, features, bias=bias, init=init, dtype=dtype, device=device, generator=generator)
         self.features = features
 

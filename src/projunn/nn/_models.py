@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import check_int
+from ._dtype import dtype_from_complex_flag, layer_dtype
 from ._rnn import ComplexToReal, UnitaryRNN
 
 __all__ = ["SequenceModel"]
@@ -18,8 +20,17 @@ class SequenceModel(torch.nn.Module):
         output_size: readout features (classes, or 1 for regression).
         tokens: inputs are int64 token ids (B, T), one-hot encoded here.
         every_step: read out every step (B, T, out) instead of the last (B, out).
+        dtype: the RNN's dtype: real (orthogonal) or complex (unitary, with a
+            complex state whose real and imaginary parts the readout reads).
+            The readout takes the matching real dtype (Note [Complex layers]).
+        device: where to allocate every parameter, the readout's included.
         cell_options: passed to :class:`projunn.nn.UnitaryRNNCell`
-            (``nonlinearity``, ``complex``, ``init``, ``dtype``, ``generator``).
+            (``nonlinearity``, ``init``, ``input_init``, ``generator``; the
+            deprecated ``complex``).
+
+    Shape:
+        x (B, T, input_size) real, or (B, T) int64 token ids when ``tokens``
+        -> (B, T, output_size) if ``every_step`` else (B, output_size), real.
     """
 
     def __init__(
@@ -30,17 +41,22 @@ class SequenceModel(torch.nn.Module):
         *,
         tokens: bool = False,
         every_step: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         **cell_options,
     ) -> None:
         super().__init__()
+        if "complex" in cell_options:  # resolved here, so that the warning points at the caller
+            dtype = dtype_from_complex_flag("SequenceModel", dtype, cell_options.pop("complex"))
+        dtype = layer_dtype(dtype)
         self.input_size = input_size
         self.tokens = tokens
         self.every_step = every_step
-        self.rnn = UnitaryRNN(input_size, hidden_size, **cell_options)
-        features = 2 * hidden_size if self.rnn.cell.complex else hidden_size
-        dtype = cell_options.get("dtype")
+        self.rnn = UnitaryRNN(input_size, hidden_size, dtype=dtype, device=device, **cell_options)
+        features = 2 * hidden_size if dtype.is_complex else hidden_size
         self.to_real = ComplexToReal()
-        self.readout = torch.nn.Linear(features, output_size, dtype=dtype)
+        output_size = check_int("output_size", output_size)
+        self.readout = torch.nn.Linear(features, output_size, dtype=dtype.to_real(), device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokens and x.is_floating_point():

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import REAL_DTYPES, check_int
 from ._cnn import ChannelPad, SpaceToDepth, _ConvBlock
+from ._dtype import layer_dtype
 
 __all__ = ["UnitaryResNet9"]
 
@@ -30,10 +32,10 @@ __all__ = ["UnitaryResNet9"]
 class _Residual(torch.nn.Module):
     """x + f(x), f two conv blocks."""
 
-    def __init__(self, channels: int, size: tuple[int, int], init: str, dtype, generator) -> None:
+    def __init__(self, channels: int, size: tuple[int, int], init: str, **options) -> None:
         super().__init__()
         self.body = torch.nn.Sequential(
-            _ConvBlock(channels, size, init, dtype, generator), _ConvBlock(channels, size, init, dtype, generator)
+            _ConvBlock(channels, size, init, **options), _ConvBlock(channels, size, init, **options)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +57,10 @@ class UnitaryResNet9(torch.nn.Module):
         size: (n, m) input size.
         in_channels, classes: input channels (<= width) and output classes.
         init: ``"identity"`` or ``"haar"`` for every conv.
-        dtype: real dtype of the model (float32 by default).
+        dtype: float32 or float64, the real dtype of the model (default:
+            torch's default dtype).
+        device: where to allocate the parameters.
+        generator: randomness for ``"haar"``.
 
     Shape:
         (B, in_channels, n, m) -> (B, classes).
@@ -70,16 +75,18 @@ class UnitaryResNet9(torch.nn.Module):
         classes: int = 10,
         init: str = "identity",
         dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be an int >= 1, got {width!r}")
+        check_int("width", width)
+        check_int("in_channels", in_channels)
         if in_channels > width:
             raise ValueError(f"in_channels ({in_channels}) must be <= width ({width}): channels grow by zero-padding")
         size = tuple(size)
-        block = lambda c, s: _ConvBlock(c, s, init, dtype, generator)  # noqa: E731
-        residual = lambda c, s: _Residual(c, s, init, dtype, generator)  # noqa: E731
+        factory = {"dtype": layer_dtype(dtype, REAL_DTYPES), "device": device}
+        block = lambda c, s: _ConvBlock(c, s, init, generator=generator, **factory)  # noqa: E731
+        residual = lambda c, s: _Residual(c, s, init, generator=generator, **factory)  # noqa: E731
 
         self.stem = torch.nn.Sequential(ChannelPad(in_channels, width), block(width, size))
         channels = width
@@ -94,7 +101,7 @@ class UnitaryResNet9(torch.nn.Module):
                 layers.append(residual(channels, size))
             stages.append(torch.nn.Sequential(*layers))
         self.stages = torch.nn.Sequential(*stages)
-        self.head = torch.nn.Linear(channels, classes, dtype=dtype)
+        self.head = torch.nn.Linear(channels, classes, **factory)
         self.features = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

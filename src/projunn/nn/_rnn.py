@@ -7,8 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._validation import REAL_DTYPES, check_choice, check_int
 from ..functional import INITS, unitary_init
-from ..functional._validate import check_choice
+from ._dtype import dtype_from_complex_flag, layer_dtype
 from ._recurrence import ACTIVATIONS, _recurrence_over
 
 __all__ = ["INPUT_INITS", "NONLINEARITIES", "ComplexToReal", "ModReLU", "UnitaryRNN", "UnitaryRNNCell"]
@@ -19,12 +20,12 @@ NONLINEARITIES = ACTIVATIONS
 INPUT_INITS = ("he", "xavier")
 
 
-def _input_weight(hidden: int, inputs: int, kind: str, *, dtype, device, generator) -> torch.Tensor:
+def _input_weight(hidden: int, inputs: int, init: str, *, dtype, device, generator) -> torch.Tensor:
     """W_in (hidden, inputs) with E|w|^2 = 2 / inputs (He) or 2 / (inputs + hidden) (Xavier).
 
     Complex weights split the variance evenly between real and imaginary parts.
     """
-    if kind == "he":  # torch's complex randn has E|z|^2 = 1 too
+    if init == "he":  # torch's complex randn has E|z|^2 = 1 too
         return torch.randn(hidden, inputs, dtype=dtype, device=device, generator=generator) * math.sqrt(2.0 / inputs)
     bound = math.sqrt(6.0 / (inputs + hidden))  # U(-a, a) has variance a^2 / 3
     real = dtype.to_real() if dtype.is_complex else dtype
@@ -33,12 +34,6 @@ def _input_weight(hidden: int, inputs: int, kind: str, *, dtype, device, generat
     if dtype.is_complex:
         return torch.complex(draws[0], draws[1]) / math.sqrt(2.0)
     return draws[0]
-
-
-def _check_size(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
 
 
 class ModReLU(torch.nn.Module):
@@ -55,7 +50,8 @@ class ModReLU(torch.nn.Module):
     Args:
         features: size of the last dimension.
         bias_range: the bias starts uniform in [-bias_range, bias_range].
-        dtype: real dtype of the bias (float32 by default).
+        dtype: real dtype of the bias, float32 or float64 (default: torch's default dtype).
+        device: where to allocate the bias.
 
     Shape:
         input (..., features), real or complex; output the same.
@@ -63,7 +59,8 @@ class ModReLU(torch.nn.Module):
 
     def __init__(self, features: int, *, bias_range: float = 0.01, dtype: torch.dtype | None = None, device=None):
         super().__init__()
-        self.features = _check_size("features", features)
+        self.features = check_int("features", features)
+        dtype = layer_dtype(dtype, REAL_DTYPES)
         self.bias = torch.nn.Parameter(
             torch.empty(features, dtype=dtype, device=device).uniform_(-bias_range, bias_range)
         )
@@ -95,23 +92,28 @@ class UnitaryRNNCell(torch.nn.Module):
     The recurrent matrix U (``recurrent_weight``, declared in
     ``unitary_parameter_names``) is a plain parameter that
     :class:`projunn.optim.ProjUNN` keeps on the group; the input weight and
-    bias are ordinary parameters. With ``complex=True`` the hidden state is
-    complex and U unitary; real inputs are mapped in by a complex W_in.
+    bias are ordinary parameters. With a complex ``dtype`` the hidden state is
+    complex and U unitary; real inputs are mapped in by a complex W_in
+    (Note [Complex layers]).
 
     Args:
         input_size: features of x.
         hidden_size: N, the size of U.
         nonlinearity: ``"modrelu"`` (its bias is b), ``"relu"``, ``"tanh"`` or
             ``"identity"`` (a linear recurrence: norm preserving for zero input).
-        complex: complex hidden state and unitary U.
         init: initialisation of U, one of :data:`projunn.functional.INITS`
             (the paper: ``"henaff"`` for the copy task, ``"cayley"`` for MNIST).
         input_init: initialisation of W_in: ``"he"`` (normal, variance 2 / input_size)
             or ``"xavier"`` (uniform, variance 2 / (input_size + hidden_size), as the
             authors' copy and adding scripts).
-        dtype: real dtype of the parameters (float32 by default); complex
-            cells use the matching complex dtype.
+        dtype: float32 or float64 for a real cell (orthogonal U), complex64 or
+            complex128 for a complex one (unitary U, complex state); the
+            modReLU bias takes the matching real dtype. Default: torch's
+            default dtype.
+        device: where to allocate the parameters.
         generator: source of randomness for initialisation.
+        complex: deprecated (a DeprecationWarning): ``complex=True`` with a
+            real dtype is the complex dtype of the same precision.
 
     Shape:
         x (B, input_size) real or complex; h (B, hidden_size) -> (B, hidden_size).
@@ -125,23 +127,21 @@ class UnitaryRNNCell(torch.nn.Module):
         hidden_size: int,
         *,
         nonlinearity: str = "modrelu",
-        complex: bool = False,
         init: str = "henaff",
         input_init: str = "he",
         dtype: torch.dtype | None = None,
         device=None,
         generator: torch.Generator | None = None,
+        complex: bool | None = None,
     ) -> None:
         super().__init__()
-        self.input_size = _check_size("input_size", input_size)
-        self.hidden_size = _check_size("hidden_size", hidden_size)
+        dtype = dtype_from_complex_flag("UnitaryRNNCell", dtype, complex)
+        self.input_size = check_int("input_size", input_size)
+        self.hidden_size = check_int("hidden_size", hidden_size)
         self.nonlinearity = check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
         self.init = check_choice("init", init, INITS)
-        real = torch.get_default_dtype() if dtype is None else dtype
-        if real not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64 (the real dtype), got {real}")
-        self.complex = bool(complex)
-        state = {torch.float32: torch.complex64, torch.float64: torch.complex128}[real] if complex else real
+        state = layer_dtype(dtype)
+        real = state.to_real()
         self.recurrent_weight = torch.nn.Parameter(
             unitary_init(hidden_size, init, dtype=state, device=device, generator=generator)
         )
@@ -158,7 +158,13 @@ class UnitaryRNNCell(torch.nn.Module):
 
     @property
     def state_dtype(self) -> torch.dtype:
+        """The dtype of the hidden state and of U: complex for a unitary cell."""
         return self.recurrent_weight.dtype
+
+    @property
+    def complex(self) -> bool:
+        """Whether the state is complex and U unitary (a complex ``dtype``)."""
+        return self.recurrent_weight.is_complex()
 
     def initial_state(self, batch_size: int) -> torch.Tensor:
         """Zeros of shape (batch_size, hidden_size) in the state dtype."""
@@ -209,6 +215,9 @@ class UnitaryRNN(torch.nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, *, fused: bool = True, **cell_options) -> None:
         super().__init__()
+        if "complex" in cell_options:  # resolved here, so that the warning points at the caller
+            dtype = dtype_from_complex_flag("UnitaryRNN", cell_options.get("dtype"), cell_options.pop("complex"))
+            cell_options["dtype"] = dtype
         self.cell = UnitaryRNNCell(input_size, hidden_size, **cell_options)
         self.fused = bool(fused)
 
