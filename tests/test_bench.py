@@ -13,6 +13,7 @@ import torch
 from projunn.harness.bench import BenchConfig, _report, run_bench
 from projunn.harness.bench import _cases as cases
 from projunn.harness.bench._measure import _peak_mib, measure, running_peak
+from projunn.harness.bench._sharded import SHARDED_CASES
 from projunn.harness.cli import main
 
 TINY = BenchConfig(sizes=(8, 16), ranks=(1, 2), repeats=3, budget_s=0.05, dense_max=8, peer_max=8)
@@ -20,6 +21,7 @@ UPDATE_CASES = {
     "floor",
     *(f"projunn-{m} {s}" for m in "td" for s in ("lsi", "column", "rsvd", "exact")),
     "ProjUNN(SGD) step",
+    "ProjUNN(SGD) step, generic step",
     "plain SGD step",
     "expm step",
     "cayley step",
@@ -30,6 +32,7 @@ UPDATE_CASES = {
 LAYER_CASES = {
     "adam",
     "projunn-t + adam",
+    "projunn-t + adam, generic step",
     "projunn-d + adam",
     "torch orthogonal matrix_exp",
     "torch orthogonal cayley",
@@ -149,7 +152,7 @@ def test_plot_gives_every_series_its_own_style_and_keeps_the_legend_off_the_data
         matplotlib.pyplot.close(fig)
     update_cases_in_order = list(dict.fromkeys(r.case for r in rows if r.bench == "update"))
     styles = _report.series_styles(update_cases_in_order)
-    assert len(styles) == 16 and len({s["color"] for s in styles.values()}) == 16
+    assert len(styles) == 17 and len({s["color"] for s in styles.values()}) == 17
 
 
 def test_cli_writes_csv_markdown_and_plot(tmp_path, capsys):
@@ -176,3 +179,19 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert caught.value.code == 2 and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.slow  # starts two processes
+def test_sharded_bench_reports_time_and_bytes_per_step(tmp_path):
+    config = BenchConfig(sizes=(16, 32), ranks=(1,), benches=("sharded",), repeats=1)
+    rows, _ = run_bench(config, log=None)
+    assert {(r.N, r.case) for r in rows} == {(n, c) for n in (16, 32) for c, _ in SHARDED_CASES}
+    sent = {(r.N, r.case): int(r.note.split(" bytes")[0].replace(",", "")) for r in rows}
+    assert all(
+        r.ms > 0 and r.x_baseline == pytest.approx(r.ms / next(q.ms for q in rows if (q.N, q.case) == (r.N, "adam")))
+        for r in rows
+    )
+    assert sent[(16, "adam")] == 0  # the base step of row-split weights needs no communication
+    for case in ("projunn-t + adam", "projunn-d + adam"):  # O(N k): doubling N doubles the bytes
+        assert 1.5 < sent[(32, case)] / sent[(16, case)] < 2.5, (case, sent)
+    assert BenchConfig().benches == ("update", "layer")  # processes are started only when asked for

@@ -6,13 +6,19 @@ Two benchmarks, float32 on one device, each case timed the same way
 - ``update``: one update of an N x N orthogonal matrix at rank k. The floor
   (one N x N by N x 2k product and one rank-2k in-place update, the least work
   any rank-k method must do), projunn-t/-d with each sketch, the whole
-  ``ProjUNN(SGD)`` optimiser step, plain SGD, the dense exact steps
+  ``ProjUNN(SGD)`` optimiser step (from zero, and by the generic
+  copy-and-subtract path), plain SGD, the dense exact steps
   (matrix exponential, Cayley, SVD polar) and geoopt's Riemannian SGD/Adam on
   the Stiefel manifold.
 - ``layer``: forward + backward + update of a square linear layer on a batch:
-  unconstrained Adam, projunn-t/-d + Adam, torch's
+  unconstrained Adam, projunn-t/-d + Adam (projunn-t also by the generic
+  step, the before/after of the memory-floor step), torch's
   ``parametrizations.orthogonal`` (matrix_exp, cayley) and geotorch's
   ``orthogonal`` (expm, cayley).
+- ``sharded`` (only when asked for: ``--only sharded``): the optimiser step of
+  an FSDP2-sharded N x N weight on 2 CPU processes, plain Adam and
+  projunn-t/-d + Adam, with the bytes every collective of the step moves
+  (:mod:`projunn.harness.bench._sharded`).
 
 Peers are optional (``pip install 'projunn[bench]'``); a missing one is listed
 as skipped with the reason, as are O(N^3) cases above ``dense_max`` /
@@ -33,17 +39,20 @@ from tqdm.auto import tqdm
 from ._cases import Case, Skip, layer_cases, layer_cases_full_rank, update_cases, update_cases_full_rank
 from ._measure import measure
 from ._report import Row, with_ratios, write_reports
+from ._sharded import sharded_measurements
 
 __all__ = ["BENCHES", "QUICK", "BenchConfig", "describe_machine", "run_bench", "write_reports"]
 
-BENCHES = ("update", "layer")
+BENCHES = ("update", "layer", "sharded")
+#: What a run measures unless told otherwise: the sharded benchmark starts processes, so it is asked for.
+DEFAULT_BENCHES = ("update", "layer")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     sizes: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     ranks: tuple[int, ...] = (1, 4, 16)
-    benches: tuple[str, ...] = BENCHES
+    benches: tuple[str, ...] = DEFAULT_BENCHES
     batch_size: int = 256  # of the layer benchmark
     repeats: int = 15
     budget_s: float = 10.0  # per case: fewer timed calls (at least 3) for slow cases
@@ -112,6 +121,9 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = print)
     progress = tqdm(plan, desc="bench", unit="size", disable=log is None, leave=False)
     for bench, n in progress:
         progress.set_postfix(bench=bench, N=n)
+        if bench == "sharded":
+            rows += _sharded_rows(n, config, log)
+            continue
         shared = [(case, _run(case, device, config)) for case in _grid_cases(bench, n, None, config, device)]
         for k in config.ranks:
             measured = [(case, _run(case, device, config)) for case in _grid_cases(bench, n, min(k, n), config, device)]
@@ -123,6 +135,19 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = print)
                     time = f"{row.ms:10.3f} ms" if row.ms is not None else f"   skipped: {row.note}"
                     log(f"{bench:6s} N={n:5d} k={k:2d} {case.name:26s} {time}")
     return with_ratios(rows), machine
+
+
+def _sharded_rows(n: int, config: BenchConfig, log: Callable[[str], None] | None) -> list[Row]:
+    """Rows of the sharded benchmark at N: time per step, and the bytes per step in the note."""
+    rows = []
+    for k in config.ranks:
+        for case, ms, sent, calls in sharded_measurements(n, min(k, n), world=2, repeats=config.repeats):
+            gather = n * n * 4  # one all-gather of the float32 weight, what a whole-matrix method moves
+            note = f"{sent:,} bytes in {calls} collectives per step (all-gather of the weight: {gather:,})"
+            rows.append(Row("sharded", n, k, case, ms, config.repeats, None, note=note))
+            if log:
+                log(f"sharded N={n:5d} k={k:2d} {case:26s} {ms:10.3f} ms  {sent:,} bytes")
+    return rows
 
 
 def _run(case: Case | Skip, device: torch.device, config: BenchConfig) -> tuple:

@@ -27,13 +27,16 @@ from ...optim import ProjUNN, param_groups
 __all__ = ["Case", "Skip", "layer_cases", "layer_cases_full_rank", "update_cases", "update_cases_full_rank"]
 
 #: Reference case of each benchmark, the one ratios "x projunn" are taken to.
-PROJUNN_REFERENCE = {"update": "projunn-t lsi", "layer": "projunn-t + adam"}
+PROJUNN_REFERENCE = {"update": "projunn-t lsi", "layer": "projunn-t + adam", "sharded": "projunn-t + adam"}
 #: Baseline of each benchmark: the least work (update) or the unconstrained layer (layer).
-BASELINE = {"update": "floor", "layer": "adam"}
+BASELINE = {"update": "floor", "layer": "adam", "sharded": "adam"}
 _INSTALL_HINT = "pip install 'projunn[bench]'"
 #: Largest N at which the exact sketch (a full SVD per step, for reference only) is timed.
 EXACT_SKETCH_MAX = 1024
 _STEP_SCALE = 1e-3  # size of the random step matrix relative to its entries' unit variance
+#: Suffix of the cases that force ProjUNN's generic copy-and-subtract step (``step_from_zero=False``;
+#: Note [Steps from zero] in ``projunn.optim._projunn``), beside the default step from zero.
+GENERIC = "generic step"
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,10 @@ def _weights(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def update_cases(n: int, k: int, device: torch.device, *, dense_max: int) -> Iterator[Case | Skip]:
-    """Cases of one N x N update at rank k: the floor, projunn with each sketch, the whole optimiser step."""
+    """Cases of one N x N update at rank k: the floor, projunn with each sketch, the whole optimiser step.
+
+    The optimiser step is timed twice: from zero (the default for SGD) and by the generic path.
+    """
     U, D, generator = _weights(n, device)
     out = torch.empty_like(U)
     work = U.clone()
@@ -93,10 +99,12 @@ def update_cases(n: int, k: int, device: torch.device, *, dense_max: int) -> Ite
                 update(U, a, b, out=out)
 
             yield Case(name, step)
-    weight = torch.nn.Parameter(U.clone())
-    weight.grad = D.clone()
-    optimizer = ProjUNN(torch.optim.SGD([{"params": [weight], "unitary": True}], lr=1.0), rank=k, seed=0)
-    yield Case("ProjUNN(SGD) step", optimizer.step)
+    for name, from_zero in (("ProjUNN(SGD) step", True), (f"ProjUNN(SGD) step, {GENERIC}", False)):
+        weight = torch.nn.Parameter(U.clone())
+        weight.grad = D.clone()
+        groups = [{"params": [weight], "unitary": True}]
+        optimizer = ProjUNN(torch.optim.SGD(groups, lr=1.0), rank=k, seed=0, step_from_zero=from_zero)
+        yield Case(name, optimizer.step)
 
 
 def update_cases_full_rank(n: int, device: torch.device, *, dense_max: int) -> Iterator[Case | Skip]:
@@ -160,13 +168,18 @@ def _layer_data(n: int, batch: int, device: torch.device) -> tuple[torch.Tensor,
 
 
 def layer_cases(n: int, k: int, batch: int, device: torch.device) -> Iterator[Case]:
-    """Forward + backward + update of an orthogonal N -> N linear layer with projunn and Adam, at rank k."""
+    """Forward + backward + update of an orthogonal N -> N linear layer with projunn and Adam, at rank k.
+
+    projunn-t is also timed with the generic step (``step_from_zero=False``), the step before the
+    memory-floor path, so one run gives both against unconstrained Adam.
+    """
     x, y = _layer_data(n, batch, device)
-    for method in ("t", "d"):
+    for method, from_zero in (("t", True), ("d", True), ("t", False)):
         layer = OrthogonalLinear(n, init="haar", bias=False).to(device)
         groups = param_groups(layer, unitary_lr=1e-3, method=method, rank=k)
-        optimizer = ProjUNN(torch.optim.Adam(groups, lr=1e-3), seed=0)
-        yield Case(f"projunn-{method} + adam", _training_step(layer, optimizer, x, y))
+        optimizer = ProjUNN(torch.optim.Adam(groups, lr=1e-3), seed=0, step_from_zero=from_zero)
+        name = f"projunn-{method} + adam" + ("" if from_zero else f", {GENERIC}")
+        yield Case(name, _training_step(layer, optimizer, x, y))
 
 
 def layer_cases_full_rank(n: int, batch: int, device: torch.device, *, peer_max: int) -> Iterator[Case | Skip]:

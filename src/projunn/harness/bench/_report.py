@@ -15,6 +15,7 @@ __all__ = ["Row", "with_ratios", "write_reports"]
 _TITLES = {
     "update": "Update step of one N x N orthogonal matrix (float32)",
     "layer": "Training step of an N -> N orthogonal linear layer: forward, backward, update (float32)",
+    "sharded": "Optimiser step of an N x N orthogonal weight sharded by rows over 2 CPU processes (float32, gloo)",
 }
 
 
