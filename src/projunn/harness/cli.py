@@ -144,6 +144,13 @@ def _add_train_parser(commands, help_task: str | None = None) -> None:
     )
     add = train_parser.add_argument
     add("task", choices=tuple(TASKS), metavar="TASK", help="one of: " + ", ".join(TASKS))
+    _add_model_flags(add)
+    _add_optimisation_flags(add)
+    _add_run_flags(add)
+
+
+def _add_model_flags(add) -> None:
+    """The method and the model's shape."""
     add(
         "--method",
         choices=METHODS,
@@ -161,6 +168,10 @@ def _add_train_parser(commands, help_task: str | None = None) -> None:
         type=_positive_int,
         help="image tasks: cnn, channels of every conv (default and paper: 32); resnet9, stem width (default 8)",
     )
+
+
+def _add_optimisation_flags(add) -> None:
+    """Training length and batches, optimiser, learning rates, initialisation, evaluation."""
     add("--steps", type=_positive_int, help="training steps (MNIST and image tasks: overrides --epochs)")
     add("--epochs", type=_positive_int, help="MNIST and image tasks: passes over the training set")
     add("--batch-size", type=_positive_int, help="examples per step")
@@ -177,6 +188,10 @@ def _add_train_parser(commands, help_task: str | None = None) -> None:
         type=_positive_int,
         help="MNIST and image tasks: score at most this many validation/test/training images (default: all)",
     )
+
+
+def _add_run_flags(add) -> None:
+    """Stopping, precision, seeds, device, folder and logging."""
     add(
         "--max-minutes",
         type=_positive_float,
