@@ -11,7 +11,8 @@ Batches are pure functions of (seed, step) (see :mod:`projunn.harness.tasks`), s
 The loop is :func:`_train_steps`; its steps are :func:`_open_run`, :func:`_training_step`,
 :func:`_evaluation_row`, :func:`_summarise` and the Ctrl-C guard :func:`_sigint_guard`.
 Settings live in :mod:`projunn.harness._config`, the model and optimiser in
-:mod:`projunn.harness._build`.
+:mod:`projunn.harness._build` (:func:`build` makes what a run trains without a run
+folder, e.g. to time a training step).
 """
 
 from __future__ import annotations
@@ -62,7 +63,18 @@ from ._plot import plot_curves
 from ._state import RunState
 from .tasks import get_task
 
-__all__ = ["CHECKPOINT", "METHODS", "OPTIMIZERS", "RunDivergedError", "RunError", "TrainConfig", "resolve", "train"]
+__all__ = [
+    "CHECKPOINT",
+    "METHODS",
+    "OPTIMIZERS",
+    "Built",
+    "RunDivergedError",
+    "RunError",
+    "TrainConfig",
+    "build",
+    "resolve",
+    "train",
+]
 
 
 class _Outcome(enum.Enum):
