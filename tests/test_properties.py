@@ -96,11 +96,11 @@ def step_matrices(draw):
 
 
 @PROFILE
-@given(problem=step_matrices(), method=st.sampled_from(SKETCHES))
-def test_sketches_are_finite_shaped_and_leave_d_alone(problem, method):
+@given(problem=step_matrices(), sketch=st.sampled_from(SKETCHES))
+def test_sketches_are_finite_shaped_and_leave_d_alone(problem, sketch):
     D, rank = problem
     copy = D.clone()
-    a, b = lowrank(D, rank, method, generator=torch.Generator().manual_seed(0))
+    a, b = lowrank(D, rank, sketch, generator=torch.Generator().manual_seed(0))
     assert torch.equal(D, copy)
     n, m = D.shape[-2:]
     assert a.shape == (*D.shape[:-2], n, rank) and b.shape == (*D.shape[:-2], m, rank)
@@ -111,7 +111,7 @@ def test_sketches_are_finite_shaped_and_leave_d_alone(problem, method):
     assert torch.linalg.matrix_norm(a @ b.mH).max().item() <= 1.01 * size + 1e-30
 
 
-@pytest.mark.parametrize("method", SKETCHES)
-def test_sketch_rank_above_the_matrix_is_a_documented_error(method):
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_sketch_rank_above_the_matrix_is_a_documented_error(sketch):
     with pytest.raises(ValueError, match="rank must be <= min"):
-        lowrank(torch.zeros(3, 5), 4, method)
+        lowrank(torch.zeros(3, 5), 4, sketch)

@@ -30,13 +30,13 @@ def _decaying(n, m, dtype, seed=0):
     return (left[:, :r] * s) @ right[:, :r].mH
 
 
-@pytest.mark.parametrize("method", SKETCHES)
+@pytest.mark.parametrize("sketch", SKETCHES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("batch", [(), (3,)])
-def test_reproduces_a_rank_k_matrix(method, dtype, batch):
+def test_reproduces_a_rank_k_matrix(sketch, dtype, batch):
     for n, m, k in [(12, 12, 1), (12, 12, 3), (9, 14, 2), (20, 7, 4)]:
         D = _rank_k(n, m, k, dtype, batch)
-        a, b = lowrank(D, k, method, generator=torch.Generator().manual_seed(1))
+        a, b = lowrank(D, k, sketch, generator=torch.Generator().manual_seed(1))
         assert a.shape == (*batch, n, k) and b.shape == (*batch, m, k)
         assert a.dtype == dtype and b.dtype == dtype
         scale = torch.linalg.matrix_norm(D).max()
@@ -69,20 +69,20 @@ FACTORS = {
 }
 
 
-@pytest.mark.parametrize("method", RANDOMISED)
+@pytest.mark.parametrize("sketch", RANDOMISED)
 @pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
-def test_randomised_sketches_within_stated_factor(method, dtype):
+def test_randomised_sketches_within_stated_factor(sketch, dtype):
     D = _decaying(40, 30, dtype)
     for k in [1, 4]:
         best = _eckart_young(D, k)
         g = torch.Generator().manual_seed(7)
         factors = []
         for _ in range(50):
-            a, b = lowrank(D, k, method, generator=g)
+            a, b = lowrank(D, k, sketch, generator=g)
             factors.append((torch.linalg.matrix_norm(D - a @ b.mH) / best).item())
-        median_bound, worst_bound = FACTORS[(method, k)]
-        assert sorted(factors)[len(factors) // 2] <= median_bound, (method, k, factors)
-        assert max(factors) <= worst_bound, (method, k, max(factors))
+        median_bound, worst_bound = FACTORS[(sketch, k)]
+        assert sorted(factors)[len(factors) // 2] <= median_bound, (sketch, k, factors)
+        assert max(factors) <= worst_bound, (sketch, k, max(factors))
 
 
 def test_column_sampling_keeps_the_top_directions():
@@ -93,32 +93,32 @@ def test_column_sampling_keeps_the_top_directions():
     assert s[0] > 0.9 * torch.linalg.svdvals(D)[0]
 
 
-@pytest.mark.parametrize("method", RANDOMISED)
-def test_reproducible_given_a_generator(method):
+@pytest.mark.parametrize("sketch", RANDOMISED)
+def test_reproducible_given_a_generator(sketch):
     D = randn(16, 16)
-    first = lowrank(D, 2, method, generator=torch.Generator().manual_seed(3))
-    second = lowrank(D, 2, method, generator=torch.Generator().manual_seed(3))
-    other = lowrank(D, 2, method, generator=torch.Generator().manual_seed(4))
+    first = lowrank(D, 2, sketch, generator=torch.Generator().manual_seed(3))
+    second = lowrank(D, 2, sketch, generator=torch.Generator().manual_seed(3))
+    other = lowrank(D, 2, sketch, generator=torch.Generator().manual_seed(4))
     assert all(torch.equal(x, y) for x, y in zip(first, second))
-    assert not torch.equal(first[0] @ first[1].mT, other[0] @ other[1].mT) or method == "column"
+    assert not torch.equal(first[0] @ first[1].mT, other[0] @ other[1].mT) or sketch == "column"
 
 
-@pytest.mark.parametrize("method", SKETCHES)
+@pytest.mark.parametrize("sketch", SKETCHES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_zero_matrix_gives_zero_factors_not_nan(method, dtype):
+def test_zero_matrix_gives_zero_factors_not_nan(sketch, dtype):
     D = torch.zeros(2, 8, 8, dtype=dtype)
-    a, b = lowrank(D, 2, method, generator=torch.Generator().manual_seed(0))
+    a, b = lowrank(D, 2, sketch, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     assert torch.equal(a @ b.mH, D)
 
 
-@pytest.mark.parametrize("method", SKETCHES)
-def test_scale_invariant_no_absolute_epsilon(method):
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_scale_invariant_no_absolute_epsilon(sketch):
     """A step of norm 1e-12 keeps its direction: no threshold swallows small updates."""
     D = _rank_k(10, 10, 1, torch.float64)
     D = D / torch.linalg.matrix_norm(D)
     for scale in [1e-12, 1.0, 1e12]:
-        a, b = lowrank(scale * D, 1, method, generator=torch.Generator().manual_seed(0))
+        a, b = lowrank(scale * D, 1, sketch, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(a @ b.mT / scale, D, atol=1e-10, rtol=0)
 
 
