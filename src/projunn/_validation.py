@@ -5,7 +5,7 @@ not accepted (out of range, not one of the choices, a wrong shape) raises
 ValueError. An unsupported dtype counts as a wrong type, as it does for
 tensors in torch. Every message names the argument, what it accepts and what
 it got, so a mistake is found at the call that made it rather than deep
-inside a QR factorisation (STYLE habit 7).
+inside a QR factorisation.
 
 ``functional``, ``optim`` and ``nn`` all check their arguments with these
 functions; the module lives at the package root so that no subpackage

@@ -77,12 +77,16 @@ class StiefelLinear(torch.nn.Module):
         init: ``"haar"`` (a Haar-random point of the Stiefel manifold) or
             ``"identity"`` (the leading part of the identity).
         dtype: float32/float64 (real) or complex64/complex128 (complex);
-            default ``torch.get_default_dtype()``.
+            default ``torch.get_default_dtype()`` (Note [Complex layers]).
         device: where to allocate the weight.
         generator: source of randomness for the initialisation.
 
     Shape:
         input (..., in_features), output (..., out_features).
+
+    Raises:
+        TypeError: a size that is not an int, an unsupported dtype.
+        ValueError: a size < 1, an unknown ``init``.
 
     Example:
         >>> layer = StiefelLinear(3, 5, dtype=torch.float64)
