@@ -10,11 +10,18 @@ import torch
 
 from projunn.harness._config import learning_rate_factor
 from projunn.harness.cli import main
-from projunn.harness.tasks import get_task
+from projunn.harness.tasks import _registry, get_task
 from projunn.harness.tasks._registry import ADDING_TOLERANCE, EVAL_SIZE
 from projunn.harness.train import TrainConfig, resolve
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def small_held_out_sets(monkeypatch):
+    """Runs below check settings and files, not scores: 64 held-out sequences instead of EVAL_SIZE."""
+    monkeypatch.setattr(_registry, "EVAL_SIZE", 64)
+
 
 QUICK = ["--hidden", "8", "--batch-size", "4", "--quiet"]
 
@@ -127,7 +134,7 @@ def test_a_preset_with_contradicting_options_is_a_one_line_error(tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
-def test_resuming_under_a_different_preset_is_refused(tmp_path, capsys):
+def test_resuming_under_a_different_preset_is_refused(tmp_path, capsys, small_held_out_sets):
     out = tmp_path / "run"
     assert main(["train", "copy", "--seq-len", "5", "--steps", "2", *QUICK, "--out", str(out)]) == 0
     capsys.readouterr()
@@ -135,7 +142,7 @@ def test_resuming_under_a_different_preset_is_refused(tmp_path, capsys):
     assert "preset" in capsys.readouterr().err
 
 
-def test_learning_rate_decays_in_steps_and_the_run_records_it(tmp_path):
+def test_learning_rate_decays_in_steps_and_the_run_records_it(tmp_path, small_held_out_sets):
     config = TrainConfig(task="copy", lr_decay=0.5, lr_decay_every=3)
     assert [learning_rate_factor(config, step) for step in range(7)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25]
     assert learning_rate_factor(TrainConfig(task="copy"), 10**6) == 1.0
