@@ -20,9 +20,12 @@ import platform
 
 import torch
 
-from _timing import median_ms
 from projunn.functional import lowrank, projunn_t
+from projunn.harness.bench import measure
 from projunn.nn import UnitaryConv2d
+
+_CPU = torch.device("cpu")
+_BUDGET_S = 60.0  # per case: the O(C^3) steps at large C get fewer timed calls
 
 
 def time_case(c: int, n: int, repeats: int, generator: torch.Generator) -> tuple[int, float, float, float]:
@@ -49,9 +52,9 @@ def time_case(c: int, n: int, repeats: int, generator: torch.Generator) -> tuple
 
     return (
         W.shape[0],
-        median_ms(projunn_step, repeats=repeats, warmup=2),
-        median_ms(cayley_step, repeats=repeats, warmup=2),
-        median_ms(polar_step, repeats=repeats, warmup=2),
+        measure(projunn_step, _CPU, repeats=repeats, budget_s=_BUDGET_S).ms,
+        measure(cayley_step, _CPU, repeats=repeats, budget_s=_BUDGET_S).ms,
+        measure(polar_step, _CPU, repeats=repeats, budget_s=_BUDGET_S).ms,
     )
 
 

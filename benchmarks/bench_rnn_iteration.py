@@ -21,9 +21,8 @@ import platform
 import torch
 from torch.nn.utils import parametrize
 
-from _timing import median_ms
-from projunn.harness.tasks import get_task
-from projunn.harness.train import TrainConfig, _build_optimizer, _constrain, resolve
+from projunn.harness.bench import measure
+from projunn.harness.train import TrainConfig, build, resolve
 
 METHODS = ("t", "expm", "cayley", "none")
 
@@ -31,24 +30,21 @@ METHODS = ("t", "expm", "cayley", "none")
 def iteration_ms(hidden: int, seq_len: int, batch_size: int, method: str, repeats: int) -> float:
     torch.manual_seed(0)
     config = resolve(TrainConfig(task="copy", method=method, hidden=hidden, seq_len=seq_len, batch_size=batch_size))
-    task = get_task("copy")
-    model = task.build_model(config)
-    _constrain(model, method)
-    optimizer = _build_optimizer(model, config)
-    cached = parametrize.cached if method in ("expm", "cayley") else contextlib.nullcontext
     device = torch.device("cpu")
-
+    built = build(config, device)  # the model constrained by the method and its optimiser, as projunn train builds them
+    cached = parametrize.cached if method in ("expm", "cayley") else contextlib.nullcontext
     steps = iter(range(10**9))  # a fresh batch for every call
 
     def one():
-        x, y = task.batch(config, next(steps), device)
+        x, y = built.data.batch(next(steps))
         with cached():
-            loss, _ = task.loss(model, x, y)
+            loss, _ = built.data.loss(built.model, x, y)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        built.optimizer.step()
+        built.optimizer.zero_grad()
 
-    return median_ms(one, repeats=repeats)
+    # The whole budget of time goes to `repeats` calls at most (a large hidden size gets fewer).
+    return measure(one, device, repeats=repeats, budget_s=60.0, warmup=3).ms
 
 
 def main(argv=None) -> None:

@@ -12,8 +12,8 @@ ALL_DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 def haar(n: int, *, batch=(), dtype=torch.float64, seed: int = 0) -> torch.Tensor:
     """Haar-random unitary built in double precision, independent of the code under test."""
     g = torch.Generator().manual_seed(seed)
-    wide = torch.complex128 if dtype.is_complex else torch.float64
-    Q, R = torch.linalg.qr(torch.randn((*batch, n, n), dtype=wide, generator=g))
+    precise = torch.complex128 if dtype.is_complex else torch.float64
+    Q, R = torch.linalg.qr(torch.randn((*batch, n, n), dtype=precise, generator=g))
     return (Q * torch.sgn(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)).to(dtype)
 
 
@@ -36,9 +36,9 @@ def tangent_reference(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torc
 
 def gram_defect(U: torch.Tensor) -> torch.Tensor:
     """Max-entry distance of U^H U from I, computed in double precision."""
-    wide = U.to(torch.complex128 if U.is_complex() else torch.float64)
-    eye = torch.eye(U.shape[-1], dtype=wide.dtype)
-    return (wide.mH @ wide - eye).abs().amax()
+    precise = U.to(torch.complex128 if U.is_complex() else torch.float64)
+    eye = torch.eye(U.shape[-1], dtype=precise.dtype)
+    return (precise.mH @ precise - eye).abs().amax()
 
 
 def eps(dtype: torch.dtype) -> float:

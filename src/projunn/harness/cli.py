@@ -293,7 +293,7 @@ def _add_bench_parser(commands) -> None:
         help="also N = 8192 (O(N^3) cases above --dense-max / --peer-max are skipped)",
     )
     add("--ranks", type=_positive_int, nargs="+", help=f"ranks k (default {' '.join(map(str, defaults.ranks))})")
-    add("--only", choices=BENCHES, help="run one of the two benchmarks")
+    add("--only", choices=BENCHES, help="run one benchmark (sharded: 2 processes, not part of the default run)")
     add("--batch-size", type=_positive_int, default=defaults.batch_size, help="layer benchmark batch (default 256)")
     add("--repeats", type=_positive_int, help=f"timed calls per case at most (default {defaults.repeats})")
     add("--budget-s", type=_positive_float, help=f"seconds per case before fewer repeats (default {defaults.budget_s})")

@@ -52,7 +52,7 @@ import math
 
 import torch
 
-from ..functional._sharded import row_shards, sharded_drift_residual, sharded_newton_schulz_
+from ..functional.sharded import row_shards, sharded_drift_residual, sharded_newton_schulz_
 from ._sharded import local_part, project
 
 __all__ = ["CHECK_EVERY", "EXACT_ABOVE", "DriftControl"]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
-from ..nn._constrain import constraints
+from ..nn import constraints
 
 __all__ = ["param_groups", "unitary_parameters"]
 

@@ -124,8 +124,8 @@ from typing import Any
 
 import torch
 
+from .._validation import SUPPORTED_DTYPES, check_choice, check_int
 from ..functional import SKETCHES
-from ..functional._validate import SUPPORTED_DTYPES, check_choice, check_positive_int
 from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
 from ._drift import DriftControl
 from ._groups import MATRIX_SHAPE, matrix_view
@@ -287,14 +287,10 @@ class ProjUNN:
         self.optimizer = optimizer
         self.defaults = {
             "method": check_choice("method", method, METHODS),
-            "rank": check_positive_int("rank", rank),
+            "rank": check_int("rank", rank),
             "sketch": check_choice("sketch", sketch, SKETCHES),
         }
-        if isinstance(reorthogonalize_every, bool) or not isinstance(reorthogonalize_every, int):
-            raise TypeError(f"reorthogonalize_every must be an int, got {type(reorthogonalize_every).__name__}")
-        if reorthogonalize_every < 0:
-            raise ValueError(f"reorthogonalize_every must be >= 0, got {reorthogonalize_every}")
-        self.reorthogonalize_every = reorthogonalize_every
+        self.reorthogonalize_every = check_int("reorthogonalize_every", reorthogonalize_every, minimum=0)
         self.drift_control = None if drift_tolerance is None else DriftControl(drift_tolerance)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
         for name, value in (("foreach", foreach), ("step_from_zero", step_from_zero)):
@@ -396,7 +392,7 @@ class ProjUNN:
             self._checked[id(group)] = self._group_signature(group)
             return
         check_choice("method", self._setting(group, "method"), METHODS)
-        check_positive_int("rank", self._setting(group, "rank"))
+        check_int("rank", self._setting(group, "rank"))
         check_choice("sketch", self._setting(group, "sketch"), SKETCHES)
         for p in params:
             if MATRIX_SHAPE in group:  # Note [Matrix views] in projunn.nn._constrain

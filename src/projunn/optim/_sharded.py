@@ -2,7 +2,7 @@
 
 Plain tensors and DTensors replicated on every rank go through the ordinary
 functions on the local tensor; weights whose rows are split (FSDP2's
-``Shard(0)``) go through :mod:`projunn.functional._sharded`. Decisions that
+``Shard(0)``) go through :mod:`projunn.functional.sharded`. Decisions that
 skip work (a NaN gradient on one rank's rows) are agreed by all ranks with one
 all-reduce of a flag, so no rank waits on a collective the others skip.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..functional import closest_unitary, lowrank, projunn_d, projunn_t
-from ..functional._sharded import (
+from ..functional.sharded import (
     SHARDED_SKETCHES,
     local_part,
     row_shards,

@@ -37,11 +37,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ._cases import Case, Skip, layer_cases, layer_cases_full_rank, update_cases, update_cases_full_rank
-from ._measure import measure
+from ._measure import Measurement, measure
 from ._report import Row, with_ratios, write_reports
 from ._sharded import sharded_measurements
 
-__all__ = ["BENCHES", "QUICK", "BenchConfig", "describe_machine", "run_bench", "write_reports"]
+__all__ = [
+    "BENCHES",
+    "QUICK",
+    "BenchConfig",
+    "Measurement",
+    "describe_machine",
+    "measure",
+    "run_bench",
+    "write_reports",
+]
 
 BENCHES = ("update", "layer", "sharded")
 #: What a run measures unless told otherwise: the sharded benchmark starts processes, so it is asked for.
