@@ -602,7 +602,7 @@ def test_batched_step_equals_the_per_parameter_step(dtype, method, sketch, monke
     after 4 steps 1e-11 is asserted; a different random draw would differ by O(1e-2).
     """
     calls = _counting_updates(monkeypatch)
-    batched, batched_opt, batched_history = _stack_run(dtype, method, sketch, 4)
+    batched, batched_opt, batched_history = _stack_run(dtype, method, sketch, 4, foreach=True)
     # one call for the three 6 x 6 weights, one for the two 4 x 4, one for the two 9 x 6, one for the 4 x 9
     assert len(calls) == 4 * 4 and sorted(calls[:4]) == [(2, 4, 4), (2, 9, 6), (3, 6, 6), (4, 9)]
     calls.clear()
@@ -640,7 +640,7 @@ def test_batched_state_dict_round_trip_continues_exactly():
     def fresh():
         torch.manual_seed(0)
         model = torch.nn.Sequential(*(UnitaryLinear(6, dtype=torch.float64) for _ in range(3)))
-        return model, ProjUNN(torch.optim.Adam(param_groups(model), lr=0.05), seed=2)
+        return model, ProjUNN(torch.optim.Adam(param_groups(model), lr=0.05), seed=2, foreach=True)
 
     def run(model, opt, part):
         for x, _ in part:
