@@ -17,21 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
-
-class CollectiveBytes(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional"):
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-            self.total += max(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
+from projunn.harness.bench import CollectiveBytes
 
 
 def _run(rank: int, world: int, init: str, n: int) -> None:

@@ -59,18 +59,7 @@ from ._sketch import SKETCHES
 from ._stiefel import _DENSE_BELOW
 from ._unitary import closest_unitary
 
-__all__ = [
-    "SHARDED_SKETCHES",
-    "RowShards",
-    "local_part",
-    "row_shards",
-    "sharded_closest_unitary",
-    "sharded_drift_residual",
-    "sharded_gram",
-    "sharded_lowrank",
-    "sharded_newton_schulz_",
-    "sharded_update",
-]
+# The public names are listed in projunn.functional.sharded.
 
 #: Sketches that run on row-sharded steps (Note [Row-sharded projUNN]).
 SHARDED_SKETCHES = tuple(s for s in SKETCHES if s != "exact")

@@ -575,8 +575,8 @@ class ProjUNN:
                 batches[("sharded", id(w))] = [w]
                 continue
             local = local_part(U)
-            key = (tuple(local.shape), local.dtype, local.device, self._setting(w.group, "method"), w.rank)
-            batches.setdefault((*key, self._setting(w.group, "sketch")), []).append(w)
+            setting = (self._setting(w.group, "method"), w.rank, self._setting(w.group, "sketch"))
+            batches.setdefault((tuple(local.shape), local.dtype, local.device, *setting), []).append(w)
         return list(batches.values())
 
     def _update_batch(self, batch: list[_Work]) -> None:

@@ -39,12 +39,13 @@ from tqdm.auto import tqdm
 from ._cases import Case, Skip, layer_cases, layer_cases_full_rank, update_cases, update_cases_full_rank
 from ._measure import Measurement, measure
 from ._report import Row, with_ratios, write_reports
-from ._sharded import sharded_measurements
+from ._sharded import CollectiveBytes, sharded_measurements
 
 __all__ = [
     "BENCHES",
     "QUICK",
     "BenchConfig",
+    "CollectiveBytes",
     "Measurement",
     "describe_machine",
     "measure",
