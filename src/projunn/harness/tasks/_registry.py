@@ -12,6 +12,7 @@ memoryless predictor measured on that same set (``eval_baseline``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,18 @@ class Task:
     def loss(self, model, x, y) -> tuple[torch.Tensor, float | None]:
         """Mean loss and, where the task has one, accuracy in [0, 1]."""
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module):
+    """No gradients, and the model in eval mode (BatchNorm uses its running statistics) until the block ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 class RunData:
@@ -187,18 +200,13 @@ class _SequenceData(RunData):
 
     def evaluate(self, model):
         x, y = self.held_out
-        was_training = model.training
-        model.eval()
         totals: dict[str, float] = {}
-        try:
-            with torch.no_grad():
-                for start in range(0, len(x), EVAL_CHUNK):
-                    rows = slice(start, start + EVAL_CHUNK)
-                    chunk = self.task.score_chunk(model, x[rows].to(self.device), y[rows].to(self.device))
-                    for key, value in chunk.items():
-                        totals[key] = totals.get(key, 0.0) + value
-        finally:
-            model.train(was_training)
+        with _evaluating(model):
+            for start in range(0, len(x), EVAL_CHUNK):
+                rows = slice(start, start + EVAL_CHUNK)
+                chunk = self.task.score_chunk(model, x[rows].to(self.device), y[rows].to(self.device))
+                for key, value in chunk.items():
+                    totals[key] = totals.get(key, 0.0) + value
         return self.task.finish(totals, y)
 
 
@@ -383,18 +391,13 @@ class _ClassificationData(RunData):
 
     def _score(self, model, split: str, limit: int | None = None) -> tuple[float, float]:
         xs, ys = (part[:limit] for part in self.splits[split])
-        was_training = model.training
-        model.eval()  # BatchNorm, where there is one, uses its running statistics
         total_loss = correct = 0.0
-        try:
-            with torch.no_grad():
-                for start in range(0, len(xs), 500):
-                    logits = model(self.inputs(xs[start : start + 500]))
-                    y = ys[start : start + 500].to(self.device)
-                    total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-                    correct += (logits.argmax(-1) == y).sum().item()
-        finally:
-            model.train(was_training)
+        with _evaluating(model):
+            for start in range(0, len(xs), 500):
+                logits = model(self.inputs(xs[start : start + 500]))
+                y = ys[start : start + 500].to(self.device)
+                total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+                correct += (logits.argmax(-1) == y).sum().item()
         return total_loss / len(xs), correct / len(xs)
 
     def _prior_loss(self, split: str, limit: int | None) -> float:
