@@ -13,10 +13,10 @@ Usage:
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import pathlib
+
+from projunn.harness.runs import RunRecord, plot_runs, read_runs
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "paper"
 
@@ -28,28 +28,14 @@ PAPER = {
 }
 
 
-def _read_run(folder: pathlib.Path) -> dict | None:
-    metrics = folder / "metrics.csv"
-    if not metrics.is_file():
-        return None
-    config = json.loads((folder / "config.json").read_text())
-    rows = [
-        {key: (float(value) if value not in ("", None) else None) for key, value in row.items()}
-        for row in csv.DictReader(metrics.read_text().splitlines())
-    ]
-    summary_path = folder / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return {"name": folder.name, "config": config, "rows": rows, "summary": summary}
-
-
 def _schedule(config: dict) -> str:
     if config.get("epochs"):
         return f"{config['epochs']} epochs"
     return f"{config['steps']:,} steps"
 
 
-def _describe(run: dict) -> dict[str, str]:
-    config, rows, summary = run["config"], run["rows"], run["summary"]
+def _describe(run: RunRecord) -> dict[str, str]:
+    config, rows, summary = run.config, run.rows, run.summary
     last = rows[-1]
     scored = [r for r in rows if r["eval_loss"] is not None]
     best = min(scored, key=lambda r: r["eval_loss"])
@@ -61,11 +47,10 @@ def _describe(run: dict) -> dict[str, str]:
     accuracy = f"{accuracy_name} {100 * last['eval_accuracy']:.1f}%" if last["eval_accuracy"] is not None else "-"
     if "test_accuracy" in summary and not summary.get("interrupted"):
         accuracy += f"; test {100 * summary['test_accuracy']:.2f}%"
-    finished = summary and not summary.get("interrupted") and not summary.get("stopped_by_time_budget")
     return {
-        "experiment": run["name"],
+        "experiment": run.name,
         "paper (projUNN)": PAPER.get(config["task"], ""),
-        "steps (schedule)": f"{int(last['step']):,} ({_schedule(config)}{'' if finished else ', in progress'})",
+        "steps (schedule)": f"{int(last['step']):,} ({_schedule(config)}{'' if run.finished else ', in progress'})",
         "held-out loss": f"{last['eval_loss']:.4g} (best {best['eval_loss']:.4g} at {int(best['step']):,})",
         "baseline on the set": f"{baseline:.4g}" if baseline else "-",
         "loss / baseline": ratio,
@@ -75,42 +60,12 @@ def _describe(run: dict) -> dict[str, str]:
     }
 
 
-def table(runs: list[dict]) -> str:
+def table(runs: list[RunRecord]) -> str:
     described = [_describe(run) for run in runs]
     header = list(described[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row[key] for key in header) + " |" for row in described]
     return "\n".join(lines)
-
-
-def plot(runs: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    for run in runs:
-        rows = [r for r in run["rows"] if r["eval_loss"] is not None and r["eval_baseline"]]
-        steps = [r["step"] for r in rows]
-        marker = "o" if len(rows) < 30 else None
-        left.plot(steps, [r["eval_loss"] / r["eval_baseline"] for r in rows], marker=marker, label=run["name"])
-        accurate = [(r["step"], r["eval_accuracy"]) for r in rows if r["eval_accuracy"] is not None]
-        if accurate:
-            right.plot(*zip(*accurate), marker=marker, label=run["name"])
-    left.axhline(1.0, color="k", linestyle="--", linewidth=1, label="constant / memoryless predictor")
-    left.axhline(0.1, color="grey", linestyle=":", linewidth=1, label="target: 0.1x")
-    left.set_yscale("log")
-    left.set_xlabel("step")
-    left.set_title("held-out loss / baseline on the same set")
-    left.legend(fontsize=8)
-    right.set_ylim(0, 1.02)
-    right.set_xlabel("step")
-    right.set_title("held-out recall (copy), share within 0.04 (adding), accuracy")
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -119,14 +74,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=pathlib.Path, default=ROOT, help="folder of run folders (default: %(default)s)")
     root = parser.parse_args(argv).root
-    runs = [run for folder in sorted(root.iterdir()) if folder.is_dir() and (run := _read_run(folder))]
+    runs = sorted(read_runs(folder for folder in root.iterdir() if folder.is_dir()), key=lambda run: run.name)
     if not runs:
         print(f"no runs with metrics in {root}")
         return 1
     print(table(runs))
-    plot(runs, root / "curves.png")
+    plot_runs(runs, root / "curves.png", label=lambda run: run.name, target=0.1)
     print(f"\nwrote {root / 'curves.png'}")
-    return 0 if all(math.isfinite(r["rows"][-1]["eval_loss"] or math.nan) for r in runs) else 1
+    return 0 if all(math.isfinite(run.rows[-1]["eval_loss"] or math.nan) for run in runs) else 1
 
 
 if __name__ == "__main__":

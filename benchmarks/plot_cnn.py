@@ -10,39 +10,20 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import pathlib
 
+from projunn.harness.runs import METHOD_ORDER, RunRecord, plot_runs, read_runs
+
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "cnn"
-METHODS = ("t", "d", "cayley", "expm", "none")
 
 
-def _runs(experiment: str) -> dict[str, pathlib.Path]:
-    return {m: ROOT / f"{experiment}-{m}" for m in METHODS if (ROOT / f"{experiment}-{m}" / "summary.json").exists()}
+def _runs(experiment: str) -> list[RunRecord]:
+    """The finished or stopped runs of ``experiment``, in the harness's method order."""
+    return [run for run in read_runs(ROOT / f"{experiment}-{m}" for m in METHOD_ORDER) if run.summary]
 
 
 def plot(experiment: str) -> pathlib.Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for method, folder in _runs(experiment).items():
-        with open(folder / "metrics.csv") as f:
-            rows = list(csv.DictReader(f))
-        ax.plot([int(r["step"]) for r in rows], [float(r["eval_accuracy"]) for r in rows], "o-", label=method)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(experiment, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = ROOT / f"{experiment}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_runs(_runs(experiment), ROOT / f"{experiment}.png", panels=("accuracy",), title=experiment)
 
 
 def table(experiment: str) -> str:
@@ -50,8 +31,8 @@ def table(experiment: str) -> str:
         "| method | steps | training s | test accuracy | accuracy on training images | max unitarity error |",
         "|---|---|---|---|---|---|",
     ]
-    for method, folder in _runs(experiment).items():
-        s = json.loads((folder / "summary.json").read_text())
+    for run in _runs(experiment):
+        method, s = run.method, run.summary
         train = f"{s['train_accuracy']:.1%}" if s.get("train_accuracy") is not None else "-"
         lines.append(
             f"| {method} | {s['steps']} | {s['seconds']:.0f} | {s['accuracy']:.1%} | {train} | "

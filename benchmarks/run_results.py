@@ -2,8 +2,8 @@
 
 Each run is an ordinary ``projunn train`` run (same code path as the CLI)
 written to ``benchmarks/results/rnn/<experiment>-<method>/``; afterwards this
-script draws one comparison plot per experiment (held-out loss against
-wall-clock seconds, all methods, baseline dashed) and prints the markdown
+script draws one comparison plot per experiment (held-out loss over the
+baseline, and unitarity error, against wall-clock seconds, all methods) and prints the markdown
 table used in docs/results.md.
 
 Usage:
@@ -15,17 +15,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import platform
 import traceback
 
 import torch
 
+from projunn.harness.runs import METHOD_ORDER, RunRecord, plot_runs, read_runs
 from projunn.harness.train import TrainConfig, train
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "rnn"
-METHODS = ("t", "d", "expm", "cayley", "none")
 
 # name -> (train settings, minutes per method, the paper's number for projUNN where one exists)
 EXPERIMENTS = {
@@ -48,7 +47,7 @@ EXPERIMENTS = {
 def run(names: list[str], minutes_scale: float) -> None:
     for name in names:
         settings, minutes, _ = EXPERIMENTS[name]
-        for method in METHODS:
+        for method in METHOD_ORDER:
             out = ROOT / f"{name}-{method}"
             print(f"== {name} {method} ({minutes * minutes_scale:.1f} min)", flush=True)
             config = TrainConfig(
@@ -66,44 +65,17 @@ def run(names: list[str], minutes_scale: float) -> None:
                 traceback.print_exc()
 
 
-def _load(name: str, method: str):
-    folder = ROOT / f"{name}-{method}"
-    if not (folder / "summary.json").is_file():
-        return None, None
-    summary = json.loads((folder / "summary.json").read_text())
-    rows = (folder / "metrics.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    history = [dict(zip(header, line.split(","))) for line in rows[1:]]
-    return summary, history
+def _runs(name: str) -> list[RunRecord]:
+    """The finished or stopped runs of experiment ``name``, in the harness's method order."""
+    return [run for run in read_runs(ROOT / f"{name}-{method}" for method in METHOD_ORDER) if run.summary]
 
 
 def plot(name: str) -> pathlib.Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    baseline = None
-    for method in METHODS:
-        summary, history = _load(name, method)
-        if summary is None:
-            continue
-        baseline = summary.get("baseline_loss")
-        seconds = [float(r["seconds"]) for r in history]
-        left.plot(seconds, [float(r["eval_loss"]) for r in history], label=method)
-        right.plot(seconds, [max(float(r["max_unitarity_error"]), 1e-16) for r in history], label=method)
-    if baseline is not None:
-        left.axhline(baseline, color="k", linestyle="--", linewidth=1, label="baseline")
-    left.set(yscale="log", xlabel="wall-clock seconds (2-core CPU)", title=f"{name}: held-out loss")
-    right.set(yscale="log", xlabel="wall-clock seconds", title=r"max $\|U^H U - I\|_F$")
-    left.legend(fontsize=8)
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    path = ROOT / f"{name}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    """Held-out loss over the baseline and unitarity error against wall-clock seconds, every method."""
+    runs = _runs(name)
+    if not runs:
+        return None
+    return plot_runs(runs, ROOT / f"{name}.png", panels=("loss", "unitarity"), x="seconds", title=name)
 
 
 def table() -> str:
@@ -113,10 +85,8 @@ def table() -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (_, _minutes, paper) in EXPERIMENTS.items():
-        for method in METHODS:
-            summary, _ = _load(name, method)
-            if summary is None:
-                continue
+        for run in _runs(name):
+            summary, method = run.summary, run.method
 
             def fmt(key, spec=".4g", summary=summary):
                 value = summary.get(key)

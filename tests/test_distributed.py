@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from harness_runs import quick_runs  # noqa: F401  (small held-out sets, as in torchrun_cases.py)
 from projunn.nn import SequenceModel
 from projunn.optim import ProjUNN, param_groups
 
@@ -97,31 +98,68 @@ def test_the_check_fails_when_sketch_seeds_differ_per_rank(tmp_path):
     assert (replicas[0][weight] - replicas[1][weight]).abs().max() > 1e-6
 
 
+def _rows(folder: pathlib.Path) -> list[dict[str, str]]:
+    with open(folder / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _weights(folder: pathlib.Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "checkpoint.pt", weights_only=False)["model"]
+
+
 @pytest.mark.slow
-def test_cli_under_torchrun_matches_one_process_and_only_rank_0_writes(tmp_path):
+def test_cli_under_torchrun_replicated_and_sharded_matches_one_process(tmp_path, capsys):
+    """One torchrun launch of 2 processes runs `projunn train` data parallel (DDP), sharded (--fsdp),
+    and sharded in two sittings (--resume); each equals one process to float32 rounding, the resumed
+    run equals the uninterrupted one exactly, and the sharded checkpoint resumes on one process."""
     argv = ["train", "copy", "--steps", "6", "--eval-every", "3", "--batch-size", "8", "--hidden", "12"]
     argv += ["--seq-len", "8", "--sketch", "rsvd", "--quiet", "--device", "cpu"]
+    cases = [
+        [*argv, "--out", str(tmp_path / "ddp")],
+        [*argv, "--fsdp", "--out", str(tmp_path / "fsdp")],
+        [*argv, "--fsdp", "--steps", "3", "--out", str(tmp_path / "fsdp-resumed")],
+        ["train", "copy", "--resume", "--fsdp", "--steps", "6", "--quiet", "--out", str(tmp_path / "fsdp-resumed")],
+    ]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    script = pathlib.Path(__file__).with_name("torchrun_cases.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "projunn"]
     parallel = subprocess.run(
-        [*launcher, *argv, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=240
+        [*launch, str(tmp_path / "cases.json")], env=env, capture_output=True, text=True, timeout=400
     )
-    assert parallel.returncode == 0, parallel.stderr[-2000:]
-    assert parallel.stdout.count("wrote ") == 1  # rank 0 reports, rank 1 is silent
-    single = subprocess.run(
-        [sys.executable, "-m", "projunn", *argv, "--out", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert single.returncode == 0, single.stderr[-2000:]
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert parallel.stdout.count("wrote ") == len(cases)  # rank 0 reports, rank 1 is silent
 
-    def rows(name):
-        with open(tmp_path / name / "metrics.csv") as f:
-            return list(csv.DictReader(f))
+    from projunn.harness.cli import main
 
-    for two, one in zip(rows("two"), rows("one"), strict=True):
-        assert two["step"] == one["step"]
-        assert float(two["eval_loss"]) == pytest.approx(float(one["eval_loss"]), rel=1e-5)
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    for name in ("ddp", "fsdp", "fsdp-resumed"):
+        for two, one in zip(_rows(tmp_path / name), _rows(tmp_path / "one"), strict=True):
+            assert two["step"] == one["step"]
+            assert float(two["eval_loss"]) == pytest.approx(float(one["eval_loss"]), rel=1e-5)
+        for key, value in _weights(tmp_path / name).items():
+            torch.testing.assert_close(value, _weights(tmp_path / "one")[key], rtol=1e-5, atol=1e-5)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["processes"] == 2 and summary["steps"] == 6
+    # Resuming replays the same operations in the same order: no rounding difference at all.
+    for key, value in _weights(tmp_path / "fsdp-resumed").items():
+        assert torch.equal(value, _weights(tmp_path / "fsdp")[key]), key
+    written = {p.name for p in (tmp_path / "fsdp").iterdir()} - {"curves.png"}  # not drawn in this process
+    assert written == {p.name for p in (tmp_path / "one").iterdir()}
+
+    # The sharded run's checkpoint is an ordinary one: it continues on one process.
+    assert main(["train", "copy", "--resume", "--steps", "9", "--quiet", "--out", str(tmp_path / "fsdp")]) == 0
+    assert main(["train", "copy", "--resume", "--steps", "9", "--quiet", "--out", str(tmp_path / "one")]) == 0
+    last_sharded, last_one = _rows(tmp_path / "fsdp")[-1], _rows(tmp_path / "one")[-1]
+    assert last_sharded["step"] == last_one["step"] == "9"
+    assert float(last_sharded["eval_loss"]) == pytest.approx(float(last_one["eval_loss"]), rel=1e-5)
+
+
+def test_fsdp_is_refused_without_several_processes_or_with_torch_parametrisations(capsys):
+    from projunn.harness.cli import main
+
+    argv = ["train", "copy", "--steps", "1", "--hidden", "4", "--seq-len", "4", "--fsdp", "--device", "cpu"]
+    assert main(argv) == 2
+    assert "--fsdp splits the weights over the processes torchrun starts" in capsys.readouterr().err
+    assert main([*argv, "--method", "expm"]) == 2
+    assert "expm (torch's parametrisation) computes each weight whole" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from projunn.harness import _plot
 from projunn.harness import train as train_module
 from projunn.harness.cli import build_parser, main
 from projunn.harness.datasets import read_mnist_pickle
+from projunn.harness.runs import plot_runs, read_runs
 from projunn.harness.tasks import TASKS, AddingTask, CopyTask, DatasetMissingError, load_images, read_idx
 from projunn.harness.train import CHECKPOINT, TrainConfig, train
 
@@ -98,6 +99,25 @@ def test_curves_png_is_written_with_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "plot_curves", _plot.plot_curves)
     out = _run(tmp_path, "copy", "--seq-len", "5")
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_run_folders_are_read_back_in_method_order_and_compared(tmp_path):
+    for method in ("none", "t"):
+        assert main(["train", "copy", "--seq-len", "5", *TINY, "--method", method, "--out", str(tmp_path / method)]) == 0
+    (tmp_path / "unfinished").mkdir()
+    for name in ("config.json", "metrics.csv"):  # a run still going: no summary.json yet
+        (tmp_path / "unfinished" / name).write_bytes((tmp_path / "t" / name).read_bytes())
+    runs = read_runs([tmp_path / "none", tmp_path / "empty", tmp_path / "unfinished", tmp_path / "t"])
+    assert [run.name for run in runs] == ["t", "unfinished", "none"]  # METHOD_ORDER, then by name
+    assert [run.finished for run in runs] == [True, False, True]
+    rows = list(csv.DictReader((tmp_path / "t" / "metrics.csv").read_text().splitlines()))
+    assert [row["step"] for row in runs[0].rows] == [float(row["step"]) for row in rows]
+    assert runs[0].baseline(runs[0].rows[-1]) == float(rows[-1]["eval_baseline"])
+    for panels, x in ((("loss", "accuracy"), "step"), (("loss", "unitarity"), "seconds")):
+        path = plot_runs(runs, tmp_path / "compared.png", panels=panels, x=x, target=0.1)
+        assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match="panel must be one of loss, accuracy, unitarity; got 'speed'"):
+        plot_runs(runs, tmp_path / "bad.png", panels=("speed",))
 
 
 @pytest.mark.parametrize("task", ["pmnist", "smnist"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from ..functional import unitarity_error
 from ..optim import ProjUNN, param_groups, unitary_parameters
 from ._config import RunError, TrainConfig
 from ._memory import available_bytes, estimate_bytes, format_bytes, size_options
+from ._sharding import gathered
 from .tasks import DatasetMissingError, RunData, get_task
 
 __all__ = ["Built", "build", "build_optimizer", "check_fits", "constrain", "max_unitarity_error", "pick_device"]
@@ -103,9 +105,12 @@ def _check_rank(config: TrainConfig, slots: list[tuple[torch.nn.Module, str]]) -
 
 
 def max_unitarity_error(slots: list[tuple[torch.nn.Module, str]]) -> float:
-    """The largest ``||W^H W - I||_F`` over the unitary weights (0 for a model without any)."""
+    """The largest ``||W^H W - I||_F`` over the unitary weights (0 for a model without any).
+
+    A weight split over processes is gathered whole first: every process must call this.
+    """
     with torch.no_grad():
-        weights = [getattr(module, name).detach() for module, name in slots]
+        weights = [gathered(getattr(module, name).detach()) for module, name in slots]
         errors = [unitarity_error(w).max().item() for w in weights if w.numel() > 0]
     return max(errors, default=0.0)
 
@@ -120,14 +125,20 @@ class Built:
     optimizer: ProjUNN
 
 
-def build(config: TrainConfig, device: torch.device) -> Built:
-    """Data, model and optimiser, checked on a first batch; any failure becomes a one-line RunError."""
+def build(config: TrainConfig, device: torch.device, shard: Callable[[torch.nn.Module], None] | None = None) -> Built:
+    """Data, model and optimiser, checked on a first batch; any failure becomes a one-line RunError.
+
+    ``shard``, if given, splits the model's weights over processes (``--fsdp``) before the
+    optimiser is built over them.
+    """
     try:
         data = get_task(config.task).prepare(config, device)
         model = data.build_model()
         slots = unitary_slots(model)
         constrain(slots, config.method)
         model.to(device)
+        if shard is not None:
+            shard(model)
         optimizer = build_optimizer(model, config)
         data.batch(0)  # batches are pure: this checks the settings, changes nothing
     except DatasetMissingError:

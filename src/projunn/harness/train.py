@@ -60,6 +60,7 @@ from ._folder import (
 )
 from ._loggers import open_loggers
 from ._plot import plot_curves
+from ._sharding import full_state, load_full_state, shard_model
 from ._state import RunState
 from .tasks import get_task
 
@@ -187,13 +188,15 @@ def _open_run(
         raise RunError(f"`batch_size` {config.batch_size} must be divisible by the {replicas.world} processes")
     if config.out is not None:  # a default name is made unique instead
         replicas.on_main(lambda: check_out_dir(out, config))
+    _check_sharding(config, replicas)
     device = pick_device(device_name)
     check_fits(config, device, replicas.world)
     torch.manual_seed(config.seed)  # the same model on every replica
-    built = build(config, device)
-    # Forward and backward go through DDP (gradients averaged over replicas);
-    # evaluation and checkpoints use the module itself, identical everywhere.
-    trained = torch.nn.parallel.DistributedDataParallel(built.model) if replicas.distributed else built.model
+    built = build(config, device, shard=(lambda model: shard_model(model, device)) if config.fsdp else None)
+    # Forward and backward go through DDP (gradients averaged over replicas); evaluation and
+    # checkpoints use the module itself, identical everywhere. A sharded model is its own wrapper.
+    replicated = replicas.distributed and not config.fsdp
+    trained = torch.nn.parallel.DistributedDataParallel(built.model) if replicated else built.model
     state = RunState() if checkpoint is None else _restore(built, checkpoint, out, device, log)
     claim = replicas.on_main(lambda: claim_out_dir(out, config))
     if replicas.is_main:
@@ -223,12 +226,27 @@ def _settle(config: TrainConfig) -> tuple[TrainConfig, pathlib.Path, dict[str, A
     return resumed_config(config, checkpoint["config"], out), out, checkpoint
 
 
+def _check_sharding(config: TrainConfig, replicas: Replicas) -> None:
+    """``fsdp`` needs several processes, and weights that ProjUNN or a plain optimiser steps."""
+    if not config.fsdp:
+        return
+    if config.method in ("expm", "cayley"):
+        raise RunError(
+            f"`fsdp` trains the methods t, d and none; {config.method} (torch's parametrisation) "
+            "computes each weight whole: use DDP (leave out `fsdp`)"
+        )
+    if not replicas.distributed:
+        raise RunError(
+            "`fsdp` splits the weights over the processes torchrun starts: run under "
+            "`torchrun --nproc_per_node P` with P >= 2"
+        )
+
+
 def _restore(built: Built, checkpoint: dict[str, Any], out: pathlib.Path, device: torch.device, log) -> RunState:
     """Load the checkpoint's weights and optimiser state into ``built``; return its run state."""
     try:
-        built.model.load_state_dict(checkpoint["model"])
-        built.optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as error:
+        load_full_state(built.model, built.optimizer, checkpoint["model"], checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError, IndexError) as error:
         raise RunError(f"the checkpoint in {out} does not fit this model ({error})") from error
     if checkpoint.get("device", device.type) != device.type:
         log(f"note: the run was on {checkpoint['device']}, now on {device.type}; the result may differ slightly")
@@ -293,16 +311,20 @@ def _evaluation_row(run: _Run, bar) -> None:
 
 
 def _save_checkpoint(run: _Run) -> None:
-    """Write the checkpoint (rank 0; never of non-finite weights) and remember its step."""
-    model = run.built.model
-    if not run.replicas.is_main or not _finite_weights(model):
+    """Write the checkpoint (rank 0; never of non-finite weights) and remember its step.
+
+    Sharded weights and optimiser state are gathered whole on every process first, so the file is
+    the one an unsharded run writes.
+    """
+    model_state, optimizer_state = full_state(run.built.model, run.built.optimizer)
+    if not run.replicas.is_main or not _finite(model_state):
         return
     entries = {
         "config": stored_settings(run.config),
         "device": run.device.type,
         **run.state.to_checkpoint(),
-        "model": model.state_dict(),
-        "optimizer": run.built.optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
     }
     write_checkpoint(run.out / CHECKPOINT, entries)
     run.state.saved_step = run.state.step
@@ -432,5 +454,5 @@ def _is_terminal(stream) -> bool:
     return bool(isatty and isatty())
 
 
-def _finite_weights(model: torch.nn.Module) -> bool:
-    return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point() or t.is_complex())
+def _finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point() or t.is_complex())

@@ -1,0 +1,159 @@
+"""Run folders read back, and several runs compared in one figure.
+
+A run folder is what ``projunn train`` writes (config.json, metrics.csv,
+summary.json once it stops, checkpoint.pt). The scripts under benchmarks/
+that draw docs/results.md's comparisons read the folders with
+:func:`read_run` and draw them with :func:`plot_runs`, so every comparison
+lists the methods in one order (:data:`METHOD_ORDER`) and scales losses the
+same way: by the constant or memoryless predictor's loss on the same held-out
+set. A run still in progress (no summary.json yet) is read as far as it got.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._config import METHODS
+
+__all__ = ["METHOD_ORDER", "PANELS", "RunRecord", "plot_runs", "read_run", "read_runs"]
+
+#: The order in which comparisons list methods: projUNN's two, torch's parametrisations, unconstrained.
+METHOD_ORDER = METHODS
+#: What :func:`plot_runs` can draw, one panel each.
+PANELS = ("loss", "accuracy", "unitarity")
+_X_LABELS = {"step": "step", "seconds": "wall-clock seconds"}
+_MARKED_POINTS = 30  # markers while a curve has few points: a one-point line is invisible without one
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run folder as written so far. ``rows`` are metrics.csv's rows (numbers, None where empty)."""
+
+    folder: pathlib.Path
+    config: dict[str, Any]
+    rows: list[dict[str, float | None]]
+    summary: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def finished(self) -> bool:
+        """The run reached the end of its schedule (not interrupted, diverged or stopped by a time budget)."""
+        summary = self.summary
+        return bool(summary) and not (
+            summary.get("interrupted") or summary.get("diverged") or summary.get("stopped_by_time_budget")
+        )
+
+    def baseline(self, row: dict[str, float | None]) -> float | None:
+        """The baseline of ``row``: measured on its held-out set, else (older runs) the summary's."""
+        return row.get("eval_baseline") or self.summary.get("baseline_loss")
+
+
+def read_run(folder: str | pathlib.Path) -> RunRecord | None:
+    """The run in ``folder``, or None when it has no metrics yet."""
+    folder = pathlib.Path(folder)
+    metrics = folder / "metrics.csv"
+    if not metrics.is_file():
+        return None
+    rows = [
+        {key: float(value) if value not in ("", None) else None for key, value in row.items()}
+        for row in csv.DictReader(metrics.read_text().splitlines())
+    ]
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return RunRecord(folder, json.loads((folder / "config.json").read_text()), rows, summary)
+
+
+def read_runs(folders: Iterable[str | pathlib.Path]) -> list[RunRecord]:
+    """The runs among ``folders`` that have metrics, in :data:`METHOD_ORDER` (then by name)."""
+    runs = [run for folder in folders if (run := read_run(folder)) is not None]
+    order = {method: i for i, method in enumerate(METHOD_ORDER)}
+    return sorted(runs, key=lambda run: (order.get(run.method, len(order)), run.name))
+
+
+def plot_runs(
+    runs: Sequence[RunRecord],
+    path: str | pathlib.Path,
+    *,
+    panels: Sequence[str] = ("loss", "accuracy"),
+    x: str = "step",
+    label: Callable[[RunRecord], str] = lambda run: run.method,
+    title: str = "",
+    target: float | None = None,
+) -> pathlib.Path:
+    """Draw ``runs`` side by side into ``path`` (PNG); return the path.
+
+    Panels: ``loss`` is the held-out loss over the baseline measured on the same set (log scale,
+    the baseline at 1 and ``target`` dashed where given), ``accuracy`` the held-out accuracy (recall
+    for copy, the share within 0.04 for adding), ``unitarity`` the largest ``||U^H U - I||_F``.
+    ``x`` is ``step`` or ``seconds``.
+    """
+    for panel in panels:
+        if panel not in PANELS:
+            raise ValueError(f"panel must be one of {', '.join(PANELS)}; got {panel!r}")
+    if x not in _X_LABELS:
+        raise ValueError(f"x must be one of {', '.join(_X_LABELS)}; got {x!r}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for run in runs:
+            points = _points(run, panel, x)
+            if points:
+                style = {"marker": "o", "markersize": 3} if len(points) <= _MARKED_POINTS else {}
+                ax.plot(*zip(*points), label=label(run), **style)
+        _decorate(ax, panel, target)
+        ax.set_xlabel(_X_LABELS[x])
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _points(run: RunRecord, panel: str, x: str) -> list[tuple[float, float]]:
+    points = []
+    for row in run.rows:
+        if panel == "loss":
+            loss, baseline = row.get("eval_loss"), run.baseline(row)
+            value = loss / baseline if loss is not None and baseline else None
+        elif panel == "accuracy":
+            value = row.get("eval_accuracy")
+        else:
+            value = max(row["max_unitarity_error"], 1e-16) if row.get("max_unitarity_error") is not None else None
+        if value is not None:
+            points.append((row[x], value))
+    return points
+
+
+def _decorate(ax, panel: str, target: float | None) -> None:
+    if panel == "loss":
+        ax.axhline(1.0, color="k", linestyle="--", linewidth=1, label="constant / memoryless predictor")
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target: {target:g}x")
+        ax.set_yscale("log")
+        ax.set_title("held-out loss / baseline on the same set")
+    elif panel == "accuracy":
+        ax.set_ylim(-0.02, 1.04)
+        ax.set_title("held-out accuracy")
+    else:
+        ax.set_yscale("log")
+        ax.set_title(r"max $\|U^H U - I\|_F$")
+    ax.grid(True, alpha=0.3)
