@@ -10,26 +10,7 @@ import argparse
 import csv
 import pathlib
 
-UPDATE = [
-    "floor",
-    "projunn-t lsi",
-    "projunn-d lsi",
-    "ProjUNN(SGD) step",
-    "expm step",
-    "cayley step",
-    "polar (SVD) step",
-    "geoopt RiemannianSGD",
-    "geoopt RiemannianAdam",
-]
-LAYER = [
-    "adam",
-    "projunn-t + adam",
-    "projunn-d + adam",
-    "torch orthogonal matrix_exp",
-    "torch orthogonal cayley",
-    "geotorch expm",
-    "geotorch cayley",
-]
+from projunn.harness.bench import HEADLINE_CASES
 
 
 def _cell(row: dict | None, ratio: str) -> str:
@@ -43,7 +24,7 @@ def _cell(row: dict | None, ratio: str) -> str:
     return f"{shown} ({x:.0f}x)" if x >= 10 else f"{shown} ({x:.2g}x)"
 
 
-def table(rows: list[dict], bench: str, cases: list[str], k: str, ratio: str) -> str:
+def table(rows: list[dict], bench: str, cases: tuple[str, ...], k: str, ratio: str) -> str:
     lines = ["| N | " + " | ".join(cases) + " |", "|---" * (len(cases) + 1) + "|"]
     for n in dict.fromkeys(r["N"] for r in rows if r["bench"] == bench):
         cells = {r["case"]: r for r in rows if (r["bench"], r["N"], r["k"]) == (bench, n, k)}
@@ -59,11 +40,11 @@ def main(argv=None) -> None:
     with open(args.csv) as f:
         rows = list(csv.DictReader(f))
     print(f"Update step, k = {args.k}; in brackets, the ratio to the floor:\n")
-    print(table(rows, "update", UPDATE, args.k, "x_baseline"))
+    print(table(rows, "update", HEADLINE_CASES["update"], args.k, "x_baseline"))
     print(f"\nUpdate step, k = {args.k}; in brackets, the ratio to projunn-t with the LSI sketch:\n")
-    print(table(rows, "update", UPDATE, args.k, "x_projunn"))
+    print(table(rows, "update", HEADLINE_CASES["update"], args.k, "x_projunn"))
     print(f"\nLayer training step, k = {args.k}; in brackets, the ratio to unconstrained Adam:\n")
-    print(table(rows, "layer", LAYER, args.k, "x_baseline"))
+    print(table(rows, "layer", HEADLINE_CASES["layer"], args.k, "x_baseline"))
 
 
 if __name__ == "__main__":

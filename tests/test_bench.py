@@ -17,28 +17,7 @@ from projunn.harness.bench._sharded import SHARDED_CASES
 from projunn.harness.cli import main
 
 TINY = BenchConfig(sizes=(8, 16), ranks=(1, 2), repeats=3, budget_s=0.05, dense_max=8, peer_max=8)
-UPDATE_CASES = {
-    "floor",
-    *(f"projunn-{m} {s}" for m in "td" for s in ("lsi", "column", "rsvd", "exact")),
-    "ProjUNN(SGD) step",
-    "ProjUNN(SGD) step, generic step",
-    "plain SGD step",
-    "expm step",
-    "cayley step",
-    "polar (SVD) step",
-    "geoopt RiemannianSGD",
-    "geoopt RiemannianAdam",
-}
-LAYER_CASES = {
-    "adam",
-    "projunn-t + adam",
-    "projunn-t + adam, generic step",
-    "projunn-d + adam",
-    "torch orthogonal matrix_exp",
-    "torch orthogonal cayley",
-    "geotorch expm",
-    "geotorch cayley",
-}
+UPDATE_CASES, LAYER_CASES = set(cases.CASE_NAMES["update"]), set(cases.CASE_NAMES["layer"])
 
 
 @pytest.fixture(scope="module")

@@ -55,21 +55,25 @@ def _train(rank: int, world: int, seed: int | None, distributed: bool) -> dict[s
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _replica(rank: int, init_file: str, out: str, seeded: bool) -> None:
+def _replica(rank: int, init_file: str, out: str) -> None:
+    """Train with the shared sketch seed (ProjUNN's default) and, as the control, with per-rank seeds."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(1000 + rank)  # global seeds that differ per rank, as data-parallel scripts often set
-        seed = None if seeded else torch.initial_seed()  # None: rank 0's seed on every rank
-        torch.save(_train(rank, WORLD, seed, distributed=True), pathlib.Path(out) / f"rank{rank}.pt")
+        for seeded in (True, False):
+            torch.manual_seed(1000 + rank)  # global seeds that differ per rank, as data-parallel scripts often set
+            seed = None if seeded else torch.initial_seed()  # None: rank 0's seed on every rank
+            name = "seeded" if seeded else "unseeded"
+            torch.save(_train(rank, WORLD, seed, distributed=True), pathlib.Path(out) / f"{name}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _run_replicas(tmp_path: pathlib.Path, seeded: bool) -> list[dict[str, torch.Tensor]]:
-    folder = tmp_path / ("seeded" if seeded else "unseeded")
-    folder.mkdir()
-    mp.spawn(_replica, args=(str(folder / "init"), str(folder), seeded), nprocs=WORLD, join=True)
-    return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Both trainings from one process group (starting the processes is the slow part)."""
+    folder = tmp_path_factory.mktemp("replicas")
+    mp.spawn(_replica, args=(str(folder / "init"), str(folder)), nprocs=WORLD, join=True)
+    return {name: [torch.load(folder / f"{name}-rank{r}.pt") for r in range(WORLD)] for name in ("seeded", "unseeded")}
 
 
 def _identical(replicas: list[dict[str, torch.Tensor]]) -> bool:
@@ -78,8 +82,8 @@ def _identical(replicas: list[dict[str, torch.Tensor]]) -> bool:
 
 
 @pytest.mark.slow
-def test_replicas_stay_bit_identical_and_match_one_process(tmp_path):
-    replicas = _run_replicas(tmp_path, seeded=True)
+def test_replicas_stay_bit_identical_and_match_one_process(replicas):
+    replicas = replicas["seeded"]
     assert _identical(replicas)
     # One process, the whole global batch, the sketch seed rank 0 had.
     reference = _train(0, 1, seed=1000, distributed=False)
@@ -91,8 +95,8 @@ def test_replicas_stay_bit_identical_and_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_check_fails_when_sketch_seeds_differ_per_rank(tmp_path):
-    replicas = _run_replicas(tmp_path, seeded=False)
+def test_the_check_fails_when_sketch_seeds_differ_per_rank(replicas):
+    replicas = replicas["unseeded"]
     assert not _identical(replicas)
     weight = "rnn.cell.recurrent_weight"
     assert (replicas[0][weight] - replicas[1][weight]).abs().max() > 1e-6

@@ -103,7 +103,9 @@ def test_curves_png_is_written_with_the_run(tmp_path, monkeypatch):
 
 def test_run_folders_are_read_back_in_method_order_and_compared(tmp_path):
     for method in ("none", "t"):
-        assert main(["train", "copy", "--seq-len", "5", *TINY, "--method", method, "--out", str(tmp_path / method)]) == 0
+        assert (
+            main(["train", "copy", "--seq-len", "5", *TINY, "--method", method, "--out", str(tmp_path / method)]) == 0
+        )
     (tmp_path / "unfinished").mkdir()
     for name in ("config.json", "metrics.csv"):  # a run still going: no summary.json yet
         (tmp_path / "unfinished" / name).write_bytes((tmp_path / "t" / name).read_bytes())

@@ -36,13 +36,24 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ._cases import Case, Skip, layer_cases, layer_cases_full_rank, update_cases, update_cases_full_rank
+from ._cases import (
+    CASE_NAMES,
+    HEADLINE_CASES,
+    Case,
+    Skip,
+    layer_cases,
+    layer_cases_full_rank,
+    update_cases,
+    update_cases_full_rank,
+)
 from ._measure import Measurement, measure
 from ._report import Row, with_ratios, write_reports
 from ._sharded import CollectiveBytes, sharded_measurements
 
 __all__ = [
     "BENCHES",
+    "CASE_NAMES",
+    "HEADLINE_CASES",
     "QUICK",
     "BenchConfig",
     "CollectiveBytes",

@@ -24,7 +24,16 @@ from ...functional import lowrank, projunn_d, projunn_t, unitary_init
 from ...nn import OrthogonalLinear
 from ...optim import ProjUNN, param_groups
 
-__all__ = ["Case", "Skip", "layer_cases", "layer_cases_full_rank", "update_cases", "update_cases_full_rank"]
+__all__ = [
+    "CASE_NAMES",
+    "HEADLINE_CASES",
+    "Case",
+    "Skip",
+    "layer_cases",
+    "layer_cases_full_rank",
+    "update_cases",
+    "update_cases_full_rank",
+]
 
 #: Reference case of each benchmark, the one ratios "x projunn" are taken to.
 PROJUNN_REFERENCE = {"update": "projunn-t lsi", "layer": "projunn-t + adam", "sharded": "projunn-t + adam"}
@@ -37,6 +46,44 @@ _STEP_SCALE = 1e-3  # size of the random step matrix relative to its entries' un
 #: Suffix of the cases that force ProjUNN's generic copy-and-subtract step (``step_from_zero=False``;
 #: Note [Steps from zero] in ``projunn.optim._projunn``), beside the default step from zero.
 GENERIC = "generic step"
+_SKETCHES = ("lsi", "column", "rsvd", "exact")
+
+#: Every case of the ``update`` and ``layer`` benchmarks, in the order reports list them (each size and
+#: rank has a row of each, measured or skipped; the ``sharded`` cases are ``_sharded.SHARDED_CASES``).
+CASE_NAMES = {
+    "update": (
+        "floor",
+        *(f"projunn-{method} {sketch}" for sketch in _SKETCHES for method in "td"),
+        "ProjUNN(SGD) step",
+        f"ProjUNN(SGD) step, {GENERIC}",
+        "plain SGD step",
+        "expm step",
+        "cayley step",
+        "polar (SVD) step",
+        "geoopt RiemannianSGD",
+        "geoopt RiemannianAdam",
+    ),
+    "layer": (
+        "adam",
+        "projunn-t + adam",
+        f"projunn-t + adam, {GENERIC}",
+        "projunn-d + adam",
+        "torch orthogonal matrix_exp",
+        "torch orthogonal cayley",
+        "geotorch expm",
+        "geotorch cayley",
+    ),
+}
+
+
+def _headline(name: str) -> bool:
+    """A case of the compact tables: the LSI sketch only, the default step only, no plain SGD."""
+    other_sketch = name.startswith("projunn-") and not name.endswith(("lsi", "adam"))
+    return not (other_sketch or name.endswith(GENERIC) or name == "plain SGD step")
+
+
+#: The cases of docs/benchmarks.md's compact tables, in report order.
+HEADLINE_CASES = {bench: tuple(filter(_headline, names)) for bench, names in CASE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -87,7 +134,7 @@ def update_cases(n: int, k: int, device: torch.device, *, dense_max: int) -> Ite
         work.addmm_(work @ X, Y.mT)
 
     yield Case("floor", floor)
-    for sketch in ("lsi", "column", "rsvd", "exact"):
+    for sketch in _SKETCHES:
         for method, update in (("t", projunn_t), ("d", projunn_d)):
             name = f"projunn-{method} {sketch}"
             if sketch == "exact" and n > min(dense_max, EXACT_SKETCH_MAX):
