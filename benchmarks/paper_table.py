@@ -39,7 +39,7 @@ def _describe(run: RunRecord) -> dict[str, str]:
     last = rows[-1]
     scored = [r for r in rows if r["eval_loss"] is not None]
     best = min(scored, key=lambda r: r["eval_loss"])
-    baseline = last["eval_baseline"]
+    baseline = run.baseline(last)
     ratio = f"{last['eval_loss'] / baseline:.3g}x" if baseline else "-"
     accuracy_name = {"copy": "recall", "adding": "within 0.04", "pmnist": "val. accuracy"}.get(
         config["task"], "accuracy"

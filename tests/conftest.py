@@ -11,7 +11,7 @@ import torch
 # of one thread per core in every worker would oversubscribe them and slow every worker down.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 REAL_AND_COMPLEX = [torch.float64, torch.complex128]
 ALL_DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]

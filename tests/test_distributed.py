@@ -126,7 +126,7 @@ def test_cli_under_torchrun_replicated_and_sharded_matches_one_process(tmp_path,
     ]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     script = pathlib.Path(__file__).with_name("torchrun_cases.py")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     parallel = subprocess.run(
         [*launch, str(tmp_path / "cases.json")], env=env, capture_output=True, text=True, timeout=400
@@ -167,3 +167,15 @@ def test_fsdp_is_refused_without_several_processes_or_with_torch_parametrisation
     assert "--fsdp splits the weights over the processes torchrun starts" in capsys.readouterr().err
     assert main([*argv, "--method", "expm"]) == 2
     assert "expm (torch's parametrisation) computes each weight whole" in capsys.readouterr().err
+
+
+def test_fsdp_refuses_batched_unitary_weights_and_complex_vectors_by_name():
+    from projunn.harness._sharding import _check_shardable
+    from projunn.nn import DeepUnitaryCNN
+
+    with pytest.raises(ValueError, match=r"blocks\.0\.0\.weight_free of shape \(30, 4, 4\) is a batch of them"):
+        _check_shardable(DeepUnitaryCNN(2, channels=4, size=(8, 8)))
+    with pytest.raises(ValueError, match=r"cannot split the complex vector rnn\.cell\.bias"):
+        _check_shardable(SequenceModel(2, 4, 2, nonlinearity="relu", dtype=torch.complex64))
+    _check_shardable(SequenceModel(2, 4, 2, nonlinearity="modrelu", dtype=torch.complex64))  # a real bias
+    _check_shardable(SequenceModel(2, 4, 2))

@@ -37,10 +37,30 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    _check_shardable(model)
     # FSDP2 warns that a forward returning a view (a sequence model's batch-first transpose of its
     # time-major outputs) could be modified in place past its hooks; the tasks' losses never do.
     warnings.filterwarnings("ignore", r"FSDP2-wrapped module .* returned a view tensor", UserWarning)
     fully_shard(model, mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
+
+
+def _check_shardable(model: torch.nn.Module) -> None:
+    """Refuse what row sharding would get wrong or cannot do (ValueError naming the parameter)."""
+    from ..optim import unitary_parameters
+
+    for name, p in unitary_parameters(model):
+        if p.dim() != 2:
+            raise ValueError(
+                f"`fsdp` splits unitary matrices by rows; {name} of shape {tuple(p.shape)} is a batch of them "
+                "(as in the convolutional models): train it data parallel (leave out `fsdp`)"
+            )
+    for name, p in model.named_parameters():
+        if p.is_complex() and p.dim() == 1:
+            # torch 2.13's optimisers step a row-sharded 1-D complex DTensor wrongly (view_as_real replicates it).
+            raise ValueError(
+                f"`fsdp` cannot split the complex vector {name} (torch steps a sharded 1-D complex parameter "
+                "wrongly): leave out `fsdp`, or use a real model or the modrelu nonlinearity"
+            )
 
 
 def gathered(tensor: torch.Tensor) -> torch.Tensor:

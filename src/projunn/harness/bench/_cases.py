@@ -48,8 +48,9 @@ _STEP_SCALE = 1e-3  # size of the random step matrix relative to its entries' un
 GENERIC = "generic step"
 _SKETCHES = ("lsi", "column", "rsvd", "exact")
 
-#: Every case of the ``update`` and ``layer`` benchmarks, in the order reports list them (each size and
-#: rank has a row of each, measured or skipped; the ``sharded`` cases are ``_sharded.SHARDED_CASES``).
+#: Every case of the ``update`` and ``layer`` benchmarks, in the order the summary tables list them
+#: (each size and rank has a row of each, measured or skipped; the ``sharded`` cases are
+#: ``_sharded.SHARDED_CASES``).
 CASE_NAMES = {
     "update": (
         "floor",
