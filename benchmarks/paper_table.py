@@ -3,7 +3,8 @@
 Each folder there is an ordinary ``projunn train ... --preset paper`` run
 (see docs/results.md for the commands); a run longer than one sitting is
 continued with ``--resume``. This script reads the folders as they are,
-finished or not, prints the markdown table of docs/results.md and draws
+finished or not, prints the markdown table of docs/results.md (and, where
+several methods ran one experiment, a table of them at the same steps) and draws
 ``benchmarks/results/paper/curves.png``: held-out loss over the baseline
 measured on the same set, and the held-out accuracy, against the step.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import pathlib
 
-from projunn.harness.runs import RunRecord, plot_runs, read_runs
+from projunn.harness.runs import METHOD_ORDER, RunRecord, plot_runs, read_runs
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "paper"
 
@@ -49,7 +50,7 @@ def _describe(run: RunRecord) -> dict[str, str]:
         accuracy += f"; test {100 * summary['test_accuracy']:.2f}%"
     return {
         "experiment": run.name,
-        "paper (projUNN)": PAPER.get(config["task"], ""),
+        "paper (projUNN)": PAPER.get(config["task"], "") if run.method in ("t", "d") else "(baseline, same preset)",
         "steps (schedule)": f"{int(last['step']):,} ({_schedule(config)}{'' if run.finished else ', in progress'})",
         "held-out loss": f"{last['eval_loss']:.4g} (best {best['eval_loss']:.4g} at {int(best['step']):,})",
         "baseline on the set": f"{baseline:.4g}" if baseline else "-",
@@ -68,6 +69,42 @@ def table(runs: list[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+def _experiment(run: RunRecord) -> str:
+    """The experiment a run belongs to: its folder name without the method (copy-T1000-t -> copy-T1000)."""
+    return run.name.removesuffix(f"-{run.method}")
+
+
+def equal_steps(runs: list[RunRecord], checkpoints: int = 4) -> str:
+    """Methods of one experiment side by side at the steps every one of them reached.
+
+    Up to ``checkpoints`` evaluation steps, evenly spread up to the last step they share: held-out
+    loss over the baseline, and accuracy (recall for copy), per method.
+    """
+    groups: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(_experiment(run), []).append(run)
+    lines = []
+    for experiment, members in groups.items():
+        if len(members) < 2:
+            continue
+        members = [run for method in METHOD_ORDER for run in members if run.method == method]
+        shared = sorted(set.intersection(*({row["step"] for row in run.rows} for run in members)))
+        if not shared:
+            continue
+        chosen = sorted({shared[round(i * (len(shared) - 1) / max(checkpoints - 1, 1))] for i in range(checkpoints)})
+        lines += [f"\n{experiment}, every method at the same steps (loss / baseline, accuracy):\n"]
+        lines += ["| step | " + " | ".join(run.method for run in members) + " |", "|---" * (len(members) + 1) + "|"]
+        for step in chosen:
+            cells = []
+            for run in members:
+                row = next(row for row in run.rows if row["step"] == step)
+                ratio = row["eval_loss"] / run.baseline(row) if row["eval_loss"] is not None else math.nan
+                accuracy = f", {100 * row['eval_accuracy']:.1f}%" if row["eval_accuracy"] is not None else ""
+                cells.append(f"{ratio:.3g}x{accuracy}")
+            lines.append(f"| {int(step):,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -79,6 +116,7 @@ def main(argv=None) -> int:
         print(f"no runs with metrics in {root}")
         return 1
     print(table(runs))
+    print(equal_steps(runs))
     plot_runs(runs, root / "curves.png", label=lambda run: run.name, target=0.1)
     print(f"\nwrote {root / 'curves.png'}")
     return 0 if all(math.isfinite(run.rows[-1]["eval_loss"] or math.nan) for run in runs) else 1
