@@ -863,3 +863,19 @@ def test_a_group_changed_after_construction_is_checked_again():
     opt.param_groups[0]["sketch"] = "svd"
     with pytest.raises(ValueError, match="sketch must be one of"):
         opt.step()
+
+
+def test_a_replica_on_another_gpu_continues_from_rank_0s_saved_sketch_generator():
+    from projunn.optim._projunn import _states_for_devices
+
+    # Rank 0 of a data-parallel run saved cuda:0's state; the replica stepping weights on cuda:3 takes it.
+    assert _states_for_devices({"cuda:0": "s0"}, {"cuda:3"}) == {"cuda:3": "s0"}
+    assert _states_for_devices({"cpu": "c", "cuda:0": "s0"}, {"cpu", "cuda:3"}) == {"cpu": "c", "cuda:3": "s0"}
+    # Exact keys and ambiguous cases are left as they are (an unmatched device starts from the seed).
+    assert _states_for_devices({"cuda:0": "s0", "cuda:1": "s1"}, {"cuda:0", "cuda:1"}) == {
+        "cuda:0": "s0",
+        "cuda:1": "s1",
+    }
+    assert _states_for_devices({"cuda:0": "s0", "cuda:1": "s1"}, {"cuda:2"}) == {"cuda:0": "s0", "cuda:1": "s1"}
+    assert _states_for_devices({"cuda:0": "s0"}, {"cuda:2", "cuda:3"}) == {"cuda:0": "s0"}
+    assert _states_for_devices({"cpu": "c"}, {"cpu"}) == {"cpu": "c"}

@@ -641,7 +641,8 @@ class ProjUNN:
         else:
             # Built now, so a bad entry fails before the base optimiser loads
             # anything; applied only after it has loaded successfully.
-            entry = {**entry, "generators": _restore_generators(entry["generators"])}
+            local = {str(p.device) for p, _ in self._unitary_params()}
+            entry = {**entry, "generators": _restore_generators(_states_for_devices(entry["generators"], local))}
         self._pending_state = entry
         return state_dict
 
@@ -673,6 +674,24 @@ def _warn_at_caller(message: str, category: type[Warning]) -> None:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_MACHINERY):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)
+
+
+def _states_for_devices(saved: dict[str, Any], local: set[str]) -> dict[str, Any]:
+    """Saved sketch-generator states, keyed for the devices this process steps weights on.
+
+    A data-parallel checkpoint is written by rank 0 and holds its device's generator (``cuda:0``);
+    the replica on ``cuda:3`` continues from that state, since every replica draws the same numbers
+    (Note [Sketches under data parallelism]). A state moves to another device of its type only when
+    that is unambiguous: one saved state of the type that no local weight uses, and one local device
+    of the type without a state.
+    """
+    states = dict(saved)
+    for kind in {torch.device(key).type for key in saved}:
+        unused = [key for key in states if torch.device(key).type == kind and key not in local]
+        lacking = [key for key in local if torch.device(key).type == kind and key not in states]
+        if len(unused) == 1 and len(lacking) == 1:
+            states[lacking[0]] = states.pop(unused[0])
+    return states
 
 
 def _restore_generators(states: dict[str, torch.Tensor]) -> dict[str, torch.Generator]:
