@@ -162,15 +162,15 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
 
 @pytest.mark.slow  # starts two processes
 def test_sharded_bench_reports_time_and_bytes_per_step(tmp_path):
-    config = BenchConfig(sizes=(16, 32), ranks=(1,), benches=("sharded",), repeats=1)
+    # One size: how the bytes grow with N is counted in test_sharded.py, without the bench's timing.
+    n = 32
+    config = BenchConfig(sizes=(n,), ranks=(1,), benches=("sharded",), repeats=1)
     rows, _ = run_bench(config, log=None)
-    assert {(r.N, r.case) for r in rows} == {(n, c) for n in (16, 32) for c, _ in SHARDED_CASES}
-    sent = {(r.N, r.case): int(r.note.split(" bytes")[0].replace(",", "")) for r in rows}
-    assert all(
-        r.ms > 0 and r.x_baseline == pytest.approx(r.ms / next(q.ms for q in rows if (q.N, q.case) == (r.N, "adam")))
-        for r in rows
-    )
-    assert sent[(16, "adam")] == 0  # the base step of row-split weights needs no communication
-    for case in ("projunn-t + adam", "projunn-d + adam"):  # O(N k): doubling N doubles the bytes
-        assert 1.5 < sent[(32, case)] / sent[(16, case)] < 2.5, (case, sent)
+    assert {(r.N, r.case) for r in rows} == {(n, c) for c, _ in SHARDED_CASES}
+    sent = {r.case: int(r.note.split(" bytes")[0].replace(",", "")) for r in rows}
+    adam = next(r.ms for r in rows if r.case == "adam")
+    assert all(r.ms > 0 and r.x_baseline == pytest.approx(r.ms / adam) for r in rows)
+    assert sent["adam"] == 0  # the base step of row-split weights needs no communication
+    for case in ("projunn-t + adam", "projunn-d + adam"):  # thin blocks, far below one gather of the weight
+        assert 0 < sent[case] < n * n * 4 / 2, (case, sent)
     assert BenchConfig().benches == ("update", "layer")  # processes are started only when asked for
