@@ -137,17 +137,19 @@ def test_cli_under_torchrun_replicated_and_sharded_matches_one_process(tmp_path,
     from projunn.harness.cli import main
 
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    single = _weights(tmp_path / "one")
     for name in ("ddp", "fsdp", "fsdp-resumed"):
         for two, one in zip(_rows(tmp_path / name), _rows(tmp_path / "one"), strict=True):
             assert two["step"] == one["step"]
             assert float(two["eval_loss"]) == pytest.approx(float(one["eval_loss"]), rel=1e-5)
-        for key, value in _weights(tmp_path / name).items():
-            torch.testing.assert_close(value, _weights(tmp_path / "one")[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_weights(tmp_path / name), single, rtol=1e-5, atol=1e-5)
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["processes"] == 2 and summary["steps"] == 6
     # Resuming replays the same operations in the same order: no rounding difference at all.
-    for key, value in _weights(tmp_path / "fsdp-resumed").items():
-        assert torch.equal(value, _weights(tmp_path / "fsdp")[key]), key
+    resumed, uninterrupted = _weights(tmp_path / "fsdp-resumed"), _weights(tmp_path / "fsdp")
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in resumed.items():
+        assert torch.equal(value, uninterrupted[key]), key
     written = {p.name for p in (tmp_path / "fsdp").iterdir()} - {"curves.png"}  # not drawn in this process
     assert written == {p.name for p in (tmp_path / "one").iterdir()}
 
