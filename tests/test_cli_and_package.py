@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 import importlib
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -75,9 +73,12 @@ def test_train_task_help_shows_the_tasks_resolved_defaults(capsys, task):
     assert "--preset paper changes:" in text and "exit status: 0 done; 1 stopped" in text
 
 
-def test_console_script_version():
-    result = subprocess.run([sys.executable, "-m", "projunn.harness.cli", "--version"], capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.strip() == f"projunn {projunn.__version__}"
+def test_version_flag(capsys):
+    from projunn.harness.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"projunn {projunn.__version__}"
 
 
 def test_public_names_import():

@@ -57,6 +57,7 @@ def _train(rank: int, world: int, seed: int | None, distributed: bool) -> dict[s
 
 def _replica(rank: int, init_file: str, out: str) -> None:
     """Train with the shared sketch seed (ProjUNN's default) and, as the control, with per-rank seeds."""
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         for seeded in (True, False):
@@ -72,7 +73,9 @@ def _replica(rank: int, init_file: str, out: str) -> None:
 def replicas(tmp_path_factory) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Both trainings from one process group (starting the processes is the slow part)."""
     folder = tmp_path_factory.mktemp("replicas")
-    mp.spawn(_replica, args=(str(folder / "init"), str(folder)), nprocs=WORLD, join=True)
+    # fork: the children start with torch imported (spawn would import it again in each). Safe here:
+    # CPU only, and each child sets one thread before any parallel work.
+    mp.start_processes(_replica, args=(str(folder / "init"), str(folder)), nprocs=WORLD, join=True, start_method="fork")
     return {name: [torch.load(folder / f"{name}-rank{r}.pt") for r in range(WORLD)] for name in ("seeded", "unseeded")}
 
 
