@@ -131,7 +131,7 @@ class _Recurrence(torch.autograd.Function):
         # Each step accumulates h_{t-1} U^T in place into its own slot of xw (or a copy of it).
         # modReLU's derivative needs that pre-activation; the others are read off h, in place.
         reuse = overwrite and activation != "modrelu" and xw.is_contiguous()
-        pre = xw if reuse else xw.contiguous().clone()
+        pre = xw if reuse else xw.clone(memory_format=torch.contiguous_format)  # one pass, any layout
         if reuse:
             ctx.mark_dirty(xw)
         hs = torch.empty_like(pre) if activation == "modrelu" else pre
@@ -153,9 +153,14 @@ class _Recurrence(torch.autograd.Function):
     def backward(ctx, grad_hs, grad_last):
         weight, h0, bias, pre, hs = ctx.saved_tensors
         steps = hs.shape[0]
-        # grad_h[t] collects dL/dh_t from every source (the outputs, and dL/dz_{t+1} U-bar added
-        # in place); the step then turns it into dL/dz_t in place.
-        grad_h = torch.zeros_like(hs) if grad_hs is None else grad_hs.contiguous().clone()
+        # grad_h[t] is dL/dh_t from every source: the outputs' gradient grad_hs[t] plus
+        # dL/dz_{t+1} U-bar, summed by the addmm that writes it (grad_hs is read, never
+        # copied or modified); the step then turns it into dL/dz_t in place.
+        grad_h = torch.empty_like(hs)
+        if grad_hs is None:
+            grad_h[-1].zero_()
+        else:
+            grad_h[-1].copy_(grad_hs[-1])
         if grad_last is not None:
             grad_h[-1] += grad_last
         # grad wrt h of F.linear(h, U) = h U^T is g U-bar (conjugate for complex).
@@ -164,8 +169,12 @@ class _Recurrence(torch.autograd.Function):
         with flush_denormals(hs.device):
             for t in range(steps - 1, -1, -1):
                 backprop(t, grad_h[t])
-                if t > 0:
-                    grad_h[t - 1].addmm_(grad_h[t], carry)
+                if t == 0:
+                    break
+                if grad_hs is None:
+                    torch.mm(grad_h[t], carry, out=grad_h[t - 1])
+                else:
+                    torch.addmm(grad_hs[t - 1], grad_h[t], carry, out=grad_h[t - 1])
         grad_pre = grad_h
         grad_xw = grad_pre if ctx.needs_input_grad[0] else None
         grad_h0 = grad_pre[0] @ carry if ctx.needs_input_grad[2] else None

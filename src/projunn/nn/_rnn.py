@@ -255,7 +255,10 @@ class UnitaryRNN(torch.nn.Module):
             return F.linear(x.to(cell.state_dtype), cell.input_weight, cell.bias)
         # One-hot inputs select columns of W_in: a lookup, not a product with K = vocabulary.
         table = cell.input_weight.mT if cell.bias is None else cell.input_weight.mT + cell.bias
-        return table[x]  # (not F.embedding: it has no complex autograd)
+        # Contiguous ids give contiguous (T, B, H) rows (transposed ids would give transposed rows,
+        # which the recurrence would copy). F.embedding has the faster backward but no complex autograd.
+        ids = x.contiguous()
+        return table[ids] if table.is_complex() else F.embedding(ids, table)
 
     def _step_by_step(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = []
