@@ -74,8 +74,6 @@ def test_train_task_help_shows_the_tasks_resolved_defaults(capsys, task):
 
 
 def test_version_flag(capsys):
-    from projunn.harness.cli import main
-
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"projunn {projunn.__version__}"

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from harness_runs import quick_runs  # noqa: F401  (small held-out sets, as in torchrun_cases.py)
 from projunn.nn import SequenceModel
 from projunn.optim import ProjUNN, param_groups
+from workers import start_method
 
 WORLD = 2
 GLOBAL_BATCH, STEPS, SEQ_LEN, FEATURES, HIDDEN, CLASSES = 8, 20, 6, 3, 10, 4
@@ -73,9 +74,9 @@ def _replica(rank: int, init_file: str, out: str) -> None:
 def replicas(tmp_path_factory) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Both trainings from one process group (starting the processes is the slow part)."""
     folder = tmp_path_factory.mktemp("replicas")
-    # fork: the children start with torch imported (spawn would import it again in each). Safe here:
-    # CPU only, and each child sets one thread before any parallel work.
-    mp.start_processes(_replica, args=(str(folder / "init"), str(folder)), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(
+        _replica, args=(str(folder / "init"), str(folder)), nprocs=WORLD, join=True, start_method=start_method()
+    )
     return {name: [torch.load(folder / f"{name}-rank{r}.pt") for r in range(WORLD)] for name in ("seeded", "unseeded")}
 
 

@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from projunn.nn import StiefelLinear, UnitaryLinear
 from projunn.optim import ProjUNN, distributed_state_dict, load_distributed_state_dict, param_groups
+from workers import start_method
 
 STEPS, BATCH, RANK = 20, 6, 2
 # (name, dtype, method, sketch, extra ProjUNN options)
@@ -126,8 +127,9 @@ def _worker(rank: int, out: str) -> None:
     """Everything the tests below check, from 3 started processes (starting processes is the slow part).
 
     Three process groups in turn, each from its own rendezvous file: 3 ranks train and save a
-    checkpoint; a fresh group of the same 3 ranks builds a new model and optimiser and loads it;
-    a group of ranks 0 and 1 trains again, counts the bytes and checks the refusals.
+    checkpoint; a fresh group of the same 3 processes builds a new model and optimiser and loads
+    it (only what the checkpoint holds carries over: projunn keeps no state outside the model and
+    the optimiser); a group of ranks 0 and 1 trains again, counts the bytes and checks the refusals.
     """
     folder = pathlib.Path(out)
     results = {}
@@ -162,9 +164,7 @@ def _worker(rank: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("sharded")
-    # fork: the children start with torch imported, where spawn would import it again in each (most of
-    # this test's time). Safe here: CPU only, and each child sets one thread before any parallel work.
-    mp.start_processes(_worker, args=(str(folder),), nprocs=3, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(str(folder),), nprocs=3, join=True, start_method=start_method())
     return torch.load(folder / "results.pt")
 
 
@@ -256,7 +256,8 @@ def _checkpoint(rank: int, world: int, out: str, phase: str) -> tuple[dict[str, 
 
 @pytest.mark.slow
 def test_distributed_checkpoint_resumes_exactly(sharded):
-    # A fresh process group of 3 ranks, with a new model and optimiser, loaded what the first one saved.
+    # A fresh process group of the same 3 processes, with a new model and optimiser, loaded what the
+    # first one saved (a run resumed in new processes: the torchrun test of test_distributed.py).
     uninterrupted, steps = sharded[3]["checkpoint"]
     resumed, resumed_steps = sharded[3]["resumed"]
     assert steps == resumed_steps == STEPS

@@ -166,15 +166,12 @@ class _Recurrence(torch.autograd.Function):
         # grad wrt h of F.linear(h, U) = h U^T is g U-bar (conjugate for complex).
         carry = weight.conj().resolve_conj() if weight.is_complex() else weight
         backprop = _ActivationBackward(ctx.activation, hs, pre, bias)
+        carry_back = _carry_back(grad_h, grad_hs, carry)
         with flush_denormals(hs.device):
             for t in range(steps - 1, -1, -1):
                 backprop(t, grad_h[t])
-                if t == 0:
-                    break
-                if grad_hs is None:
-                    torch.mm(grad_h[t], carry, out=grad_h[t - 1])
-                else:
-                    torch.addmm(grad_hs[t - 1], grad_h[t], carry, out=grad_h[t - 1])
+                if t > 0:
+                    carry_back(t)
         grad_pre = grad_h
         grad_xw = grad_pre if ctx.needs_input_grad[0] else None
         grad_h0 = grad_pre[0] @ carry if ctx.needs_input_grad[2] else None
@@ -187,6 +184,14 @@ class _Recurrence(torch.autograd.Function):
                 grad_weight = grad_weight + grad_pre[1:].reshape(-1, size).mT @ hs[:-1].reshape(-1, size).conj()
         grad_bias = backprop.grad_bias() if bias is not None and ctx.needs_input_grad[3] else None
         return grad_xw, grad_weight, grad_h0, grad_bias, None, None
+
+
+def _carry_back(grad_h: torch.Tensor, grad_hs: torch.Tensor | None, carry: torch.Tensor):
+    """The step t -> t - 1 of the backward pass: grad_h[t-1] = grad_hs[t-1] + grad_h[t] carry,
+    in one product that writes its slot (no outputs' gradient: the product alone)."""
+    if grad_hs is None:
+        return lambda t: torch.mm(grad_h[t], carry, out=grad_h[t - 1])
+    return lambda t: torch.addmm(grad_hs[t - 1], grad_h[t], carry, out=grad_h[t - 1])
 
 
 class _ActivationBackward:

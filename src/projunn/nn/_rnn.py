@@ -192,6 +192,19 @@ class UnitaryRNNCell(torch.nn.Module):
         return f"{self.input_size}, {self.hidden_size}, {kind}, nonlinearity={self.nonlinearity!r}, init={self.init!r}"
 
 
+def _check_token_ids(x: torch.Tensor, vocabulary: int) -> None:
+    """Token ids must be (batch, time) int32/int64 in [0, vocabulary): an index outside would
+    select another column silently (negative ids wrap around), a uint8 tensor would act as a mask."""
+    if x.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"token ids must be int32 or int64, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"expected token ids of shape (batch, time), got {tuple(x.shape)}")
+    if x.numel():
+        low, high = torch.aminmax(x)
+        if low < 0 or high >= vocabulary:
+            raise ValueError(f"token ids must lie in [0, {vocabulary}); got ids from {int(low)} to {int(high)}")
+
+
 class UnitaryRNN(torch.nn.Module):
     """Run a :class:`UnitaryRNNCell` over a sequence (batch first).
 
@@ -225,8 +238,7 @@ class UnitaryRNN(torch.nn.Module):
         cell = self.cell
         tokens = not x.is_floating_point() and not x.is_complex()
         if tokens:
-            if x.dim() != 2:
-                raise ValueError(f"expected token ids of shape (batch, time), got {tuple(x.shape)}")
+            _check_token_ids(x, cell.input_size)
         elif x.dim() != 3 or x.shape[-1] != cell.input_size:
             raise ValueError(f"expected input of shape (batch, time, {cell.input_size}), got {tuple(x.shape)}")
         if h is None:
