@@ -119,3 +119,29 @@ def test_cli_autocast_run_keeps_the_recurrent_matrix_at_float32_precision(tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["autocast"] == "bfloat16" and summary["max_unitarity_error"] < 1e-5
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("auto", "auto"), ("off", None), ("1e-4", 1e-4)])
+def test_the_command_line_sets_the_runs_drift_tolerance(flag, expected):
+    from projunn.harness._build import build_optimizer
+    from projunn.harness.cli import build_parser
+    from projunn.harness.train import TrainConfig, resolve
+
+    options = vars(build_parser().parse_args(["train", "unitary", "--drift-tolerance", flag]))
+    config = resolve(TrainConfig(**{k: v for k, v in options.items() if k != "command"}))
+    assert config.drift_tolerance == expected
+    control = build_optimizer(torch.nn.Sequential(UnitaryLinear(4)), config).drift_control
+    assert (control is None) if expected is None else (control.tolerance == expected)
+
+
+def test_a_bad_drift_tolerance_is_a_one_line_error(capsys):
+    from projunn.harness.cli import main
+    from projunn.harness.train import RunError, TrainConfig, resolve
+
+    for bad in ("0", "-1", "nan", "never"):
+        with pytest.raises(SystemExit) as stop:
+            main(["train", "unitary", "--steps", "1", "--drift-tolerance", bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert stop.value.code == 2 and "expected auto, off or a positive finite number" in err, err
+    with pytest.raises(RunError, match="`drift_tolerance` must be 'auto', None or a positive number; got 0"):
+        resolve(TrainConfig(task="unitary", drift_tolerance=0))

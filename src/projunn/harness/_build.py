@@ -92,7 +92,12 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> ProjUNN:
     base = _BASE_OPTIMIZERS[config.optimizer](groups, config.lr)
     for group in base.param_groups:
         group["initial_lr"] = group["lr"]  # the schedule's reference; saved with the optimiser's state
-    return ProjUNN(base, seed=config.seed, reorthogonalize_every=config.reorthogonalize_every)
+    return ProjUNN(
+        base,
+        seed=config.seed,
+        reorthogonalize_every=config.reorthogonalize_every,
+        drift_tolerance=config.drift_tolerance,
+    )
 
 
 def _check_rank(config: TrainConfig, slots: list[tuple[torch.nn.Module, str]]) -> None:

@@ -75,6 +75,15 @@ def _number(kind, description: str, accept):
 _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _number(float, "a positive finite number", lambda v: 0 < v < math.inf)
+
+
+def _drift_tolerance(text: str) -> float | str | None:
+    """``auto``, ``off`` (no drift control) or a positive number."""
+    if text in ("auto", "off"):
+        return "auto" if text == "auto" else None
+    return _number(float, "auto, off or a positive finite number", lambda v: 0 < v < math.inf)(text)
+
+
 #: Seeds are combined with step numbers into 64-bit generator seeds, so they are kept to 32 bits.
 MAX_SEED = 2**32 - 1
 _seed = _number(int, f"an integer from 0 to {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED)
@@ -204,6 +213,13 @@ def _add_run_flags(add) -> None:
         default=TrainConfig.max_nonfinite,
         help="stop with exit status 1 after this many steps in a row with a NaN/Inf loss or a skipped update, "
         f"keeping the last finite checkpoint (default {TrainConfig.max_nonfinite})",
+    )
+    add(
+        "--drift-tolerance",
+        type=_drift_tolerance,
+        default="auto",
+        help="keep each unitary weight's rounding drift ||U^H U - I||_F below this, checked every few steps and "
+        "corrected by a Newton-Schulz step (auto: rounding level for the dtype and size, default; off: no control)",
     )
     add(
         "--reorthogonalize-every",
