@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from projunn.harness.bench import CollectiveBytes
 from projunn.nn import StiefelLinear, UnitaryLinear
 from projunn.optim import ProjUNN, distributed_state_dict, load_distributed_state_dict, param_groups
 from workers import start_method
@@ -149,7 +149,7 @@ def _worker(rank: int, out: str) -> None:
             results[2] = {
                 "trained": _train([*CONFIGS_BY_WORLD[2], CONTROL], rank, 2),
                 "bytes": {
-                    (sketch, method): [step_bytes(n, sketch, method)[:2] for n in (128, 256)]
+                    (sketch, method): [step_bytes(n, sketch, method) for n in (128, 256)]
                     for sketch in ("lsi", "column", "rsvd")
                     for method in ("t", "d")
                 },
@@ -192,35 +192,17 @@ def test_the_check_fails_when_one_rank_sketches_with_another_seed(sharded):
 # -- communication ---------------------------------------------------------------------------
 
 
-class _CollectiveBytes(TorchDispatchMode):
-    """Bytes moved by each collective: the largest tensor it touches (an all-reduce's buffer, an
-    all-gather's output), i.e. what every rank receives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional"):
-            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            self.calls.append((func.__name__, max(t.numel() * t.element_size() for t in tensors)))
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(size for _, size in self.calls)
-
-
-def step_bytes(n: int, sketch: str, method: str, dtype=torch.float64) -> tuple[int, int, list]:
+def step_bytes(n: int, sketch: str, method: str, dtype=torch.float64) -> tuple[int, int]:
     """Bytes of all collectives in one ProjUNN(Adam) step of a sharded model with an n x n unitary,
-    a 2n x n and an n/2 x 2n Stiefel layer, and the bytes of one all-gather of those three weights."""
+    a 2n x n and an n/2 x 2n Stiefel layer (each collective counted as the largest tensor it
+    touches: what every rank receives), and the bytes of one all-gather of those three weights."""
     model = _shard(_model(dtype, (n, 2 * n, n // 2)))
     optimizer = _optimizer(model, method, sketch, {"drift_tolerance": None}, seed=5)
     model(torch.randn(4, n, dtype=dtype)).abs().square().mean().backward()
-    with _CollectiveBytes() as counter:
+    with CollectiveBytes() as counter:
         optimizer.step()
     gather = sum(p.numel() * p.element_size() for p in (model[0].weight, model[1].weight, model[2].weight))
-    return counter.total, gather, counter.calls
+    return counter.total, gather
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ line shows those as its flags (``--lr``), so the wording of options lives in
 
 from __future__ import annotations
 
-import math
 import pathlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -66,7 +65,8 @@ class RunDivergedError(RunError):
 class TrainConfig:
     """Settings of ``projunn train``; None means "the task's default".
 
-    ``drift_tolerance`` is ProjUNN's (``"auto"``, a positive number, or None for no control).
+    ``drift_tolerance`` is ProjUNN's (``"auto"``, a positive number, or None for no control),
+    checked by ProjUNN like its other arguments (the command line checks its flag).
     ProjUNN's ``on_nonfinite`` is left at "skip": the run's policy for skipped updates is
     ``max_nonfinite`` (``1`` stops at the first, keeping the last finite checkpoint, where
     "raise" would end the run without one).
@@ -131,9 +131,6 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check_choice("sketch", config.sketch, (None, *SKETCHES))
     _check_choice("preset", config.preset, (None, "paper"))
     _check_task_options(task, config)
-    tolerance = config.drift_tolerance
-    if not (tolerance in ("auto", None) or (isinstance(tolerance, (int, float)) and 0 < tolerance < math.inf)):
-        raise RunError(f"`drift_tolerance` must be 'auto', None or a positive number; got {tolerance!r}")
     if config.unitary_lr is not None and config.unitary_lr_divider is not None:
         raise RunError("give `unitary_lr` or `unitary_lr_divider`, not both")
     if config.preset == "paper":
