@@ -160,3 +160,66 @@ def test_token_ids_outside_the_vocabulary_or_of_another_type_are_refused(dtype):
             model(torch.tensor([[0, 10]]))
         with pytest.raises(TypeError, match="token ids must be int32 or int64, got torch.uint8"):
             model(torch.tensor([[0, 1]], dtype=torch.uint8))
+
+
+def _readout_weights(outputs: int, features: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.randn(outputs, features, dtype=torch.float64, generator=generator),
+        torch.randn(outputs, dtype=torch.float64, generator=generator),
+    )
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("complex_state", [False, True])
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_fused_readout_equals_a_linear_map_of_the_stepped_states(nonlinearity, complex_state, with_bias):
+    """Note [Fused readout]: the read-out and every gradient (inputs, h0, cell, readout) as F.linear on the states."""
+    fused, reference = _pair(nonlinearity, complex_state)
+    x, h0 = _inputs_with_zero_modulus(complex_state)
+    generator = torch.Generator().manual_seed(6)
+    readout = _readout_weights(5, 12 if complex_state else 6, generator)
+    loss_weights = torch.randn(4, 9, 5, dtype=torch.float64, generator=generator)
+    results = []
+    for model in (fused, reference):
+        xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        weight, bias = (r.clone().requires_grad_() for r in readout)
+        outputs, last = model(xi, hi, readout=(weight, bias if with_bias else None))
+        assert outputs.shape == (4, 9, 5)
+        loss = (loss_weights * outputs).sum() + last.abs().square().sum()
+        inputs = [xi, hi, weight, *([bias] if with_bias else []), *model.parameters()]
+        results.append((outputs.detach(), torch.autograd.grad(loss, inputs)))
+    (out_f, grads_f), (out_r, grads_r) = results
+    torch.testing.assert_close(out_f, out_r, rtol=1e-12, atol=1e-12)
+    for index, (gf, gr) in enumerate(zip(grads_f, grads_r)):
+        error = torch.linalg.vector_norm(gf - gr) / torch.linalg.vector_norm(gr).clamp_min(1e-300)
+        assert error < 1e-12, f"gradient {index}: relative difference {error:.2e}"
+
+
+@pytest.mark.parametrize("complex_state", [False, True])
+def test_sequence_model_reads_out_inside_the_recurrence_unless_the_readout_is_hooked(complex_state):
+    """Every-step models fuse their readout; one with a hook (or replaced) is called as a module, same values."""
+    from projunn.nn import SequenceModel
+
+    dtype = torch.complex128 if complex_state else torch.float64
+    model = SequenceModel(10, 6, 9, tokens=True, every_step=True, nonlinearity="modrelu", dtype=dtype)
+    tokens = torch.randint(0, 10, (3, 12), generator=torch.Generator().manual_seed(4))
+    assert model._fusable_readout()
+    fused = model(tokens)
+    called = []
+    handle = model.readout.register_forward_hook(lambda module, args, output: called.append(output.shape))
+    assert not model._fusable_readout()
+    torch.testing.assert_close(model(tokens), fused, rtol=1e-12, atol=1e-12)
+    assert called == [(12, 3, 9)]  # time-major rows, read out by the module itself
+    handle.remove()
+    assert model._fusable_readout()
+
+
+def test_fused_readout_of_the_wrong_width_is_refused():
+    rnn = UnitaryRNN(3, 6, dtype=torch.complex128)
+    weight = torch.zeros(5, 12, dtype=torch.float64)
+    for fused in (True, False):
+        rnn.fused = fused
+        with pytest.raises(ValueError, match=r"readout weight of shape \(outputs, 12\), got \(5, 6\)"):
+            rnn(torch.zeros(2, 4, 3), readout=(weight[:, :6], None))
+        with pytest.raises(ValueError, match=r"readout bias of shape \(5,\), got \(4,\)"):
+            rnn(torch.zeros(2, 4, 3), readout=(weight, torch.zeros(4, dtype=torch.float64)))

@@ -61,8 +61,24 @@ class SequenceModel(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokens and x.is_floating_point():
             raise ValueError(f"expected int64 token ids of shape (batch, time), got {x.dtype}")
-        outputs, last = self.rnn(x)  # token ids are one-hot encoded by the RNN (as a lookup)
         if not self.every_step:
+            _, last = self.rnn(x)  # token ids are one-hot encoded by the RNN (as a lookup)
             return self.readout(self.to_real(last))
+        if self._fusable_readout():  # the RNN reads every step out inside its loops
+            outputs, _ = self.rnn(x, readout=(self.readout.weight, self.readout.bias))
+            return outputs
+        outputs, _ = self.rnn(x)
         # Read out in the RNN's time-major layout (contiguous), then view as batch first.
         return self.readout(self.to_real(outputs.transpose(0, 1))).transpose(0, 1)
+
+    def _fusable_readout(self) -> bool:
+        """Whether the readout is a plain ``torch.nn.Linear`` that the RNN may apply itself:
+        one replaced by another module, or with hooks of its own, is called as a module."""
+        readout = self.readout
+        hooks = (
+            readout._forward_hooks,
+            readout._forward_pre_hooks,
+            readout._backward_hooks,
+            readout._backward_pre_hooks,
+        )
+        return type(readout) is torch.nn.Linear and not any(hooks)

@@ -9,6 +9,19 @@ derivative that does not lie on the recurrent chain (the derivative factors,
 the gradient of U, of the modReLU bias and of the inputs) is computed for
 all steps at once, outside the loops.
 
+Note [Fused readout]
+    A model that reads out every state (the copy task: T x B rows into a few
+    classes) would otherwise get back a (T, B, H) gradient of the states from
+    the readout's backward, a product with an inner dimension of a few
+    columns that is slow to write and is then read once more by the loop.
+    Given the readout's weight, the recurrence returns the read-out itself
+    and adds each step's share, ``grad_out_t W``, inside the backward loop,
+    where the (B, H) block it writes is already in cache. The readout reads
+    a complex state as its real and imaginary parts, [Re h, Im h]
+    (:class:`projunn.nn.ComplexToReal`); inside, the weight's two halves are
+    interleaved to match ``view_as_real``'s layout, so each step is one real
+    product on a view of the complex block.
+
 Note [Gradients at zero modulus]
     The reference cell computes modReLU as ``z * relu(|z| + b) / where(|z| > 0, |z|, 1)``.
     At z = 0 its autograd derivative is ``relu(b)`` (in z) and 0 (in b), and
@@ -89,23 +102,48 @@ def unitary_recurrence(
         )
     if (activation == "modrelu") != (modrelu_bias is not None):
         raise ValueError("modrelu_bias is required for, and only for, the modrelu activation")
-    hs, last = _Recurrence.apply(xw, weight, h0, modrelu_bias, activation, False)
+    hs, last = _Recurrence.apply(xw, weight, h0, modrelu_bias, None, None, activation, False)
     return (hs, last) if with_last else hs
 
 
-def _recurrence_over(xw, weight, h0, activation, modrelu_bias=None):
+def _recurrence_over(xw, weight, h0, activation, modrelu_bias=None, readout=None):
     """:func:`unitary_recurrence` (with the last state) that may write the states over ``xw``.
 
     For callers that made ``xw`` for this call alone: it saves a (T, B, H) copy
     per forward pass. ``xw`` must not be needed afterwards, nor saved by the
     operation that produced it (a lookup or a linear map: neither saves its output).
+
+    With ``readout = (weight (O, F), bias (O,) or None)``, a linear map of every
+    state's real features (F = H; for a complex state F = 2H, reading [Re h, Im h]),
+    it returns the (T, B, O) read-out instead of the states (Note [Fused readout]).
     """
-    return _Recurrence.apply(xw, weight, h0, modrelu_bias, activation, True)
+    if readout is None:
+        return _Recurrence.apply(xw, weight, h0, modrelu_bias, None, None, activation, True)
+    readout_weight, readout_bias = readout
+    if xw.is_complex():
+        readout_weight = _interleaved(readout_weight)
+    read, last, _ = _Recurrence.apply(xw, weight, h0, modrelu_bias, readout_weight, readout_bias, activation, True)
+    return read, last
+
+
+def _interleaved(weight: torch.Tensor) -> torch.Tensor:
+    """Readout columns [Re_1..Re_H | Im_1..Im_H] -> (Re_1, Im_1, Re_2, ...), as ``view_as_real`` lays out a state.
+
+    (O, 2H) -> (O, 2H); differentiable, so the weight's gradient returns to the first layout.
+    """
+    real_part, imaginary_part = weight.chunk(2, dim=1)
+    return torch.stack((real_part, imaginary_part), dim=-1).flatten(1)
 
 
 def _real(x: torch.Tensor) -> torch.Tensor:
     """A real view of x: (…, 2) real/imaginary pairs when complex, x itself otherwise."""
     return torch.view_as_real(x) if x.is_complex() else x
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Real features of (…, H) states as rows: a (prod(…), H) view, or (prod(…), 2H) interleaved when complex."""
+    real = _real(x)
+    return real.reshape(-1, real.shape[-2] * 2) if x.is_complex() else real.reshape(-1, real.shape[-1])
 
 
 def _activate_(z: torch.Tensor, activation: str, bias: torch.Tensor | None, out: torch.Tensor, scratch) -> None:
@@ -124,10 +162,11 @@ def _activate_(z: torch.Tensor, activation: str, bias: torch.Tensor | None, out:
 
 class _Recurrence(torch.autograd.Function):
     """Outputs (hs, last): all states, and a copy of the last one so that a loss reading only
-    the last state sends no (T, B, H) gradient of zeros through the backward pass."""
+    the last state sends no (T, B, H) gradient of zeros through the backward pass.
+    With a readout weight, (read, last, hs): the (T, B, O) read-out first (Note [Fused readout])."""
 
     @staticmethod
-    def forward(ctx, xw, weight, h0, bias, activation, overwrite):
+    def forward(ctx, xw, weight, h0, bias, readout_weight, readout_bias, activation, overwrite):
         # Each step accumulates h_{t-1} U^T in place into its own slot of xw (or a copy of it).
         # modReLU's derivative needs that pre-activation; the others are read off h, in place.
         reuse = overwrite and activation != "modrelu" and xw.is_contiguous()
@@ -145,17 +184,26 @@ class _Recurrence(torch.autograd.Function):
                 h = hs[t]
         ctx.activation = activation
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(weight, h0, bias, pre if activation == "modrelu" else None, hs)
-        return hs, hs[-1].clone()
+        ctx.save_for_backward(weight, h0, bias, pre if activation == "modrelu" else None, hs, readout_weight)
+        last = hs[-1].clone()
+        if readout_weight is None:
+            return hs, last
+        read = _rows(hs) @ readout_weight.t()
+        if readout_bias is not None:
+            read += readout_bias
+        return read.view(*hs.shape[:2], -1), last, hs
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_hs, grad_last):
-        weight, h0, bias, pre, hs = ctx.saved_tensors
+    def backward(ctx, *grads):
+        weight, h0, bias, pre, hs, readout_weight = ctx.saved_tensors
+        grad_hs, grad_last = (grads[2], grads[1]) if readout_weight is not None else grads
+        grad_read = grads[0] if readout_weight is not None else None
         steps = hs.shape[0]
-        # grad_h[t] is dL/dh_t from every source: the outputs' gradient grad_hs[t] plus
-        # dL/dz_{t+1} U-bar, summed by the addmm that writes it (grad_hs is read, never
-        # copied or modified); the step then turns it into dL/dz_t in place.
+        # grad_h[t] is dL/dh_t from every source: the outputs' gradient grad_hs[t], the
+        # read-out's grad_read[t] W_out, and dL/dz_{t+1} U-bar, summed into the block the
+        # carrying product writes (grad_hs is read, never copied or modified); the step
+        # then turns it into dL/dz_t in place.
         grad_h = torch.empty_like(hs)
         if grad_hs is None:
             grad_h[-1].zero_()
@@ -163,10 +211,12 @@ class _Recurrence(torch.autograd.Function):
             grad_h[-1].copy_(grad_hs[-1])
         if grad_last is not None:
             grad_h[-1] += grad_last
+        if grad_read is not None:
+            _rows(grad_h[-1]).addmm_(grad_read[-1], readout_weight)
         # grad wrt h of F.linear(h, U) = h U^T is g U-bar (conjugate for complex).
         carry = weight.conj().resolve_conj() if weight.is_complex() else weight
         backprop = _ActivationBackward(ctx.activation, hs, pre, bias)
-        carry_back = _carry_back(grad_h, grad_hs, carry)
+        carry_back = _carry_back(grad_h, grad_hs, carry, grad_read, readout_weight)
         with flush_denormals(hs.device):
             for t in range(steps - 1, -1, -1):
                 backprop(t, grad_h[t])
@@ -183,15 +233,30 @@ class _Recurrence(torch.autograd.Function):
             if steps > 1:
                 grad_weight = grad_weight + grad_pre[1:].reshape(-1, size).mT @ hs[:-1].reshape(-1, size).conj()
         grad_bias = backprop.grad_bias() if bias is not None and ctx.needs_input_grad[3] else None
-        return grad_xw, grad_weight, grad_h0, grad_bias, None, None
+        grad_readout_weight = grad_readout_bias = None
+        if grad_read is not None:
+            read_rows = grad_read.reshape(-1, grad_read.shape[-1])
+            if ctx.needs_input_grad[4]:
+                grad_readout_weight = read_rows.t() @ _rows(hs)
+            if ctx.needs_input_grad[5]:
+                grad_readout_bias = read_rows.sum(0)
+        return grad_xw, grad_weight, grad_h0, grad_bias, grad_readout_weight, grad_readout_bias, None, None
 
 
-def _carry_back(grad_h: torch.Tensor, grad_hs: torch.Tensor | None, carry: torch.Tensor):
-    """The step t -> t - 1 of the backward pass: grad_h[t-1] = grad_hs[t-1] + grad_h[t] carry,
-    in one product that writes its slot (no outputs' gradient: the product alone)."""
-    if grad_hs is None:
-        return lambda t: torch.mm(grad_h[t], carry, out=grad_h[t - 1])
-    return lambda t: torch.addmm(grad_hs[t - 1], grad_h[t], carry, out=grad_h[t - 1])
+def _carry_back(grad_h, grad_hs, carry, grad_read=None, readout_weight=None):
+    """The step t -> t - 1 of the backward pass: grad_h[t-1] = grad_hs[t-1] + grad_h[t] carry
+    (+ grad_read[t-1] W_out), in one product that writes its slot (no outputs' gradient: the
+    product alone), and with a readout one more product into that (B, H) block."""
+
+    def step(t: int) -> None:
+        if grad_hs is None:
+            torch.mm(grad_h[t], carry, out=grad_h[t - 1])
+        else:
+            torch.addmm(grad_hs[t - 1], grad_h[t], carry, out=grad_h[t - 1])
+        if grad_read is not None:
+            _rows(grad_h[t - 1]).addmm_(grad_read[t - 1], readout_weight)
+
+    return step
 
 
 class _ActivationBackward:

@@ -205,6 +205,15 @@ def _check_token_ids(x: torch.Tensor, vocabulary: int) -> None:
             raise ValueError(f"token ids must lie in [0, {vocabulary}); got ids from {int(low)} to {int(high)}")
 
 
+def _check_readout(readout: tuple[torch.Tensor, torch.Tensor | None], features: int) -> None:
+    """A readout (weight (O, features), bias (O,) or None) of the states' real features."""
+    weight, bias = readout
+    if weight.dim() != 2 or weight.shape[1] != features:
+        raise ValueError(f"expected a readout weight of shape (outputs, {features}), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"expected a readout bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
 class UnitaryRNN(torch.nn.Module):
     """Run a :class:`UnitaryRNNCell` over a sequence (batch first).
 
@@ -219,11 +228,21 @@ class UnitaryRNN(torch.nn.Module):
         fused: use the fused whole-sequence recurrence (``False``: step the cell
             under autograd, e.g. for double backward).
 
+    ``forward(x, h=None, *, readout=None)``: with ``readout = (weight, bias)``, a
+    linear map (weight (O, F), bias (O,) or None) of every state's real features
+    (the state, F = H; a complex state's [Re h, Im h], F = 2H, as
+    :class:`ComplexToReal` gives them), the outputs are the read-out of every
+    step instead of the states. The fused path then adds the read-out's gradient
+    inside its backward loop (Note [Fused readout] in ``projunn.nn._recurrence``):
+    the same values and gradients as applying ``F.linear`` to the states, without
+    a (B, T, H) gradient of them.
+
     Shape:
         x (B, T, input_size), or (B, T) int64 token ids in [0, input_size) for
         one-hot inputs; h (B, hidden_size) or None
-        -> outputs (B, T, hidden_size) (a view of time-major storage:
-        ``outputs.transpose(0, 1)`` is contiguous), last state (B, hidden_size).
+        -> outputs (B, T, hidden_size), or (B, T, O) with a readout (a view of
+        time-major storage: ``outputs.transpose(0, 1)`` is contiguous), last
+        state (B, hidden_size).
     """
 
     def __init__(self, input_size: int, hidden_size: int, *, fused: bool = True, **cell_options) -> None:
@@ -234,7 +253,13 @@ class UnitaryRNN(torch.nn.Module):
         self.cell = UnitaryRNNCell(input_size, hidden_size, **cell_options)
         self.fused = bool(fused)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor | None = None,
+        *,
+        readout: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cell = self.cell
         tokens = not x.is_floating_point() and not x.is_complex()
         if tokens:
@@ -247,18 +272,24 @@ class UnitaryRNN(torch.nn.Module):
             raise ValueError(f"expected hidden state of shape ({x.shape[0]}, {cell.hidden_size}), got {tuple(h.shape)}")
         if x.shape[1] == 0:
             raise ValueError("expected a sequence of at least one step")
+        if readout is not None:
+            _check_readout(readout, 2 * cell.hidden_size if cell.complex else cell.hidden_size)
         if not self.fused or torch.is_autocast_enabled(x.device.type):
             if tokens:
                 x = F.one_hot(x, cell.input_size).to(cell.input_weight.real.dtype)
-            return self._step_by_step(x, h)
-        hs, last = _recurrence_over(  # xw is made here for this call: the states may overwrite it
+            outputs, last = self._step_by_step(x, h)
+            if readout is not None:
+                outputs = F.linear(ComplexToReal()(outputs), *readout)
+            return outputs, last
+        outputs, last = _recurrence_over(  # xw is made here for this call: the states may overwrite it
             self._input_terms(x.transpose(0, 1)),
             cell.recurrent_weight,
             h.to(cell.state_dtype),
             cell.nonlinearity,
             cell.activation.bias if cell.activation is not None else None,
+            readout,
         )
-        return hs.transpose(0, 1), last
+        return outputs.transpose(0, 1), last
 
     def _input_terms(self, x: torch.Tensor) -> torch.Tensor:
         """W_in x_t (+ b) for all steps at once: (T, B, I) features or (T, B) token ids -> (T, B, H)."""
