@@ -147,3 +147,15 @@ def test_a_bad_drift_tolerance_is_a_one_line_error(capsys):
     config = resolve(TrainConfig(task="unitary", drift_tolerance=0))  # from Python: ProjUNN's own check
     with pytest.raises(ValueError, match="drift_tolerance must be 'auto', None or a positive number, got 0"):
         build_optimizer(torch.nn.Sequential(UnitaryLinear(4)), config)
+
+
+def test_a_bad_setting_from_python_is_one_run_error_named_once(tmp_path):
+    """train() turns ProjUNN's ValueError into a RunError (itself a ValueError) without naming the type twice,
+    and leaves no run folder behind."""
+    from projunn.harness.train import RunError, TrainConfig, train
+
+    out = tmp_path / "run"
+    with pytest.raises(RunError) as raised:
+        train(TrainConfig(task="unitary", steps=1, drift_tolerance=0, out=str(out)), log=lambda message: None)
+    assert str(raised.value) == "drift_tolerance must be 'auto', None or a positive number, got 0"
+    assert not out.exists()

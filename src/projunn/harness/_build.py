@@ -149,6 +149,12 @@ def build(config: TrainConfig, device: torch.device, shard: Callable[[torch.nn.M
     except DatasetMissingError:
         raise
     except (ValueError, TypeError, OSError, struct.error, pickle.UnpicklingError) as error:
-        raise RunError(f"{type(error).__name__}: {error}") from error
+        raise RunError(_described(error)) from error
     _check_rank(config, slots)
     return Built(data, model, slots, optimizer)
+
+
+def _described(error: Exception) -> str:
+    """The message of a RunError made from ``error``: its type named, except a plain ValueError,
+    which a RunError already is (a Python caller would otherwise read "ValueError" twice)."""
+    return str(error) if type(error) is ValueError else f"{type(error).__name__}: {error}"
