@@ -223,3 +223,23 @@ def test_fused_readout_of_the_wrong_width_is_refused():
             rnn(torch.zeros(2, 4, 3), readout=(weight[:, :6], None))
         with pytest.raises(ValueError, match=r"readout bias of shape \(5,\), got \(4,\)"):
             rnn(torch.zeros(2, 4, 3), readout=(weight, torch.zeros(4, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("batch, steps", [(2, 1), (1, 5), (1, 1)])
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_one_step_or_one_sequence_equals_the_cell(nonlinearity, batch, steps):
+    """At T = 1 or B = 1 the input terms are a view of the product that made them; the states
+    must not be written over it (autograd refuses that), with or without a readout."""
+    for complex_state in (False, True):
+        fused, reference = _pair(nonlinearity, complex_state)
+        x = torch.randn(batch, steps, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+        weight = torch.randn(2, 12 if complex_state else 6, dtype=torch.float64)
+        for readout in (None, (weight, None)):
+            results = []
+            for model in (fused, reference):
+                outputs, last = model(x, readout=readout)
+                loss = outputs.abs().sum() + last.abs().sum()
+                results.append((outputs.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+            torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+            for gf, gr in zip(results[0][1], results[1][1]):
+                torch.testing.assert_close(gf, gr, rtol=1e-11, atol=1e-12)

@@ -169,7 +169,9 @@ class _Recurrence(torch.autograd.Function):
     def forward(ctx, xw, weight, h0, bias, readout_weight, readout_bias, activation, overwrite):
         # Each step accumulates h_{t-1} U^T in place into its own slot of xw (or a copy of it).
         # modReLU's derivative needs that pre-activation; the others are read off h, in place.
-        reuse = overwrite and activation != "modrelu" and xw.is_contiguous()
+        # Not over a view: autograd cannot rebase a view that a multi-output Function writes
+        # (a linear map of a contiguous 3-D input returns one, e.g. at T = 1 or B = 1).
+        reuse = overwrite and activation != "modrelu" and xw.is_contiguous() and xw._base is None
         pre = xw if reuse else xw.clone(memory_format=torch.contiguous_format)  # one pass, any layout
         if reuse:
             ctx.mark_dirty(xw)
