@@ -10,6 +10,11 @@ measured on the same set, and the held-out accuracy, against the step.
 
 Usage:
     python benchmarks/paper_table.py
+    python benchmarks/paper_table.py --root benchmarks/results/paper-variants benchmarks/results/paper/pmnist-h170-t
+
+``--root`` takes folders of run folders or run folders themselves; the curves go into the first.
+benchmarks/results/paper-variants/ holds runs that change a preset's settings on purpose (each
+folder's config.json says how), to test what would close a gap to the paper.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ def _schedule(config: dict) -> str:
     return f"{config['steps']:,} steps"
 
 
+def _paper_column(run: RunRecord) -> str:
+    """The paper's figure for a preset projUNN run; what the run is otherwise."""
+    if run.config.get("preset") != "paper":
+        return "(variant: settings changed from the preset, see its config.json)"
+    return PAPER.get(run.config["task"], "") if run.method in ("t", "d") else "(baseline, same preset)"
+
+
 def _describe(run: RunRecord) -> dict[str, str]:
     config, rows, summary = run.config, run.rows, run.summary
     last = rows[-1]
@@ -50,7 +62,7 @@ def _describe(run: RunRecord) -> dict[str, str]:
         accuracy += f"; test {100 * summary['test_accuracy']:.2f}%"
     return {
         "experiment": run.name,
-        "paper (projUNN)": PAPER.get(config["task"], "") if run.method in ("t", "d") else "(baseline, same preset)",
+        "paper (projUNN)": _paper_column(run),
         "steps (schedule)": f"{int(last['step']):,} ({_schedule(config)}{'' if run.finished else ', in progress'})",
         "held-out loss": f"{last['eval_loss']:.4g} (best {best['eval_loss']:.4g} at {int(best['step']):,})",
         "baseline on the set": f"{baseline:.4g}" if baseline else "-",
@@ -105,15 +117,33 @@ def equal_steps(runs: list[RunRecord], checkpoints: int = 4) -> str:
     return "\n".join(lines)
 
 
+def _run_folders(roots: list[pathlib.Path]) -> list[pathlib.Path]:
+    """Each root that is a run folder (it has metrics.csv) itself, otherwise the folders in it."""
+    folders = []
+    for root in roots:
+        if (root / "metrics.csv").exists():
+            folders.append(root)
+        elif root.is_dir():
+            folders += [folder for folder in root.iterdir() if folder.is_dir()]
+    return folders
+
+
 def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=pathlib.Path, default=ROOT, help="folder of run folders (default: %(default)s)")
-    root = parser.parse_args(argv).root
-    runs = sorted(read_runs(folder for folder in root.iterdir() if folder.is_dir()), key=lambda run: run.name)
+    parser.add_argument(
+        "--root",
+        type=pathlib.Path,
+        nargs="+",
+        default=[ROOT],
+        help="folders of run folders, or run folders (default: %(default)s); the curves go into the first",
+    )
+    roots = parser.parse_args(argv).root
+    runs = sorted(read_runs(_run_folders(roots)), key=lambda run: run.name)
+    root = roots[0] if roots[0].is_dir() and not (roots[0] / "metrics.csv").exists() else roots[0].parent
     if not runs:
-        print(f"no runs with metrics in {root}")
+        print(f"no runs with metrics in {', '.join(map(str, roots))}")
         return 1
     print(table(runs))
     print(equal_steps(runs))
