@@ -118,14 +118,14 @@ def equal_steps(runs: list[RunRecord], checkpoints: int = 4) -> str:
 
 
 def _run_folders(roots: list[pathlib.Path]) -> list[pathlib.Path]:
-    """Each root that is a run folder (it has metrics.csv) itself, otherwise the folders in it."""
-    folders = []
+    """Each root that is a run folder (it has metrics.csv) itself, otherwise the folders in it; each once."""
+    folders: dict[pathlib.Path, None] = {}
     for root in roots:
-        if (root / "metrics.csv").exists():
-            folders.append(root)
-        elif root.is_dir():
-            folders += [folder for folder in root.iterdir() if folder.is_dir()]
-    return folders
+        if not root.is_dir():
+            raise SystemExit(f"paper_table.py: error: no folder {root}")
+        inside = [root] if (root / "metrics.csv").exists() else sorted(f for f in root.iterdir() if f.is_dir())
+        folders.update((folder.resolve(), None) for folder in inside)
+    return list(folders)
 
 
 def main(argv=None) -> int:
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     )
     roots = parser.parse_args(argv).root
     runs = sorted(read_runs(_run_folders(roots)), key=lambda run: run.name)
-    root = roots[0] if roots[0].is_dir() and not (roots[0] / "metrics.csv").exists() else roots[0].parent
+    root = roots[0].parent if (roots[0] / "metrics.csv").exists() else roots[0]
     if not runs:
         print(f"no runs with metrics in {', '.join(map(str, roots))}")
         return 1

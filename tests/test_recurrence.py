@@ -201,17 +201,44 @@ def test_sequence_model_reads_out_inside_the_recurrence_unless_the_readout_is_ho
     from projunn.nn import SequenceModel
 
     dtype = torch.complex128 if complex_state else torch.float64
+    torch.manual_seed(0)
     model = SequenceModel(10, 6, 9, tokens=True, every_step=True, nonlinearity="modrelu", dtype=dtype)
     tokens = torch.randint(0, 10, (3, 12), generator=torch.Generator().manual_seed(4))
+
+    def outputs_and_gradients():
+        logits = model(tokens)
+        return logits.detach(), torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+
     assert model._fusable_readout()
-    fused = model(tokens)
-    called = []
-    handle = model.readout.register_forward_hook(lambda module, args, output: called.append(output.shape))
-    assert not model._fusable_readout()
-    torch.testing.assert_close(model(tokens), fused, rtol=1e-12, atol=1e-12)
-    assert called == [(12, 3, 9)]  # time-major rows, read out by the module itself
-    handle.remove()
-    assert model._fusable_readout()
+    fused, fused_grads = outputs_and_gradients()
+    for module in (model.readout, model.to_real):
+        called = []
+        handle = module.register_forward_hook(lambda module, args, output, called=called: called.append(output.shape))
+        assert not model._fusable_readout()
+        unfused, unfused_grads = outputs_and_gradients()
+        torch.testing.assert_close(unfused, fused, rtol=1e-12, atol=1e-12)
+        for gf, gu in zip(fused_grads, unfused_grads):
+            torch.testing.assert_close(gf, gu, rtol=1e-11, atol=1e-12)
+        assert len(called) == 1 and called[0][:2] == (12, 3)  # time-major rows, through the module itself
+        handle.remove()
+        assert model._fusable_readout()
+
+
+@pytest.mark.parametrize("complex_state", [False, True])
+def test_fused_read_out_can_be_edited_in_place_and_read_alone(complex_state):
+    """The read-out is a tensor of its own (not a view of a multi-output Function): in-place
+    edits work; a loss of the read-out alone (no gradient of the last state) matches the cell."""
+    fused, reference = _pair("relu", complex_state)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    weight = torch.randn(4, 12 if complex_state else 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    grads = []
+    for model in (fused, reference):
+        outputs, _ = model(x, readout=(weight, None))
+        outputs.masked_fill_(outputs < 0, 0.0)
+        outputs[:, 0] = 0.0
+        grads.append(torch.autograd.grad(outputs.square().sum(), list(model.parameters())))
+    for gf, gr in zip(*grads):
+        torch.testing.assert_close(gf, gr, rtol=1e-11, atol=1e-12)
 
 
 def test_fused_readout_of_the_wrong_width_is_refused():
@@ -233,7 +260,8 @@ def test_one_step_or_one_sequence_equals_the_cell(nonlinearity, batch, steps):
     for complex_state in (False, True):
         fused, reference = _pair(nonlinearity, complex_state)
         x = torch.randn(batch, steps, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-        weight = torch.randn(2, 12 if complex_state else 6, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(10)
+        weight = torch.randn(2, 12 if complex_state else 6, dtype=torch.float64, generator=generator)
         for readout in (None, (weight, None)):
             results = []
             for model in (fused, reference):

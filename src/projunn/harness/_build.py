@@ -157,4 +157,7 @@ def build(config: TrainConfig, device: torch.device, shard: Callable[[torch.nn.M
 def _described(error: Exception) -> str:
     """The message of a RunError made from ``error``: its type named, except a plain ValueError,
     which a RunError already is (a Python caller would otherwise read "ValueError" twice)."""
-    return str(error) if type(error) is ValueError else f"{type(error).__name__}: {error}"
+    message = str(error)
+    if type(error) is ValueError and message:
+        return message
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__

@@ -72,13 +72,15 @@ class SequenceModel(torch.nn.Module):
         return self.readout(self.to_real(outputs.transpose(0, 1))).transpose(0, 1)
 
     def _fusable_readout(self) -> bool:
-        """Whether the readout is a plain ``torch.nn.Linear`` that the RNN may apply itself:
-        one replaced by another module, or with hooks of its own, is called as a module."""
-        readout = self.readout
-        hooks = (
-            readout._forward_hooks,
-            readout._forward_pre_hooks,
-            readout._backward_hooks,
-            readout._backward_pre_hooks,
-        )
-        return type(readout) is torch.nn.Linear and not any(hooks)
+        """Whether the RNN may apply the readout itself: ``to_real`` and ``readout`` are a plain
+        :class:`ComplexToReal` and ``torch.nn.Linear`` without hooks of their own. Replaced or
+        hooked modules are called as modules. (Hooks registered for every module, such as
+        ``register_module_forward_hook``'s, see no call of these two on the fused path.)"""
+        plain = type(self.to_real) is ComplexToReal and type(self.readout) is torch.nn.Linear
+        return plain and not any(_has_hooks(module) for module in (self.to_real, self.readout))
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own."""
+    hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
+    return any(hooks)

@@ -142,8 +142,8 @@ def _real(x: torch.Tensor) -> torch.Tensor:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """Real features of (…, H) states as rows: a (prod(…), H) view, or (prod(…), 2H) interleaved when complex."""
-    real = _real(x)
-    return real.reshape(-1, real.shape[-2] * 2) if x.is_complex() else real.reshape(-1, real.shape[-1])
+    real = _real(x)  # view, not reshape: the backward writes into these rows
+    return real.view(-1, real.shape[-2] * 2) if x.is_complex() else real.view(-1, real.shape[-1])
 
 
 def _activate_(z: torch.Tensor, activation: str, bias: torch.Tensor | None, out: torch.Tensor, scratch) -> None:
@@ -190,10 +190,15 @@ class _Recurrence(torch.autograd.Function):
         last = hs[-1].clone()
         if readout_weight is None:
             return hs, last
-        read = _rows(hs) @ readout_weight.t()
-        if readout_bias is not None:
-            read += readout_bias
-        return read.view(*hs.shape[:2], -1), last, hs
+        # Written through a view into a tensor of its own: a view returned by a Function with
+        # several outputs could not be modified in place by the caller (e.g. masked_fill_).
+        read = hs.new_empty((*hs.shape[:2], readout_weight.shape[0]), dtype=readout_weight.dtype)
+        rows = read.view(-1, read.shape[-1])
+        if readout_bias is None:
+            torch.mm(_rows(hs), readout_weight.t(), out=rows)
+        else:
+            torch.addmm(readout_bias, _rows(hs), readout_weight.t(), out=rows)
+        return read, last, hs
 
     @staticmethod
     @once_differentiable

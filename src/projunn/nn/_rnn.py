@@ -278,8 +278,8 @@ class UnitaryRNN(torch.nn.Module):
             if tokens:
                 x = F.one_hot(x, cell.input_size).to(cell.input_weight.real.dtype)
             outputs, last = self._step_by_step(x, h)
-            if readout is not None:
-                outputs = F.linear(ComplexToReal()(outputs), *readout)
+            if readout is not None:  # on the time-major states, so that the layout is the fused path's
+                outputs = F.linear(ComplexToReal()(outputs.transpose(0, 1)), *readout).transpose(0, 1)
             return outputs, last
         outputs, last = _recurrence_over(  # xw is made here for this call: the states may overwrite it
             self._input_terms(x.transpose(0, 1)),
