@@ -40,6 +40,11 @@ def _schedule(config: dict) -> str:
     return f"{config['steps']:,} steps"
 
 
+def _percent(share: float) -> str:
+    """A share as a percentage, with a second decimal above 99.9% (so that 99.96% is not "100.0%")."""
+    return f"{100 * share:.1f}%" if share < 0.999 else f"{100 * share:.2f}%"
+
+
 def _paper_column(run: RunRecord) -> str:
     """The paper's figure for a preset projUNN run; what the run is otherwise."""
     if run.config.get("preset") != "paper":
@@ -57,7 +62,7 @@ def _describe(run: RunRecord) -> dict[str, str]:
     accuracy_name = {"copy": "recall", "adding": "within 0.04", "pmnist": "val. accuracy"}.get(
         config["task"], "accuracy"
     )
-    accuracy = f"{accuracy_name} {100 * last['eval_accuracy']:.1f}%" if last["eval_accuracy"] is not None else "-"
+    accuracy = f"{accuracy_name} {_percent(last['eval_accuracy'])}" if last["eval_accuracy"] is not None else "-"
     if "test_accuracy" in summary and not summary.get("interrupted"):
         accuracy += f"; test {100 * summary['test_accuracy']:.2f}%"
     return {
