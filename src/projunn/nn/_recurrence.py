@@ -10,23 +10,25 @@ the gradient of U, of the modReLU bias and of the inputs) is computed for
 all steps at once, outside the loops.
 
 Note [Fused readout]
-    A model that reads out every state (the copy task: T x B rows into a few
-    classes) would otherwise get back a (T, B, H) gradient of the states from
-    the readout's backward, a product with an inner dimension of a few
-    columns that is slow to write and is then read once more by the loop.
-    Given the readout's weight, the recurrence returns the read-out itself
-    and adds each step's share, ``grad_out_t W``, inside the backward loop,
-    where the (B, H) block it writes is already in cache. The readout reads
-    a complex state as its real and imaginary parts, [Re h, Im h]
-    (:class:`projunn.nn.ComplexToReal`); inside, the weight's two halves are
-    interleaved to match ``view_as_real``'s layout, so each step is one real
-    product on a view of the complex block.
+--------------------
+A model that reads out every state (the copy task: T x B rows into a few
+classes) would otherwise get back a (T, B, H) gradient of the states from
+the readout's backward, a product with an inner dimension of a few
+columns that is slow to write and is then read once more by the loop.
+Given the readout's weight, the recurrence returns the read-out itself
+and adds each step's share, ``grad_out_t W``, inside the backward loop,
+where the (B, H) block it writes is already in cache. The readout reads
+a complex state as its real and imaginary parts, [Re h, Im h]
+(:class:`projunn.nn.ComplexToReal`); inside, the weight's two halves are
+interleaved to match ``view_as_real``'s layout, so each step is one real
+product on a view of the complex block.
 
 Note [Gradients at zero modulus]
-    The reference cell computes modReLU as ``z * relu(|z| + b) / where(|z| > 0, |z|, 1)``.
-    At z = 0 its autograd derivative is ``relu(b)`` (in z) and 0 (in b), and
-    ``relu`` has derivative 0 at 0. The factors below reproduce these values
-    exactly, so both paths give the same gradients everywhere.
+--------------------------------
+The reference cell computes modReLU as ``z * relu(|z| + b) / where(|z| > 0, |z|, 1)``.
+At z = 0 its autograd derivative is ``relu(b)`` (in z) and 0 (in b), and
+``relu`` has derivative 0 at 0. The factors below reproduce these values
+exactly, so both paths give the same gradients everywhere.
 """
 
 from __future__ import annotations
