@@ -79,8 +79,10 @@ _positive_float = _number(float, "a positive finite number", lambda v: 0 < v < m
 
 def _drift_tolerance(text: str) -> float | str | None:
     """``auto``, ``off`` (no drift control) or a positive number."""
-    if text in ("auto", "off"):
-        return "auto" if text == "auto" else None
+    if text == "auto":
+        return "auto"
+    if text == "off":
+        return None
     return _number(float, "auto, off or a positive finite number", lambda v: 0 < v < math.inf)(text)
 
 

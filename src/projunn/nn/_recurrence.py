@@ -34,6 +34,7 @@ exactly, so both paths give the same gradients everywhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -254,18 +255,28 @@ class _Recurrence(torch.autograd.Function):
 
 def _carry_back(grad_h, grad_hs, carry, grad_read=None, readout_weight=None):
     """The step t -> t - 1 of the backward pass: grad_h[t-1] = grad_hs[t-1] + grad_h[t] carry
-    (+ grad_read[t-1] W_out), in one product that writes its slot (no outputs' gradient: the
-    product alone), and with a readout one more product into that (B, H) block."""
+    (+ grad_read[t-1] W_out), chosen once for the whole loop: one product that writes the slot
+    (no outputs' gradient: the product alone), and with a readout one more product into it."""
+    if grad_hs is None:
+        carried = functools.partial(_carried, grad_h, carry)
+    else:
+        carried = functools.partial(_carried_with_outputs, grad_h, grad_hs, carry)
+    if grad_read is None:
+        return carried
+    return functools.partial(_carried_and_read, carried, grad_h, grad_read, readout_weight)
 
-    def step(t: int) -> None:
-        if grad_hs is None:
-            torch.mm(grad_h[t], carry, out=grad_h[t - 1])
-        else:
-            torch.addmm(grad_hs[t - 1], grad_h[t], carry, out=grad_h[t - 1])
-        if grad_read is not None:
-            _rows(grad_h[t - 1]).addmm_(grad_read[t - 1], readout_weight)
 
-    return step
+def _carried(grad_h, carry, t: int) -> None:
+    torch.mm(grad_h[t], carry, out=grad_h[t - 1])
+
+
+def _carried_with_outputs(grad_h, grad_hs, carry, t: int) -> None:
+    torch.addmm(grad_hs[t - 1], grad_h[t], carry, out=grad_h[t - 1])
+
+
+def _carried_and_read(carried, grad_h, grad_read, readout_weight, t: int) -> None:
+    carried(t)
+    _rows(grad_h[t - 1]).addmm_(grad_read[t - 1], readout_weight)
 
 
 class _ActivationBackward:
