@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ALL_DTYPES, REAL_AND_COMPLEX, eps, gram_defect, haar, polar_reference, randn, tangent_reference
 from projunn.functional import lowrank, projunn_d, projunn_t, unitary_init
+from projunn.functional._kernels import ADJOINT_ROW_BLOCK, adjoint_times
 
 SIZES = [2, 3, 8, 64]
 RANKS = [1, 2, 5]  # with SIZES, 2k >= N included
@@ -44,6 +45,66 @@ def test_batched_equals_looped(name, dtype):
     batched = UPDATES[name](U, a, b)
     for i, j in itertools.product(range(4), range(2)):
         torch.testing.assert_close(batched[i, j], UPDATES[name](U[i, j], a[i, j], b[i, j]), atol=1e-13, rtol=0)
+
+
+class _CountBatchedProducts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.bmm.default
+        return func(*args, **(kwargs or {}))
+
+
+BLOCK = ADJOINT_ROW_BLOCK
+
+
+@pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
+@pytest.mark.parametrize(
+    "shape,k",
+    [
+        ((2 * BLOCK, 300), 1),  # two blocks exactly
+        ((4 * BLOCK + 37, 2 * BLOCK), 3),  # a tail of 37 rows
+        ((3, 2 * BLOCK, 64), 2),  # batched, no tail: one view of every block
+        ((2, 2, 2 * BLOCK + 5, 40), 4),  # batched with a tail: matrix by matrix
+    ],
+)
+def test_adjoint_products_by_row_blocks_match_dense(shape, k, dtype):
+    """Note [Adjoint products by row blocks]: the blocked sum is D^H X to rounding, and is the path taken."""
+    D = randn(*shape, dtype=dtype, seed=7)
+    X = randn(*shape[:-1], k, dtype=dtype, seed=8)
+    with _CountBatchedProducts() as counted:
+        result = adjoint_times(D, X)
+    assert counted.count > 0
+    assert result.shape == (*shape[:-2], shape[-1], k)
+    torch.testing.assert_close(result, D.mH @ X, atol=1e-12 * shape[-2] ** 0.5, rtol=0)
+
+
+def test_adjoint_products_fall_back_to_one_product_where_blocks_do_not_apply():
+    D = randn(3 * BLOCK, 50, seed=9)
+    X = randn(3 * BLOCK, 2, seed=10)
+    small = randn(BLOCK, 50, seed=11)
+    for label, (matrix, thin) in {
+        "fewer than two blocks": (small, X[:BLOCK]),
+        "not contiguous": (D.mT.contiguous().mT, X),
+        "broadcast leading dimensions": (D, X.expand(2, -1, -1)),
+    }.items():
+        assert torch.equal(adjoint_times(matrix, thin), (thin.mH @ matrix).mH), label
+
+
+@pytest.mark.parametrize("name", ["d", "t"])
+@pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
+def test_large_update_with_blocked_adjoint_products_matches_dense_reference(name, dtype):
+    """N = 2 blocks + a tail: U^H a of the update and D^H R of the LSI sketch are taken by row blocks."""
+    n = 2 * BLOCK + 3
+    U = haar(n, dtype=dtype, seed=12)
+    D = randn(n, 2, dtype=dtype, seed=13, scale=1e-2) @ randn(n, 2, dtype=dtype, seed=14).mH  # rank 2
+    a, b = lowrank(D, 2, "lsi", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a @ b.mH, D, atol=1e-13, rtol=0)
+    result = UPDATES[name](U, a, b)
+    torch.testing.assert_close(result, _reference(name, U, a, b), atol=1e-10, rtol=0)
+    assert gram_defect(result) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["d", "t"])

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["add_low_rank", "direct_block", "double", "tangent_block"]
+__all__ = ["ADJOINT_ROW_BLOCK", "add_low_rank", "adjoint_times", "direct_block", "double", "tangent_block"]
+
+#: Rows per block of :func:`adjoint_times` (Note [Adjoint products by row blocks]).
+ADJOINT_ROW_BLOCK = 256
 
 
 def double(dtype: torch.dtype) -> torch.dtype:
@@ -19,6 +22,47 @@ def double(dtype: torch.dtype) -> torch.dtype:
     "wide" always describe a matrix's shape (N > M and N < M).
     """
     return torch.complex128 if dtype.is_complex else torch.float64
+
+
+def adjoint_times(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """D^H X for a large D and a thin X, without copying D (Note [Adjoint products by row blocks]).
+
+    Args:
+        D: (..., n, m). X: (..., n, k), the same leading dimensions as D.
+
+    Returns:
+        (..., m, k), dtype and device of D; a view (the adjoint of a (..., k, m) tensor).
+    """
+    # Note [Adjoint products by row blocks]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # D^H X is formed as (X^H D)^H: ``D.mH @ X`` resolves the conjugate view of
+    # a complex D into a full copy, and for real D the transposed product ran
+    # ~10x slower in MKL. But X^H D is a k x n by n x m product with a tiny
+    # first dimension, a shape MKL handles poorly: at N = 4096, float32, it took
+    # 1.7-4x the time of D @ X (k = 1 to 16, 2-core EPYC). Cut into blocks of
+    # rows, D = [D_1; ...; D_p] and X^H D = sum_i X_i^H D_i, it becomes one
+    # batched product of p k x 256 by 256 x m blocks (a view of D, no copy)
+    # and a sum of p small k x m partial results: measured 1.6-2x faster for
+    # N = 1024-4096 and k = 1-16 (float32, complex64, complex128; float64 no
+    # slower), and no faster below N = 512, where one call is kept. The sums
+    # are taken in another order, so results differ from one product by
+    # rounding; the cut depends only on the shape, so it rounds the same way
+    # on every machine.
+    n, m = D.shape[-2:]
+    k = X.shape[-1]
+    blocks = n // ADJOINT_ROW_BLOCK
+    if blocks < 2 or D.device.type != "cpu" or not D.is_contiguous() or D.shape[:-2] != X.shape[:-2]:
+        return (X.mH @ D).mH
+    rows = blocks * ADJOINT_ROW_BLOCK
+    D3, X3 = D.view(-1, n, m), X.reshape(-1, n, k)
+    if D3.shape[0] > 1 and rows < n:  # the blocks of several matrices are one view only without a tail
+        return torch.stack([adjoint_times(d, x) for d, x in zip(D3, X3)]).reshape(*D.shape[:-2], m, k)
+    shape = (D3.shape[0] * blocks, ADJOINT_ROW_BLOCK)
+    partial = torch.bmm(X3[:, :rows].reshape(*shape, k).mH, D3[:, :rows].reshape(*shape, m))
+    total = partial.view(D3.shape[0], blocks, k, m).sum(1)
+    if rows < n:
+        total += X3[:, rows:].mH @ D3[:, rows:]
+    return total.view(*D.shape[:-2], k, m).mH
 
 
 def tangent_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_choice, check_int, check_tensor, renamed_argument
+from ._kernels import adjoint_times
 
 __all__ = ["SKETCHES", "lowrank"]
 
@@ -107,11 +108,6 @@ def lowrank(
     return a.resolve_conj(), b.resolve_conj()
 
 
-def _adjoint_times(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """D^H X as (X^H D)^H: for complex D, ``D.mH @ X`` copies D to resolve the conjugate view."""
-    return (X.mH @ D).mH
-
-
 def _gaussian(D: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(shape, dtype=D.dtype, device=D.device, generator=generator)
 
@@ -121,7 +117,7 @@ def _lsi(D: torch.Tensor, k: int, generator: torch.Generator | None) -> tuple[to
     # vectors the paper takes; a QR gives an orthonormal basis of it with no
     # threshold and no SVD. Householder QR is orthonormal even if D^H R = 0.
     R = _gaussian(D, (*D.shape[:-1], k), generator)
-    V, _ = torch.linalg.qr(_adjoint_times(D, R))
+    V, _ = torch.linalg.qr(adjoint_times(D, R))
     return D @ V, V
 
 
@@ -147,7 +143,7 @@ def _column(
     columns = D.reshape(-1, n, m).gather(-1, picks.unsqueeze(-2).expand(-1, n, -1))  # (B, n, c)
     sample = (columns * scale.unsqueeze(-2)).reshape(*batch, n, count)
     H = torch.linalg.svd(sample, full_matrices=False)[0][..., :k]  # top-k left singular vectors
-    return H, _adjoint_times(D, H)
+    return H, adjoint_times(D, H)
 
 
 def _rsvd(
@@ -159,10 +155,10 @@ def _rsvd(
     for _ in range(power_iters):
         # Re-orthonormalise between products so the small singular
         # directions are not lost to rounding (Halko et al., Alg. 4.4).
-        Z = _adjoint_times(D, torch.linalg.qr(Y)[0])
+        Z = adjoint_times(D, torch.linalg.qr(Y)[0])
         Y = D @ torch.linalg.qr(Z)[0]
     basis = torch.linalg.qr(Y)[0]  # (..., n, width)
-    small_u, s, small_vh = torch.linalg.svd(basis.mH @ D, full_matrices=False)
+    small_u, s, small_vh = torch.linalg.svd(adjoint_times(D, basis).mH, full_matrices=False)
     a = (basis @ small_u[..., :k]) * s[..., None, :k].to(D.dtype)
     return a, small_vh[..., :k, :].mH
 

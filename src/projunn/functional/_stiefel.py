@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import torch
 
-from ._kernels import add_low_rank, double, tangent_block
+from ._kernels import add_low_rank, adjoint_times, double, tangent_block
 from ._unitary import closest_unitary
 
 __all__ = ["stiefel_d", "stiefel_t"]
@@ -85,7 +85,7 @@ def stiefel_d(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tens
     """polar(W + a b^H) for tall W (..., N, M), a (..., N, k), b (..., M, k). Note [Stiefel projUNN-D]."""
     k = a.shape[-1]
     precise = double(W.dtype)
-    c = (a.mH @ W).mH  # (..., M, k)
+    c = adjoint_times(W, a)  # (..., M, k)
     Q, R = torch.linalg.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
     R_b, R_c = R[..., :k], R[..., k:]
     a_precise = a.to(precise)
@@ -112,4 +112,4 @@ def stiefel_t(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tens
     L, R = torch.linalg.qr(torch.cat([(W @ b).to(precise), a.to(precise)], dim=-1))
     block = tangent_block(R[..., :k], R[..., k:])  # exp(S) - I, S = (R_2 R_1^H - R_1 R_2^H) / 2
     L = L.to(W.dtype)
-    return add_low_rank(W, L, block.to(W.dtype) @ (L.mH @ W), out)
+    return add_low_rank(W, L, block.to(W.dtype) @ adjoint_times(W, L).mH, out)

@@ -63,7 +63,7 @@ from collections.abc import Callable
 import torch
 
 from .._validation import check_out, check_update_args
-from ._kernels import add_low_rank, direct_block, double, tangent_block
+from ._kernels import add_low_rank, adjoint_times, direct_block, double, tangent_block
 from ._stiefel import stiefel_d, stiefel_t
 
 __all__ = ["projunn_d", "projunn_t"]
@@ -85,9 +85,7 @@ def _subspace(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.
     """
     k = a.shape[-1]
     precise = double(U.dtype)
-    # (a^H U)^H rather than U^H a: for complex U the latter resolves the
-    # conjugate view into a full N x N copy before the product.
-    c = (a.mH @ U).mH
+    c = adjoint_times(U, a)
     Q, R = torch.linalg.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
     return Q, R[..., :k], R[..., k:]
 
