@@ -12,7 +12,7 @@ import torch
 
 from projunn.harness.bench import BenchConfig, _report, run_bench
 from projunn.harness.bench import _cases as cases
-from projunn.harness.bench._measure import _peak_mib, measure, running_peak
+from projunn.harness.bench._measure import _peak_mib, measure, measure_interleaved, running_peak
 from projunn.harness.bench._sharded import SHARDED_CASES
 from projunn.harness.cli import main
 
@@ -51,9 +51,11 @@ def test_ratios_are_to_the_reference_and_baseline_of_the_same_size(tiny_rows):
 
 def test_rank_free_cases_are_measured_once_and_o_n3_cases_are_capped(tiny_rows):
     rows, _ = tiny_rows
-    for case in ("expm step", "adam"):
+    for case in ("expm step", "torch orthogonal cayley"):
         shared = [r for r in rows if r.case == case and r.N == 8]
         assert len(shared) == 2 and shared[0].ms == shared[1].ms and shared[0].shared_across_k
+    for baseline in cases.BASELINE.values():  # timed with the cases of each rank, in the same rounds
+        assert not any(r.shared_across_k for r in rows if r.case == baseline)
     skipped = {r.case: r.note for r in rows if r.N == 16 and r.ms is None}
     assert "N > --dense-max 8" in skipped["expm step"] and "N > --peer-max 8" in skipped["geotorch cayley"]
     assert "full SVD" in skipped["projunn-t exact"]  # capped by dense_max = 8 here
@@ -76,6 +78,33 @@ def test_measure_takes_fewer_runs_for_slow_cases_and_at_most_repeats():
     fast = measure(lambda: None, torch.device("cpu"), repeats=7, budget_s=1.0)
     assert fast.runs == 7
     assert measure(lambda: time.sleep(0.02), torch.device("cpu"), repeats=1, budget_s=0.05).runs == 1  # "at most"
+
+
+def test_interleaved_rounds_keep_ratios_while_the_machine_slows_down():
+    """Two calls, one twice the other, while the machine halves its speed: the ratio stays 2.
+
+    The slowdown comes after 5 of the 20 timed rounds, so both medians are slow ones. Timed one
+    after the other, the first call would see the fast machine about half the time and the second
+    never (a ratio of ~2.7).
+    """
+    calls, slowdown = [], {"factor": 1.0}
+
+    def sleeper(name, ms):
+        def call():
+            calls.append(name)
+            if len(calls) == 14:  # the warm-up's 4 calls and 5 of the 20 timed rounds
+                slowdown["factor"] = 2.0
+            time.sleep(ms * slowdown["factor"] / 1e3)
+
+        return call
+
+    short, long = measure_interleaved(
+        [sleeper("short", 2), sleeper("long", 4)], torch.device("cpu"), repeats=20, budget_s=10.0
+    )
+    assert short.runs == long.runs == 20
+    assert 1.6 < long.ms / short.ms < 2.5
+    timed = calls[4:44]  # each round calls both, the order reversed every other round
+    assert timed[:4] == ["short", "long", "long", "short"] and timed.count("short") == 20
 
 
 def test_peak_memory_counts_temporaries_freed_within_the_call():

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .._allocator import reuse_freed_memory
 from ._cases import (
     CASE_NAMES,
     HEADLINE_CASES,
@@ -46,7 +47,7 @@ from ._cases import (
     update_cases,
     update_cases_full_rank,
 )
-from ._measure import Measurement, measure
+from ._measure import Measurement, measure, measure_interleaved
 from ._report import Row, with_ratios, write_reports
 from ._sharded import CollectiveBytes, sharded_measurements
 
@@ -131,10 +132,19 @@ def _validate(config: BenchConfig) -> None:
 
 
 def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = print) -> tuple[list[Row], str]:
-    """Measure every case of the grid; returns the rows (with ratios) and the machine line."""
+    """Measure every case of the grid; returns the rows (with ratios) and the machine line.
+
+    Like ``projunn train``, it first lets the process keep freed memory for
+    reuse (:func:`projunn.harness._allocator.reuse_freed_memory`, process-wide):
+    otherwise glibc hands every N x N temporary (Adam's ``sqrt`` and ``div``,
+    4 MiB each at N = 1024) fresh pages, and a step pays ~1,700 page faults
+    that a training loop does not, inflating the unconstrained baseline most.
+    """
     _validate(config)
     device = _device(config.device)
     machine = describe_machine(device)
+    if reuse_freed_memory():
+        machine += ", freed memory kept for reuse"
     if log:
         log(f"# projunn bench: {machine}")
     plan = [(bench, n) for n in config.sizes for bench in config.benches]
@@ -147,7 +157,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = print)
             continue
         shared = [(case, _run(case, device, config)) for case in _grid_cases(bench, n, None, config, device)]
         for k in config.ranks:
-            measured = [(case, _run(case, device, config)) for case in _grid_cases(bench, n, min(k, n), config, device)]
+            measured = _run_together(list(_grid_cases(bench, n, min(k, n), config, device)), device, config)
             for case, (ms, runs, peak_mib, note) in measured + shared:
                 shared_across_k = any(case is c for c, _ in shared)
                 row = Row(bench, n, k, case.name, ms, runs, peak_mib, shared_across_k=shared_across_k, note=note)
@@ -172,11 +182,16 @@ def _sharded_rows(n: int, config: BenchConfig, log: Callable[[str], None] | None
 
 
 def _run(case: Case | Skip, device: torch.device, config: BenchConfig) -> tuple:
-    """(ms, runs, peak_mib, note) of one case."""
-    if isinstance(case, Skip):
-        return None, 0, None, case.reason
-    result = measure(case.fn, device, repeats=config.repeats, budget_s=config.budget_s)
-    return result.ms, result.runs, result.peak_mib, ""
+    """(ms, runs, peak_mib, note) of one case, timed alone."""
+    return _run_together([case], device, config)[0][1]
+
+
+def _run_together(cases: list[Case | Skip], device: torch.device, config: BenchConfig) -> list[tuple]:
+    """(case, (ms, runs, peak_mib, note)) of each case, the measured ones timed in the same rounds."""
+    timed = [case for case in cases if isinstance(case, Case)]
+    found = measure_interleaved([case.fn for case in timed], device, repeats=config.repeats, budget_s=config.budget_s)
+    results = {id(case): (m.ms, m.runs, m.peak_mib, "") for case, m in zip(timed, found)}
+    return [(case, results.get(id(case), (None, 0, None, getattr(case, "reason", "")))) for case in cases]
 
 
 def default_out() -> pathlib.Path:

@@ -5,8 +5,11 @@ step itself is timed. Results and outputs are written into reused buffers
 where the API allows: a fresh N x N allocation is page-faulted on every call
 at large N, which would time the allocator rather than the method.
 
-Cases that do not depend on the rank k (dense steps, peers, unconstrained
-Adam) are built by the ``*_full_rank`` functions and measured once per N.
+Cases that do not depend on the rank k (dense steps, peers) are built by
+the ``*_full_rank`` functions and measured once per N, each alone. The cases
+of one (N, k), the baseline among them (the floor, unconstrained Adam), are
+timed together in rounds (:func:`projunn.harness.bench._measure.measure_interleaved`),
+so that their ratios do not depend on when each was timed.
 A case that cannot run here is a :class:`Skip` with the reason.
 """
 
@@ -66,6 +69,7 @@ CASE_NAMES = {
     ),
     "layer": (
         "adam",
+        "adam + update floor",
         "projunn-t + adam",
         f"projunn-t + adam, {GENERIC}",
         "projunn-d + adam",
@@ -120,6 +124,25 @@ def _weights(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, 
 # -- the update step alone ------------------------------------------------------------------------
 
 
+def _floor_update(W: torch.Tensor, k: int, generator: torch.Generator) -> Callable[[], None]:
+    """The least work of any rank-k update of W: one N x N by N x 2k product and one rank-2k in-place update.
+
+    The thin factor is column-major, the layout of projUNN's own basis Q (a
+    QR result) and the faster one for MKL here: with a row-major N x 2 factor
+    the product took 1.3-1.8x as long (N = 1024-4096, float32, 2-core EPYC), a
+    floor projUNN would then beat.
+    """
+    n = W.shape[-1]
+    X = torch.randn(2 * k, n, device=W.device, generator=generator).mT
+    Y = 1e-9 * torch.randn(n, 2 * k, device=W.device, generator=generator)
+
+    def floor():
+        W.addmm_(W @ X, Y.mT)
+
+    return floor
+
+
+
 def update_cases(n: int, k: int, device: torch.device, *, dense_max: int) -> Iterator[Case | Skip]:
     """Cases of one N x N update at rank k: the floor, projunn with each sketch, the whole optimiser step.
 
@@ -128,13 +151,7 @@ def update_cases(n: int, k: int, device: torch.device, *, dense_max: int) -> Ite
     U, D, generator = _weights(n, device)
     out = torch.empty_like(U)
     work = U.clone()
-    X = torch.randn(n, 2 * k, device=device, generator=generator)
-    Y = 1e-9 * torch.randn(n, 2 * k, device=device, generator=generator)
-
-    def floor():  # one N x N by N x 2k product and one rank-2k in-place update
-        work.addmm_(work @ X, Y.mT)
-
-    yield Case("floor", floor)
+    yield Case("floor", _floor_update(work, k, generator))
     for sketch in _SKETCHES:
         for method, update in (("t", projunn_t), ("d", projunn_d)):
             name = f"projunn-{method} {sketch}"
@@ -216,12 +233,25 @@ def _layer_data(n: int, batch: int, device: torch.device) -> tuple[torch.Tensor,
 
 
 def layer_cases(n: int, k: int, batch: int, device: torch.device) -> Iterator[Case]:
-    """Forward + backward + update of an orthogonal N -> N linear layer with projunn and Adam, at rank k.
+    """Forward + backward + update of an N -> N linear layer: unconstrained Adam and projunn + Adam, at rank k.
 
     projunn-t is also timed with the generic step (``step_from_zero=False``), the step before the
-    memory-floor path, so one run gives both against unconstrained Adam.
+    memory-floor path, so one run gives both against unconstrained Adam. ``adam + update floor`` is
+    the unconstrained step followed by the update floor (:func:`_floor_update`): the least any
+    rank-k update after Adam can cost, which no projUNN step can beat.
     """
     x, y = _layer_data(n, batch, device)
+    layer = torch.nn.Linear(n, n, bias=False, device=device)
+    yield Case("adam", _training_step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3), x, y))
+    layer = torch.nn.Linear(n, n, bias=False, device=device)
+    adam_step = _training_step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3), x, y)
+    floor = _floor_update(layer.weight.data, k, torch.Generator(device=device).manual_seed(2))
+
+    def adam_and_floor():
+        adam_step()
+        floor()
+
+    yield Case("adam + update floor", adam_and_floor)
     for method, from_zero in (("t", True), ("d", True), ("t", False)):
         layer = OrthogonalLinear(n, init="haar", bias=False).to(device)
         groups = param_groups(layer, unitary_lr=1e-3, method=method, rank=k)
@@ -231,11 +261,8 @@ def layer_cases(n: int, k: int, batch: int, device: torch.device) -> Iterator[Ca
 
 
 def layer_cases_full_rank(n: int, batch: int, device: torch.device, *, peer_max: int) -> Iterator[Case | Skip]:
-    """The same layer step unconstrained, and with torch's and geotorch's orthogonal parametrisations."""
+    """The same layer step with torch's and geotorch's orthogonal parametrisations (O(N^3), rank-free)."""
     x, y = _layer_data(n, batch, device)
-    layer = torch.nn.Linear(n, n, bias=False, device=device)
-    yield Case("adam", _training_step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3), x, y))
-
     peers = [(f"torch orthogonal {m}", "torch", m) for m in ("matrix_exp", "cayley")]
     peers += [(f"geotorch {m}", "geotorch", m) for m in ("expm", "cayley")]
     geotorch = _peer("geotorch")

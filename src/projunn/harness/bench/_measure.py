@@ -7,12 +7,12 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Measurement", "measure", "running_peak"]
+__all__ = ["Measurement", "measure", "measure_interleaved", "running_peak"]
 
 _MEASURED = "projunn.harness.bench: measured call"  # profiler label of the call whose allocations are read
 
@@ -133,20 +133,56 @@ def measure(
     The peak memory is read on one more call after the timings
     (:func:`_peak_mib`).
     """
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        if first * warmup > budget_s:
-            break
-        fn()
-    _sync(device)
-    runs = min(repeats, max(3, int(budget_s / max(first, 1e-9))))
-    times = []
-    for _ in range(runs):
+    return measure_interleaved([fn], device, repeats=repeats, budget_s=budget_s, warmup=warmup)[0]
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    *,
+    repeats: int,
+    budget_s: float,
+    warmup: int = 2,
+) -> list[Measurement]:
+    """:func:`measure` for several calls at once, timed in rounds that call each in turn.
+
+    A shared machine changes speed while a benchmark runs (other processes,
+    memory traffic, clocks): 10-30% within minutes on the 2-core VM the
+    figures of docs/benchmarks.md come from. Cases timed one after the other
+    see different machines, and a ratio between them measures the machine as
+    much as the method; timed in the same rounds, every case sees the same
+    changes, so their ratios hold. Every round times each call once, the
+    order reversed every other round so that no call always follows the same
+    one. ``budget_s`` is per call: the rounds stop at ``repeats`` or when
+    ``len(fns) * budget_s`` is spent (but at least 3, unless ``repeats`` is smaller).
+
+    Returns:
+        one Measurement per call, in the order of ``fns``, with the same ``runs``.
+    """
+    firsts = []
+    for fn in fns:
         start = time.perf_counter()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return Measurement(ms=1e3 * statistics.median(times), runs=runs, peak_mib=_peak_mib(fn, device))
+        firsts.append(time.perf_counter() - start)
+    round_s = sum(firsts)
+    for _ in range(warmup - 1):
+        if round_s * warmup > budget_s * len(fns):
+            break
+        for fn in fns:
+            fn()
+    _sync(device)
+    runs = min(repeats, max(3, int(budget_s * len(fns) / max(round_s, 1e-9))))
+    times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    for _ in range(runs):
+        for i in order:
+            start = time.perf_counter()
+            fns[i]()
+            _sync(device)
+            times[i].append(time.perf_counter() - start)
+        order.reverse()
+    return [
+        Measurement(ms=1e3 * statistics.median(timed), runs=runs, peak_mib=_peak_mib(fn, device))
+        for fn, timed in zip(fns, times)
+    ]
