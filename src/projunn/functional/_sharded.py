@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from .._validation import check_choice
-from ._kernels import direct_block, double, tangent_block
+from ._kernels import adjoint_times, direct_block, double, tangent_block
 from ._sketch import SKETCHES
 from ._stiefel import _DENSE_BELOW
 from ._unitary import closest_unitary
@@ -223,7 +223,7 @@ def sharded_lowrank(
     gaussian = lambda shape: torch.randn(shape, dtype=D.dtype, device=D.device, generator=generator)  # noqa: E731
     if sketch == "lsi":
         R = shards.local_rows(gaussian((*D.shape[:-2], N, rank)))
-        V, _ = torch.linalg.qr(_all_sum(R.mH @ D, shards).mH)
+        V, _ = torch.linalg.qr(_all_sum(adjoint_times(D, R), shards))
         a, b = D @ V, V
     elif sketch == "column":
         a, b = _column(D, rank, 2 * rank + 4 if samples is None else samples, shards, generator)
@@ -231,10 +231,10 @@ def sharded_lowrank(
         width = min(rank + oversample, N, M)
         Y = D @ gaussian((*D.shape[:-2], M, width))
         for _ in range(power_iters):
-            Z = _all_sum(_tall_qr(Y, shards)[0].mH @ D, shards).mH
+            Z = _all_sum(adjoint_times(D, _tall_qr(Y, shards)[0]), shards)
             Y = D @ torch.linalg.qr(Z)[0]
         basis = _tall_qr(Y, shards)[0]
-        small_u, s, small_vh = torch.linalg.svd(_all_sum(basis.mH @ D, shards), full_matrices=False)
+        small_u, s, small_vh = torch.linalg.svd(_all_sum(adjoint_times(D, basis), shards).mH, full_matrices=False)
         a = (basis @ small_u[..., :rank]) * s[..., None, :rank].to(D.dtype)
         b = small_vh[..., :rank, :].mH
     return a.resolve_conj(), b.resolve_conj()
@@ -258,7 +258,7 @@ def _column(
     # Left singular vectors of the split sample: L X from sample = L R and R = X S Y^H.
     L, R = _tall_qr(sample, shards)
     H = L @ torch.linalg.svd(R, full_matrices=False)[0][..., :k]
-    return H, _all_sum(H.mH @ D, shards).mH
+    return H, _all_sum(adjoint_times(D, H), shards)
 
 
 # -- updates -------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ _Parts = tuple[torch.Tensor, torch.Tensor, Any]
 
 def _square(method: str, U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shards: RowShards) -> _Parts:
     k, precise = a.shape[-1], double(U.dtype)
-    c = _all_sum(a.mH @ U, shards).mH  # U^H a, N x k
+    c = _all_sum(adjoint_times(U, a), shards)  # U^H a, N x k
     Q, R = torch.linalg.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
     block_fn: Callable = tangent_block if method == "t" else direct_block
     Q = Q.to(U.dtype)
@@ -318,7 +318,7 @@ def _tall_t(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shar
     L, R = _tall_qr(torch.cat([(W @ b).to(precise), a.to(precise)], dim=-1), shards)
     block = tangent_block(R[..., :k], R[..., k:]).to(W.dtype)
     L = L.to(W.dtype)
-    return L, block @ _all_sum(L.mH @ W, shards), None
+    return L, block @ _all_sum(adjoint_times(W, L), shards).mH, None
 
 
 def _direct_small(
@@ -346,7 +346,7 @@ def _tall_d(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shar
     k, precise = a.shape[-1], double(W.dtype)
     a_precise = a.to(precise)
     # W^H a (M x k) and a^H a (k x k) summed in one all-reduce.
-    sums = _all_sum(torch.cat([(a.mH @ W).to(precise), a_precise.mH @ a_precise], dim=-1), shards)
+    sums = _all_sum(torch.cat([adjoint_times(W, a).mH.to(precise), a_precise.mH @ a_precise], dim=-1), shards)
     c, gram_a = sums[..., : W.shape[-1]].mH, sums[..., W.shape[-1] :]
     Q, R = torch.linalg.qr(torch.cat([b.to(precise), c], dim=-1))
     R_b = R[..., :k]
@@ -360,7 +360,7 @@ def _wide_t(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shar
     # The tall update of W^H with the step b a^H: [W^H a, b] = L R is whole on every rank, and
     # (W^H + L B (W L)^H)^H = W + (W L) B^H L^H has this rank's rows in (W_r L) B^H L^H.
     k, precise = a.shape[-1], double(W.dtype)
-    L, R = torch.linalg.qr(torch.cat([_all_sum(a.mH @ W, shards).mH.to(precise), b.to(precise)], dim=-1))
+    L, R = torch.linalg.qr(torch.cat([_all_sum(adjoint_times(W, a), shards).to(precise), b.to(precise)], dim=-1))
     block = tangent_block(R[..., :k], R[..., k:]).to(W.dtype)
     L = L.to(W.dtype)
     return W @ L, block.mH @ L.mH, None
@@ -376,7 +376,7 @@ def _wide_d(method: str, W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, shar
     C, eye, degenerate = _direct_small(R_a, R[..., k:], b_precise.mH @ b_precise)
     fallback = _dense_fallback(W, a, b, degenerate, shards)
     Q = Q.to(W.dtype)
-    left = _all_sum(W.mH @ Q, shards) @ C.to(W.dtype) + b @ (R_a.mH @ (eye + C)).to(W.dtype)
+    left = _all_sum(adjoint_times(W, Q), shards) @ C.to(W.dtype) + b @ (R_a.mH @ (eye + C)).to(W.dtype)
     return Q, left.mH, fallback
 
 
