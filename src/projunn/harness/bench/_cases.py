@@ -142,7 +142,6 @@ def _floor_update(W: torch.Tensor, k: int, generator: torch.Generator) -> Callab
     return floor
 
 
-
 def update_cases(n: int, k: int, device: torch.device, *, dense_max: int) -> Iterator[Case | Skip]:
     """Cases of one N x N update at rank k: the floor, projunn with each sketch, the whole optimiser step.
 
