@@ -35,15 +35,22 @@ VARIANTS = {
 }
 
 
-def variant_config(name: str, *, resume: bool, max_minutes: float | None, quiet: bool) -> TrainConfig:
-    """The preset's settings with the variant's changes, as an explicit TrainConfig (no preset)."""
+def variant_config(
+    name: str, *, resume: bool, max_minutes: float | None, quiet: bool, root: pathlib.Path = ROOT
+) -> TrainConfig:
+    """The preset's settings with the variant's changes, as an explicit TrainConfig (no preset).
+
+    To resume, only the task, method and folder are given: the folder keeps the settings, some of
+    them resolved when the run began (a ``unitary_lr_divider`` is stored as the ``unitary_lr`` it
+    gave), so restating the variant's changes would contradict them.
+    """
     task_name, method, changes, _ = VARIANTS[name]
-    settings = {**get_task(task_name).paper, **changes}
+    settings = {} if resume else {**get_task(task_name).paper, **changes}
     return TrainConfig(
         task=task_name,
         method=method,
         **settings,
-        out=str(ROOT / name),
+        out=str(root / name),
         resume=resume,
         max_minutes=max_minutes,
         quiet=quiet,

@@ -3,12 +3,14 @@ measured on them, the authors' settings as presets, and the learning-rate schedu
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import pathlib
 
 import pytest
 import torch
 
-from projunn.harness._config import learning_rate_factor
+from projunn.harness._config import learning_rate_factor, resumed_config, stored_settings
 from projunn.harness.cli import main
 from projunn.harness.tasks import _registry, get_task
 from projunn.harness.tasks._registry import ADDING_TOLERANCE, EVAL_SIZE
@@ -154,3 +156,24 @@ def test_learning_rate_decays_in_steps_and_the_run_records_it(tmp_path, small_he
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     groups = checkpoint["optimizer"]["param_groups"]
     assert {g["initial_lr"] for g in groups} == {7e-4, 7e-4 / 32}
+
+
+def _paper_variants():
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "paper_variants.py"
+    spec = importlib.util.spec_from_file_location("paper_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_paper_variant_resumes_from_its_folder_with_its_settings(tmp_path):
+    """The variant's settings as the folder stores them (the divider resolved into a unitary lr) resume."""
+    variants = _paper_variants()
+    for name in variants.VARIANTS:
+        started = resolve(variants.variant_config(name, resume=False, max_minutes=1, quiet=True, root=tmp_path))
+        stored = stored_settings(started)
+        again = variants.variant_config(name, resume=True, max_minutes=5, quiet=True, root=tmp_path)
+        resumed = resumed_config(again, stored, tmp_path / name)
+        changed = variants.VARIANTS[name][2]
+        assert resumed.unitary_lr == started.unitary_lr and resumed.max_minutes == 5
+        assert all(getattr(resumed, key) == getattr(started, key) for key in changed if key != "unitary_lr_divider")
