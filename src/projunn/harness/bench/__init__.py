@@ -191,7 +191,8 @@ def _run_together(cases: list[Case | Skip], device: torch.device, config: BenchC
     timed = [case for case in cases if isinstance(case, Case)]
     found = measure_interleaved([case.fn for case in timed], device, repeats=config.repeats, budget_s=config.budget_s)
     results = {id(case): (m.ms, m.runs, m.peak_mib, "") for case, m in zip(timed, found)}
-    return [(case, results.get(id(case), (None, 0, None, getattr(case, "reason", "")))) for case in cases]
+    skipped = {id(case): (None, 0, None, case.reason) for case in cases if isinstance(case, Skip)}
+    return [(case, results.get(id(case)) or skipped[id(case)]) for case in cases]
 
 
 def default_out() -> pathlib.Path:

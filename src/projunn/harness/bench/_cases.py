@@ -225,6 +225,12 @@ def _training_step(layer: torch.nn.Module, optimizer, x: torch.Tensor, y: torch.
     return step
 
 
+def _adam_step(n: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
+    """An unconstrained bias-free N -> N layer's weight and its training step with Adam."""
+    layer = torch.nn.Linear(n, n, bias=False, device=x.device)
+    return layer.weight, _training_step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3), x, y)
+
+
 def _layer_data(n: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(batch, n, device=device, generator=generator)
@@ -240,11 +246,9 @@ def layer_cases(n: int, k: int, batch: int, device: torch.device) -> Iterator[Ca
     rank-k update after Adam can cost, which no projUNN step can beat.
     """
     x, y = _layer_data(n, batch, device)
-    layer = torch.nn.Linear(n, n, bias=False, device=device)
-    yield Case("adam", _training_step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3), x, y))
-    layer = torch.nn.Linear(n, n, bias=False, device=device)
-    adam_step = _training_step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3), x, y)
-    floor = _floor_update(layer.weight.data, k, torch.Generator(device=device).manual_seed(2))
+    yield Case("adam", _adam_step(n, x, y)[1])
+    weight, adam_step = _adam_step(n, x, y)
+    floor = _floor_update(weight.data, k, torch.Generator(device=device).manual_seed(2))
 
     def adam_and_floor():
         adam_step()
