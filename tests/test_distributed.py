@@ -127,6 +127,9 @@ def test_cli_under_torchrun_replicated_and_sharded_matches_one_process(tmp_path,
         [*argv, "--fsdp", "--out", str(tmp_path / "fsdp")],
         [*argv, "--fsdp", "--steps", "3", "--out", str(tmp_path / "fsdp-resumed")],
         ["train", "copy", "--resume", "--fsdp", "--steps", "6", "--quiet", "--out", str(tmp_path / "fsdp-resumed")],
+        # SIGTERM reaches rank 1 alone during step 4: both ranks finish it, save and exit with 143.
+        {"argv": [*argv, "--out", str(tmp_path / "ddp-stopped")], "sigterm": [1, 4], "status": 143},
+        ["train", "copy", "--resume", "--quiet", "--out", str(tmp_path / "ddp-stopped")],
     ]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     script = pathlib.Path(__file__).with_name("torchrun_cases.py")
@@ -136,7 +139,8 @@ def test_cli_under_torchrun_replicated_and_sharded_matches_one_process(tmp_path,
         [*launch, str(tmp_path / "cases.json")], env=env, capture_output=True, text=True, timeout=400
     )
     assert parallel.returncode == 0, parallel.stderr[-3000:]
-    assert parallel.stdout.count("wrote ") == len(cases)  # rank 0 reports, rank 1 is silent
+    assert parallel.stdout.count("wrote ") == len(cases) - 1  # rank 0 reports, rank 1 is silent
+    assert "interrupted at step 4" in parallel.stdout  # both ranks stopped at the step rank 1 was in
 
     from projunn.harness.cli import main
 
@@ -150,10 +154,12 @@ def test_cli_under_torchrun_replicated_and_sharded_matches_one_process(tmp_path,
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["processes"] == 2 and summary["steps"] == 6
     # Resuming replays the same operations in the same order: no rounding difference at all.
-    resumed, uninterrupted = _weights(tmp_path / "fsdp-resumed"), _weights(tmp_path / "fsdp")
-    assert resumed.keys() == uninterrupted.keys()
-    for key, value in resumed.items():
-        assert torch.equal(value, uninterrupted[key]), key
+    for resumed_run, uninterrupted_run in (("fsdp-resumed", "fsdp"), ("ddp-stopped", "ddp")):
+        resumed, uninterrupted = _weights(tmp_path / resumed_run), _weights(tmp_path / uninterrupted_run)
+        assert resumed.keys() == uninterrupted.keys()
+        for key, value in resumed.items():
+            assert torch.equal(value, uninterrupted[key]), (resumed_run, key)
+    assert [row["step"] for row in _rows(tmp_path / "ddp-stopped")] == ["3", "6"]  # no row at the stop
     written = {p.name for p in (tmp_path / "fsdp").iterdir()} - {"curves.png"}  # not drawn in this process
     assert written == {p.name for p in (tmp_path / "one").iterdir()}
 

@@ -6,8 +6,10 @@ import csv
 import dataclasses
 import gzip
 import json
+import os
 import pathlib
 import pickle
+import signal
 import struct
 
 import numpy as np
@@ -169,21 +171,21 @@ class _CountedCopy(_CallsCounted, CopyTask):
         CopyTask.__init__(self)
 
 
-def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, monkeypatch):
-    import os
-    import signal
-
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; SLURM, Kubernetes, `timeout`
+def test_a_stop_signal_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, monkeypatch, signum):
     common = dict(task="adding", hidden=8, seq_len=5, batch_size=4, eval_every=3, quiet=True)
 
-    def ctrl_c_during_step_4(calls):
+    def signal_during_step_4(calls):
         if calls == 4:
-            os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends
+            os.kill(os.getpid(), signum)
 
     original = TASKS["adding"]
-    monkeypatch.setitem(TASKS, "adding", _CountedAdding(ctrl_c_during_step_4))
-    out = tmp_path / "run"
-    summary = train(TrainConfig(**common, steps=8, out=str(out)), log=lambda _: None)
+    monkeypatch.setitem(TASKS, "adding", _CountedAdding(signal_during_step_4))
+    out, said = tmp_path / "run", []
+    summary = train(TrainConfig(**common, steps=8, out=str(out)), log=said.append)
     assert summary["interrupted"] and summary["steps"] == 4  # the step in flight was completed
+    assert summary["stop_signal"] == signal.Signals(signum).name
+    assert f"{signal.Signals(signum).name}: stopping after this step" in said[1]  # said[0]: step 3's row
     assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 4
     monkeypatch.setitem(TASKS, "adding", original)
     resumed = train(TrainConfig(task="adding", out=str(out), resume=True), log=lambda _: None)
@@ -225,6 +227,35 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path):
     before = (out / "summary.json").read_text()
     assert main(["train", "adding", *TINY, "--seq-len", "1", "--overwrite", "--out", str(out)]) == 2
     assert (out / "summary.json").read_text() == before
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signalled_cli_run_saves_says_so_and_exits_128_plus_the_signal(tmp_path, monkeypatch, capsys, signum, status):
+    def signal_during_step_2(calls):
+        if calls == 2:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setitem(TASKS, "copy", _CountedCopy(signal_during_step_2))
+    out = tmp_path / "r"
+    argv = ["train", "copy", "--hidden", "8", "--batch-size", "4", "--steps", "5", "--eval-every", "5", "--quiet"]
+    assert main([*argv, "--seq-len", "5", "--out", str(out)]) == status
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 2
+    said = capsys.readouterr().out
+    assert f"interrupted at step 2; checkpoint saved in {out}" in said
+
+
+def test_a_second_sigterm_stops_at_once_keeping_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    def sigterm_twice_in_step_3(calls):
+        if calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # the grace period ran out: stop now
+
+    monkeypatch.setitem(TASKS, "copy", _CountedCopy(sigterm_twice_in_step_3))
+    out = tmp_path / "r"
+    argv = ["train", "copy", "--hidden", "8", "--batch-size", "4", "--steps", "9", "--eval-every", "2", "--quiet"]
+    assert main([*argv, "--seq-len", "5", "--out", str(out)]) == 143
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 2  # the last evaluated step is kept
+    assert "stopped; the checkpoint of step 2" in capsys.readouterr().out
 
 
 def test_interrupted_cli_exits_130(tmp_path, monkeypatch):

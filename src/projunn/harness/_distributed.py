@@ -56,14 +56,14 @@ class Replicas:
         dist.all_reduce(total)
         return total / self.world
 
-    def any(self, *flags: bool, device: torch.device) -> tuple[bool, ...]:
-        """Each flag, true on every replica if it is true on any, in one all-reduce: stops (Ctrl-C,
-        time budget) are taken together."""
+    def largest(self, *values: float, device: torch.device) -> tuple[float, ...]:
+        """Each value's largest over replicas, in one all-reduce: stops (a signal, the time budget) are
+        taken together, at the same step."""
         if not self.distributed:
-            return flags
-        values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        return tuple(bool(v) for v in values.tolist())
+            return values
+        reduced = torch.tensor([float(value) for value in values], device=device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return tuple(reduced.tolist())
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only; an exception there is raised on every replica (none is left waiting)."""

@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import textwrap
@@ -100,7 +101,8 @@ class _Parser(argparse.ArgumentParser):
 
 _TRAIN_EPILOG = """\
 exit status: 0 done; 1 stopped because the loss stayed NaN/Inf (--max-nonfinite);
-2 bad arguments, settings, output folder, data or checkpoint (one line on stderr); 130 interrupted.
+2 bad arguments, settings, output folder, data or checkpoint (one line on stderr); 130 interrupted
+(Ctrl-C) and 143 stopped by SIGTERM, either after saving a checkpoint at a step boundary.
 Without --out each run gets a folder of its own (runs/TASK-METHOD-TIME, then -2, -3, ...); a folder
 a running projunn process writes into is refused to any other. Progress is a bar on a terminal and
 a line per evaluation otherwise (or with --quiet). `projunn train TASK --help` shows TASK's defaults."""
@@ -437,7 +439,8 @@ def _say(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 success, 1 a diverged run, 2 bad arguments, 130 interrupted)."""
+    """Entry point; returns the exit status (0 success, 1 a diverged run, 2 bad arguments, 128 + the signal
+    number when a signal stopped the run: 130 Ctrl-C, 143 SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(help_task=_help_task(argv))
     args = parser.parse_args(argv)
@@ -469,11 +472,12 @@ def _run_train(config: TrainConfig) -> int:
     except (RunError, DatasetMissingError) as error:
         print(f"projunn train: error: {cli_wording(str(error))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("projunn train: interrupted", file=sys.stderr)
-        return 130
-    if summary["interrupted"]:
-        return 130
+    except KeyboardInterrupt as stop:  # a second stop signal, or one outside the training steps
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"projunn train: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    if summary["interrupted"]:  # as shells report a process a signal ended: 130 Ctrl-C, 143 SIGTERM
+        return 128 + signal.Signals[summary["stop_signal"] or "SIGINT"]
     if os.environ.get("RANK", "0") != "0":  # a torchrun replica other than rank 0: rank 0 reports
         return 0
     shown = ("final_loss", "best_loss", "baseline_loss", "accuracy", "max_unitarity_error", "seconds")

@@ -66,6 +66,8 @@ from .tasks import get_task
 
 __all__ = [
     "CHECKPOINT",
+    "STOP_SIGNALS",
+    "Interrupted",
     "METHODS",
     "OPTIMIZERS",
     "Built",
@@ -100,6 +102,7 @@ class _Run:
     state: RunState
     log: Callable[[str], None]
     loggers: list = field(default_factory=list)
+    stop_signal: str | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if one did
 
     @property
     def lines(self) -> bool:
@@ -120,9 +123,12 @@ class _Run:
 def train(config: TrainConfig, *, log=print, loggers=()) -> dict[str, Any]:
     """Run (or resume) a training run; return its summary (also written to summary.json).
 
-    The first Ctrl-C finishes the current step, saves a checkpoint and
-    returns (``summary["interrupted"]``); a second one stops at once, keeping
-    the last checkpoint, which was written at an evaluation.
+    SIGTERM (what SLURM, Kubernetes, systemd and ``timeout`` send) is taken
+    exactly as Ctrl-C: during training the first one finishes the current
+    step, saves a checkpoint and returns (``summary["interrupted"]``, and
+    ``summary["stop_signal"]`` names the signal); a second one stops at once,
+    keeping the last checkpoint, which was written at an evaluation. Before and
+    after the training steps either raises :class:`Interrupted` at once.
 
     Under ``torchrun`` the run is data parallel (see :mod:`projunn.harness._distributed`):
     every replica trains on its slice of each global batch, and rank 0 alone
@@ -134,7 +140,7 @@ def train(config: TrainConfig, *, log=print, loggers=()) -> dict[str, Any]:
         DatasetMissingError: the task's data set is not installed.
     """
     replicas, device_name = start_replicas(config.device)
-    with contextlib.ExitStack() as cleanup:
+    with contextlib.ExitStack() as cleanup, _handled(_stop_at_once):
         cleanup.callback(replicas.close)
         log = log if replicas.is_main else (lambda message: None)
         run = _open_run(config, replicas, device_name, log, cleanup, loggers)
@@ -145,27 +151,31 @@ def _train_steps(run: _Run) -> _Outcome:
     """Train until the last step, the time budget, divergence or Ctrl-C; say which ended the run."""
     state, config, total = run.state, run.config, run.built.data.total_steps
     clock = _Clock(state.seconds, config.max_minutes)
-    with _sigint_guard(run.log) as stop_requested, _progress_bar(run) as bar:
+    with _stop_guard(run.log) as stop_requested, _progress_bar(run) as bar:
         try:
             while state.step < total:
                 _training_step(run)
                 bar.update(1)
                 if state.failing >= config.max_nonfinite:
                     return _Outcome.DIVERGED
-                # Replicas stop at the same step, whichever of them ran out of time or was interrupted.
-                out_of_time, stop = run.replicas.any(clock.out_of_time(), bool(stop_requested), device=run.device)
+                # Replicas stop at the same step, whichever of them ran out of time or was signalled.
+                out_of_time, signum = run.replicas.largest(
+                    float(clock.out_of_time()), float(stop_requested[0] if stop_requested else 0), device=run.device
+                )
                 if state.step % config.eval_every == 0 or state.step == total or out_of_time:
                     state.seconds = clock.seconds()
                     _evaluation_row(run, bar)
                     if out_of_time:
                         run.log(f"time budget of {config.max_minutes} min reached at step {state.step}")
                         return _Outcome.OUT_OF_TIME
-                if stop:
+                if signum:
+                    run.stop_signal = signal.Signals(int(signum)).name
                     state.seconds = clock.seconds()
                     _save_checkpoint(run)  # at a clean step boundary: the checkpoint continues exactly
                     run.log(f"interrupted at step {state.step}; checkpoint saved in {run.out} (continue with `resume`)")
                     return _Outcome.INTERRUPTED
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
+            run.stop_signal = signal.Signals(getattr(stop, "signum", signal.SIGINT)).name
             state.step = state.history[-1]["step"] if state.history else 0
             run.log(f"stopped; the checkpoint of step {state.step} in {run.out} is kept (continue with `resume`)")
             return _Outcome.INTERRUPTED
@@ -314,20 +324,26 @@ def _save_checkpoint(run: _Run) -> None:
     """Write the checkpoint (rank 0; never of non-finite weights) and remember its step.
 
     Sharded weights and optimiser state are gathered whole on every process first, so the file is
-    the one an unsharded run writes.
+    the one an unsharded run writes. Every replica returns once the file is in place (or the
+    write failed, which each of them raises), so none can go on to read an older checkpoint.
     """
     model_state, optimizer_state = full_state(run.built.model, run.built.optimizer)
-    if not run.replicas.is_main or not _finite(model_state):
-        return
-    entries = {
-        "config": stored_settings(run.config),
-        "device": run.device.type,
-        **run.state.to_checkpoint(),
-        "model": model_state,
-        "optimizer": optimizer_state,
-    }
-    write_checkpoint(run.out / CHECKPOINT, entries)
-    run.state.saved_step = run.state.step
+
+    def write() -> bool:
+        if not _finite(model_state):
+            return False
+        entries = {
+            "config": stored_settings(run.config),
+            "device": run.device.type,
+            **run.state.to_checkpoint(),
+            "model": model_state,
+            "optimizer": optimizer_state,
+        }
+        write_checkpoint(run.out / CHECKPOINT, entries)
+        return True
+
+    if run.replicas.on_main(write):
+        run.state.saved_step = run.state.step
 
 
 def _summarise(run: _Run, outcome: _Outcome) -> dict[str, Any]:
@@ -379,6 +395,7 @@ def _summary(run: _Run, outcome: _Outcome, final: dict[str, float]) -> dict[str,
         "max_unitarity_error": max((row["max_unitarity_error"] for row in state.history), default=None),
         "seconds": round(state.seconds, 3),
         "interrupted": outcome is _Outcome.INTERRUPTED,
+        "stop_signal": run.stop_signal,
         "stopped_by_time_budget": state.step < run.built.data.total_steps and not stopped,
         "diverged": outcome is _Outcome.DIVERGED,
         "rank": config.rank,
@@ -414,26 +431,51 @@ class _Clock:
         return self.max_minutes is not None and time.perf_counter() - self.budget_started > 60 * self.max_minutes
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (Ctrl-C's SIGINT, or SIGTERM) that ends a run at once; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: The signals that stop a run: Ctrl-C, and what SLURM, Kubernetes, systemd and ``timeout`` send.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _sigint_guard(log):
-    """While open, the first Ctrl-C asks to stop after the current step (the yielded list becomes
-    non-empty) and a second one stops at once (KeyboardInterrupt). Off the main thread, Ctrl-C is
-    Python's to handle."""
+def _handled(handler):
+    """Route the stop signals to ``handler`` while open (main thread only: elsewhere they are Python's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _stop_at_once(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _stop_guard(log):
+    """While open, the first stop signal asks to stop after the current step (the yielded list then
+    holds its number) and a second one stops at once (:class:`Interrupted`)."""
     requested: list[int] = []
 
     def request_stop(signum, frame):
         if requested:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            raise Interrupted(signum)
         requested.append(signum)
-        log("stopping after this step (Ctrl-C again to stop at once)")
+        again = "Ctrl-C" if signum == signal.SIGINT else "a second signal"
+        log(f"{signal.Signals(signum).name}: stopping after this step ({again} stops at once)")
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
-    try:
+    with _handled(request_stop):
         yield requested
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def _progress_bar(run: _Run):
