@@ -32,6 +32,13 @@ VARIANTS = {
         "the preset (identity init, unitary lr = lr) learns slowly: 79% after 25 epochs, where the "
         "task's quick defaults (Cayley init, unitary lr = lr / 32) reached 88% within one epoch",
     ),
+    "pmnist-h170-expm-cayley": (
+        "pmnist",
+        "expm",
+        dict(init="cayley", unitary_lr_divider=32),
+        "the expRNN-style baseline (torch's matrix-exponential parametrisation) with exactly the settings "
+        "of pmnist-h170-t-cayley, so that the two see the same batches under the same schedule",
+    ),
 }
 
 
