@@ -152,15 +152,29 @@ def test_plot_gives_every_series_its_own_style_and_keeps_the_legend_off_the_data
         fig.canvas.draw()
         for ax in fig.axes:
             lines = ax.get_lines()
-            colours = [matplotlib.colors.to_hex(line.get_color()) for line in lines]
-            assert len(lines) >= 7 and len(set(colours)) == len(lines)
+            looks = {
+                (matplotlib.colors.to_hex(line.get_color()), line.get_linestyle(), line.get_marker()) for line in lines
+            }
+            assert len(lines) >= 7 and len(looks) == len(lines)
             legend = ax.get_legend().get_window_extent()
             assert legend.x0 >= ax.get_window_extent().x1  # beside the axes, not over them
+            low, high = ax.get_xlim()
+            shown = [label.get_text() for n, label in zip(ax.get_xticks(), ax.get_xticklabels()) if low <= n <= high]
+            assert shown == ["8", "16"]  # the sizes as numbers, not 2^3, 2^4
+        labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+        # The floor bounds rank-k unitary updates; plain SGD, drawn below it, is said to be no such update.
+        assert labels[0].startswith("floor: least work of a rank-k unitary update")
+        assert any(label.startswith("plain SGD step (unconstrained") for label in labels)
     finally:
         matplotlib.pyplot.close(fig)
     update_cases_in_order = list(dict.fromkeys(r.case for r in rows if r.bench == "update"))
     styles = _report.series_styles(update_cases_in_order)
-    assert len(styles) == 17 and len({s["color"] for s in styles.values()}) == 17
+    looks = {(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}
+    assert len(styles) == 17 and len(looks) == 17
+    # A colour per method, few enough to tell apart (not 17 near-identical hues): sketches share projunn-t's.
+    assert len({s["color"] for s in styles.values()}) <= 10
+    assert len({styles[f"projunn-t {sketch}"]["color"] for sketch in ("lsi", "column", "rsvd", "exact")}) == 1
+    assert styles["projunn-t lsi"]["color"] != styles["projunn-d lsi"]["color"] != styles["floor"]["color"]
 
 
 def test_cli_writes_csv_markdown_and_plot(tmp_path, capsys):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._config import METHODS
+from ._plot import step_axis
+from .tasks import TASKS
 
 __all__ = ["METHOD_ORDER", "PANELS", "RunRecord", "plot_runs", "read_run", "read_runs"]
 
@@ -109,19 +111,23 @@ def plot_runs(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.4), layout="constrained", squeeze=False)
+    legend: dict[str, Any] = {}  # label -> line, each label once
     for ax, panel in zip(axes[0], panels, strict=True):
-        for run in runs:
+        for i, run in enumerate(runs):
             points = _points(run, panel, x)
             if points:
                 style = {"marker": "o", "markersize": 3} if len(points) <= _MARKED_POINTS else {}
-                ax.plot(*zip(*points), label=label(run), **style)
-        _decorate(ax, panel, target)
+                # The colour of a run's place in ``runs``, the same in every panel even where it has no points.
+                ax.plot(*zip(*points), label=label(run), color=f"C{i % 10}", **style)
+        _decorate(ax, panel, target, runs)
         ax.set_xlabel(_X_LABELS[x])
-        ax.legend(fontsize=8)
+        step_axis(ax.xaxis)
+        legend |= {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    # One legend under the panels: inside one it covers curves (many runs leave no empty corner).
+    fig.legend(handles=list(legend.values()), loc="outside lower center", ncol=min(len(legend), 4), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -143,7 +149,7 @@ def _points(run: RunRecord, panel: str, x: str) -> list[tuple[float, float]]:
     return points
 
 
-def _decorate(ax, panel: str, target: float | None) -> None:
+def _decorate(ax, panel: str, target: float | None, runs: Sequence[RunRecord]) -> None:
     if panel == "loss":
         ax.axhline(1.0, color="k", linestyle="--", linewidth=1, label="constant / memoryless predictor")
         if target is not None:
@@ -152,7 +158,13 @@ def _decorate(ax, panel: str, target: float | None) -> None:
         ax.set_title("held-out loss / baseline on the same set")
     elif panel == "accuracy":
         ax.set_ylim(-0.02, 1.04)
-        ax.set_title("held-out accuracy")
+        # What accuracy means differs by task: recall of the copied symbols, a share within 0.04, ...
+        meanings = {name: TASKS[name].accuracy_label for name in dict.fromkeys(run.config["task"] for run in runs)}
+        if len(meanings) == 1:
+            ax.set_title(f"held-out {next(iter(meanings.values()))}")
+        else:
+            ax.set_title("held-out accuracy")
+            ax.set_ylabel("\n".join(f"{name}: {meaning}" for name, meaning in meanings.items()), fontsize=8)
     else:
         ax.set_yscale("log")
         ax.set_title(r"max $\|U^H U - I\|_F$")

@@ -61,6 +61,13 @@ def _number(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+_FLOOR_NOTE = (
+    "The floor is the least work of a rank-k unitary update: one N x N by N x 2k product and one rank-2k "
+    "in-place update, two passes over the matrix. `plain SGD step` is unconstrained (one elementwise pass, "
+    "no product with the weight), so it is not bound by the floor and can be faster.\n"
+)
+
+
 def markdown(rows: list[Row], machine: str) -> str:
     """One table per (benchmark, k): rows N and case, times with both ratios."""
     lines = [f"# projunn bench\n\n{machine}. Medians of repeated timings after warm-up.\n"]
@@ -72,6 +79,7 @@ def markdown(rows: list[Row], machine: str) -> str:
                 f"Ratios: to `{PROJUNN_REFERENCE[bench]}` and to `{baseline}` at the same N. "
                 "Peak: the most memory torch holds at once during one call, above what it held before (MiB; "
                 "BLAS/LAPACK's own buffers not included).\n",
+                *([_FLOOR_NOTE] if baseline == "floor" else []),
                 f"| N | case | ms | x projunn | x {baseline} | peak MiB | runs | note |",
                 "|---|---|---|---|---|---|---|---|",
             ]
@@ -83,35 +91,68 @@ def markdown(rows: list[Row], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def series_styles(cases: list[str], emphasised: tuple[str, ...] = ()) -> dict[str, dict]:
-    """Matplotlib line styles that tell every case apart: a colour of its own, a marker, and a line.
+#: A colour per method, the first whose words a case's name contains; the cases of one method
+#: (sketches, libraries, step paths) share it and differ by line style and marker.
+_METHOD_COLOURS = (
+    (("projunn-t",), "tab:blue"),
+    (("projunn-d",), "tab:orange"),
+    (("projunn(sgd)",), "tab:green"),
+    (("expm", "matrix_exp"), "tab:red"),
+    (("cayley",), "tab:purple"),
+    (("polar",), "tab:brown"),
+    (("geoopt",), "tab:pink"),
+    (("plain sgd",), "tab:gray"),
+    (("floor", "adam"), "black"),  # the baselines: the update floor, unconstrained Adam
+)
+_OTHER_COLOURS = ("tab:olive", "tab:cyan")
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = "os^DvP*Xh<>p"
+#: Legend labels that say what a baseline is: the floor bounds rank-k unitary updates only, so an
+#: unconstrained step (plain SGD: one elementwise pass, no product with the weight) can fall below it.
+LEGEND_LABELS = {
+    "floor": "floor: least work of a rank-k unitary update (U X, rank-2k update)",
+    "plain SGD step": "plain SGD step (unconstrained: no rank-k update, not bound by the floor)",
+}
 
-    Up to 20 cases get 20 different colours (the ten of ``tab10``, then their
-    light variants from ``tab20``); projunn's own cases are solid lines, the
-    others dashed, and the ``emphasised`` ones (reference and baseline) thick.
+
+def _colour(case: str, unknown: dict[str, str]) -> str:
+    name = case.lower()
+    for words, colour in _METHOD_COLOURS:
+        if any(word in name for word in words):
+            return colour
+    return unknown.setdefault(case, _OTHER_COLOURS[len(unknown) % len(_OTHER_COLOURS)])
+
+
+def series_styles(cases: list[str], emphasised: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Matplotlib line styles that tell every case apart: a colour per method, a line style and marker per case.
+
+    A handful of well-separated colours, one per method (projunn-t, projunn-d,
+    the ProjUNN optimiser step, expm, cayley, polar, geoopt, plain SGD, and
+    black for the baselines); the cases of one method, in order, get the solid,
+    dashed, dotted and dash-dot lines with their own markers. The
+    ``emphasised`` cases (reference and baseline) are drawn thick.
 
     Args:
         cases: series names, in plotting order.
         emphasised: names drawn with a thicker line.
 
     Returns:
-        case -> keyword arguments for ``Axes.plot`` (color, linestyle, marker, linewidth).
+        case -> keyword arguments for ``Axes.plot`` (color, linestyle, marker, linewidth, markersize).
     """
-    from matplotlib import colormaps
-
-    tab20 = colormaps["tab20"].colors
-    palette = [*tab20[0::2], *tab20[1::2]]  # dark hues first, light ones after
-    markers = "osD^vP*Xh<>p"
-    return {
-        case: {
-            "color": palette[i % len(palette)],
-            "linestyle": "-" if case.lower().startswith("projunn") else "--",
-            "marker": markers[i % len(markers)],
-            "linewidth": 2.5 if case in emphasised else 1.2,
-            "markersize": 4,
+    unknown: dict[str, str] = {}
+    seen: dict[str, int] = {}  # colour -> cases given it so far
+    styles = {}
+    for case in cases:
+        colour = _colour(case, unknown)
+        i = seen[colour] = seen.get(colour, -1) + 1
+        styles[case] = {
+            "color": colour,
+            "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+            "marker": _MARKERS[i % len(_MARKERS)],
+            "linewidth": 2.5 if case in emphasised else 1.3,
+            "markersize": 5,
         }
-        for i, case in enumerate(cases)
-    }
+    return styles
 
 
 def figure(rows: list[Row], machine: str):
@@ -120,6 +161,7 @@ def figure(rows: list[Row], machine: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import StrMethodFormatter
 
     benches = list(dict.fromkeys(r.bench for r in rows))
     fig, axes = plt.subplots(1, len(benches), figsize=(9 * len(benches), 5), squeeze=False)
@@ -127,12 +169,16 @@ def figure(rows: list[Row], machine: str):
         k = min(r.k for r in rows if r.bench == bench)
         cases = list(dict.fromkeys(r.case for r in rows if r.bench == bench))
         styles = series_styles(cases, emphasised=(BASELINE[bench], PROJUNN_REFERENCE[bench]))
+        # The legend lists the cases of one method (one colour) together, baselines first.
+        colours = list(dict.fromkeys(styles[case]["color"] for case in [BASELINE[bench], *cases] if case in styles))
+        cases.sort(key=lambda case: colours.index(styles[case]["color"]))
         for case in cases:
             points = [(r.N, r.ms) for r in rows if (r.bench, r.k, r.case) == (bench, k, case) and r.ms is not None]
             if points:
                 sizes, times = zip(*points)
-                ax.plot(sizes, times, label=case, **styles[case])
+                ax.plot(sizes, times, label=LEGEND_LABELS.get(case, case), **styles[case])
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))  # 1,024 rather than 2^10
         ax.set_yscale("log")
         ax.set_xlabel("N")
         ax.set_ylabel("ms per step (median)")

@@ -85,6 +85,9 @@ class Task:
     model_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Options of ``paper`` that the paper itself varies, so ``preset="paper"`` lets them be set.
     paper_free: tuple[str, ...] = ()
+    #: What the loss and the accuracy measure, in the words of a plot's axis.
+    loss_label: str = "loss"
+    accuracy_label: str = "accuracy"
 
     def prepare(self, config, device: torch.device) -> RunData:
         """The data of one run with these (resolved) settings, on ``device``."""
@@ -251,6 +254,8 @@ class CopyTask(_SequenceTask):
             ),
             paper_free=("seq_len",),
             has_accuracy=True,
+            loss_label="cross-entropy per time step",
+            accuracy_label="recall of the copied symbols",
         )
 
     def baseline(self, config):
@@ -322,6 +327,8 @@ class AddingTask(_SequenceTask):
             ),
             paper_free=("seq_len",),
             has_accuracy=True,
+            loss_label="squared error of the sum",
+            accuracy_label=f"share within {ADDING_TOLERANCE} of the sum",
         )
 
     def baseline(self, config):
@@ -353,6 +360,9 @@ class _ClassificationTask(Task):
 
     #: Also score this many training images at the end (None: do not).
     train_sample: int | None = None
+
+    def __init__(self, **fields):
+        super().__init__(loss_label="cross-entropy", **fields)
 
     def loss(self, model, x, y):
         logits = model(x)
@@ -529,6 +539,7 @@ class UnitaryTargetTask(Task):
             ),
             paper=dict(hidden=2048, steps=1000, batch_size=128),
             options=frozenset({"hidden", "complex"}),
+            loss_label="squared error per coordinate",
         )
 
     #: Input/output pairs in the fixed held-out set.
