@@ -199,7 +199,8 @@ def _add_optimisation_flags(add) -> None:
     add(
         "--eval-limit",
         type=_positive_int,
-        help="MNIST and image tasks: score at most this many validation/test/training images (default: all)",
+        help="MNIST and image tasks: score at most this many images in each pass over validation, test or "
+        "training images (default: all; a short MNIST run spends most of its time scoring ~26,000 images)",
     )
 
 
@@ -452,9 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         return _run_bench(args)
     config = DemoConfig(**options)
-    result = run_demo(config)
     settings = ", ".join(f"{k}={v}" for k, v in asdict(config).items() if k != "quiet")
-    print(f"projunn demo ({settings})")
+    print(f"projunn demo ({settings})", flush=True)  # before the progress bar, which goes to stderr
+    result = run_demo(config)
     print(
         f"loss {result['initial_loss']:.4g} -> {result['final_loss']:.3g} in {result['seconds']:.1f} s; "
         f"max unitarity error ||W^H W - I||_F = {result['max_unitarity_error']:.2e}"

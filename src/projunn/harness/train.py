@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import math
 import pathlib
 import signal
@@ -166,17 +167,20 @@ def _train_steps(run: _Run) -> _Outcome:
                     state.seconds = clock.seconds()
                     _evaluation_row(run, bar)
                     if out_of_time:
+                        bar.close()  # the bar's last state above the message, not redrawn below it
                         run.log(f"time budget of {config.max_minutes} min reached at step {state.step}")
                         return _Outcome.OUT_OF_TIME
                 if signum:
                     run.stop_signal = signal.Signals(int(signum)).name
                     state.seconds = clock.seconds()
                     _save_checkpoint(run)  # at a clean step boundary: the checkpoint continues exactly
+                    bar.close()
                     run.log(f"interrupted at step {state.step}; checkpoint saved in {run.out} (continue with `resume`)")
                     return _Outcome.INTERRUPTED
         except KeyboardInterrupt as stop:
             run.stop_signal = signal.Signals(getattr(stop, "signum", signal.SIGINT)).name
             state.step = state.history[-1]["step"] if state.history else 0
+            bar.close()
             run.log(f"stopped; the checkpoint of step {state.step} in {run.out} is kept (continue with `resume`)")
             return _Outcome.INTERRUPTED
     return _Outcome.DONE
@@ -215,7 +219,7 @@ def _open_run(
                 claim, failed_start=kind is not None and not issubclass(kind, RunDivergedError)
             )
         )
-    run = _Run(config, claim.out, replicas, device, built, trained, state, log)
+    run = _Run(config, claim.out, replicas, device, built, trained, state, _above_bars(log))
     if replicas.is_main:
         run.loggers = open_loggers(config, run.out, cleanup, loggers)
         write_json(run.out / "config.json", stored_settings(config))
@@ -291,7 +295,7 @@ def _evaluation_row(run: _Run, bar) -> None:
     """Score the model on held-out data; record, write and show the row; checkpoint a finite state."""
     state = run.state
     with torch.no_grad(), run.cached():
-        scores = run.built.data.evaluate(run.built.model)
+        scores = run.built.data.evaluate(run.built.model, progress=_scoring_bar(run))
     row = {
         "step": state.step,
         "seconds": round(state.seconds, 3),
@@ -355,7 +359,7 @@ def _summarise(run: _Run, outcome: _Outcome) -> dict[str, Any]:
     final = {}
     if outcome in (_Outcome.DONE, _Outcome.OUT_OF_TIME):
         with torch.no_grad(), run.cached():
-            final = run.built.data.test(run.built.model)
+            final = run.built.data.test(run.built.model, progress=_scoring_bar(run))
     summary = _summary(run, outcome, final)
     if run.replicas.is_main:
         write_json(run.out / "summary.json", summary)
@@ -476,6 +480,27 @@ def _stop_guard(log):
 
     with _handled(request_stop):
         yield requested
+
+
+def _scoring_bar(run: _Run):
+    """Bars for the passes over held-out data, shown where the training bar is (scoring ~26,000 images
+    takes minutes) and removed when a pass ends; ``--eval-limit`` shortens the image tasks' passes."""
+    from tqdm.auto import tqdm
+
+    return functools.partial(tqdm, leave=False, disable=run.lines or not run.replicas.is_main)
+
+
+def _above_bars(log):
+    """``log`` with any progress bars cleared while it writes and redrawn after, so that a line
+    (Ctrl-C's "stopping after this step") does not land inside a bar."""
+
+    def say(message: str) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm.external_write_mode():
+            log(message)
+
+    return say
 
 
 def _progress_bar(run: _Run):

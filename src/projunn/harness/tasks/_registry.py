@@ -113,6 +113,23 @@ def _evaluating(model: torch.nn.Module):
         model.train(was_training)
 
 
+class Unwatched:
+    """The progress of a scoring pass that nobody watches: ``with progress(total=n, desc=...) as bar``,
+    then ``bar.update(examples)`` after each chunk, shows nothing. ``tqdm`` has the same interface."""
+
+    def __init__(self, **settings: Any):
+        pass
+
+    def __enter__(self) -> Unwatched:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        return None
+
+    def update(self, examples: int) -> None:
+        pass
+
+
 class RunData:
     """A task prepared for one run: it owns the run's tensors, makes its batches and scores its model.
 
@@ -135,13 +152,17 @@ class RunData:
     def loss(self, model, x, y) -> tuple[torch.Tensor, float | None]:
         return self.task.loss(model, x, y)
 
-    def evaluate(self, model) -> dict[str, float]:
-        """Held-out ``eval_loss``, ``eval_baseline`` and, where the task has one, ``eval_accuracy``."""
+    def evaluate(self, model, *, progress=Unwatched) -> dict[str, float]:
+        """Held-out ``eval_loss``, ``eval_baseline`` and, where the task has one, ``eval_accuracy``.
+
+        ``progress`` is told how far a long pass has got (see :class:`Unwatched`; ``projunn train``
+        passes a tqdm bar on a terminal).
+        """
         raise NotImplementedError
 
-    def test(self, model) -> dict[str, float]:
+    def test(self, model, *, progress=Unwatched) -> dict[str, float]:
         """Final numbers for summary.json (the held-out evaluation unless a test set exists)."""
-        return self.evaluate(model)
+        return self.evaluate(model, progress=progress)
 
 
 class _SequenceTask(Task):
@@ -201,15 +222,16 @@ class _SequenceData(RunData):
         x, y = self.task.generate(config.batch_size, config.seq_len, generator=_stream("train", config.seed, step))
         return x.to(self.device), y.to(self.device)
 
-    def evaluate(self, model):
+    def evaluate(self, model, *, progress=Unwatched):
         x, y = self.held_out
         totals: dict[str, float] = {}
-        with _evaluating(model):
+        with _evaluating(model), progress(total=len(x), desc="held-out set", unit="seq") as bar:
             for start in range(0, len(x), EVAL_CHUNK):
                 rows = slice(start, start + EVAL_CHUNK)
                 chunk = self.task.score_chunk(model, x[rows].to(self.device), y[rows].to(self.device))
                 for key, value in chunk.items():
                     totals[key] = totals.get(key, 0.0) + value
+                bar.update(len(x[rows]))
         return self.task.finish(totals, y)
 
 
@@ -369,6 +391,9 @@ class _ClassificationTask(Task):
         return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean().item()
 
 
+_SPLIT_NAMES = {"val": "validation set", "test": "test set", "train": "training sample"}
+
+
 class _ClassificationData(RunData):
     """Training, validation and test splits (on the CPU); ``inputs`` maps raw examples to model inputs."""
 
@@ -399,15 +424,16 @@ class _ClassificationData(RunData):
         rows = self._epoch_order[1][index * size : (index + 1) * size]
         return self.inputs(train_x[rows]), train_y[rows].to(self.device)
 
-    def _score(self, model, split: str, limit: int | None = None) -> tuple[float, float]:
+    def _score(self, model, split: str, limit: int | None, progress) -> tuple[float, float]:
         xs, ys = (part[:limit] for part in self.splits[split])
         total_loss = correct = 0.0
-        with _evaluating(model):
+        with _evaluating(model), progress(total=len(xs), desc=_SPLIT_NAMES[split], unit="image") as bar:
             for start in range(0, len(xs), 500):
                 logits = model(self.inputs(xs[start : start + 500]))
                 y = ys[start : start + 500].to(self.device)
                 total_loss += F.cross_entropy(logits, y, reduction="sum").item()
                 correct += (logits.argmax(-1) == y).sum().item()
+                bar.update(len(y))
         return total_loss / len(xs), correct / len(xs)
 
     def _prior_loss(self, split: str, limit: int | None) -> float:
@@ -418,18 +444,18 @@ class _ClassificationData(RunData):
         labels = labels[labels < len(log_prior)]  # a class absent from training has no prior: skip it
         return -log_prior[labels].mean().item()
 
-    def evaluate(self, model):
+    def evaluate(self, model, *, progress=Unwatched):
         limit = self.config.eval_limit
-        loss, accuracy = self._score(model, "val", limit)
+        loss, accuracy = self._score(model, "val", limit, progress)
         return {"eval_loss": loss, "eval_accuracy": accuracy, "eval_baseline": self._prior_loss("val", limit)}
 
-    def test(self, model):
+    def test(self, model, *, progress=Unwatched):
         limit = self.config.eval_limit
-        loss, accuracy = self._score(model, "test", limit)
+        loss, accuracy = self._score(model, "test", limit, progress)
         scores = {"test_loss": loss, "test_accuracy": accuracy, "test_baseline": self._prior_loss("test", limit)}
         sample = self.task.train_sample
         if sample:
-            train_loss, train_accuracy = self._score(model, "train", min(sample, limit or sample))
+            train_loss, train_accuracy = self._score(model, "train", min(sample, limit or sample), progress)
             scores |= {"train_eval_loss": train_loss, "train_accuracy": train_accuracy}
         return scores
 
@@ -580,7 +606,7 @@ class _UnitaryData(RunData):
         ).to(self.device)
         return x, x @ self.target.mT
 
-    def evaluate(self, model):
+    def evaluate(self, model, *, progress=Unwatched):  # one product: nothing to show
         x, y = self.held_out
         with torch.no_grad():
             loss, _ = self.loss(model, x, y)
