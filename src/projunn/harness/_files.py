@@ -17,9 +17,11 @@ __all__ = [
     "FolderBusyError",
     "atomic_write",
     "describe_os_error",
+    "list_names",
     "lock_folder",
     "make_new_folder",
     "unlock_folder",
+    "visible_entries",
 ]
 
 #: The lock file inside a run folder; the process holding its lock owns the folder.
@@ -50,6 +52,17 @@ def describe_os_error(error: OSError) -> str:
     if error.errno in errno.errorcode:
         return f"{error.strerror or os.strerror(error.errno)} (errno {errno.errorcode[error.errno]})"
     return str(error)
+
+
+def visible_entries(folder: pathlib.Path) -> list[str]:
+    """The names in ``folder``, sorted, without hidden ones (a lock, a temporary file being written)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def list_names(names: list[str], shown: int = 3) -> str:
+    """``a, b, c and 4 more``: a few names for a one-line message."""
+    rest = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {rest} more" if rest > 0 else "")
 
 
 def make_new_folder(base: pathlib.Path) -> pathlib.Path:

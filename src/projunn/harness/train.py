@@ -59,7 +59,7 @@ from ._folder import (
     write_json,
     write_metrics,
 )
-from ._loggers import open_loggers
+from ._loggers import check_loggers, open_loggers
 from ._plot import plot_curves
 from ._sharding import full_state, load_full_state, shard_model
 from ._state import RunState
@@ -203,6 +203,7 @@ def _open_run(
     if config.out is not None:  # a default name is made unique instead
         replicas.on_main(lambda: check_out_dir(out, config))
     _check_sharding(config, replicas)
+    check_loggers(config)
     device = pick_device(device_name)
     check_fits(config, device, replicas.world)
     torch.manual_seed(config.seed)  # the same model on every replica
@@ -371,7 +372,7 @@ def _summarise(run: _Run, outcome: _Outcome) -> dict[str, Any]:
         checkpoint = (
             f"the checkpoint of step {kept} in {run.out} is kept"
             if kept is not None
-            else f"{run.out} has no checkpoint"
+            else f"{run.out} has no checkpoint, so a rerun with the same `out` starts afresh"
         )
         raise RunDivergedError(
             f"stopped at step {state.step}: {state.failing} steps in a row had a non-finite loss or a skipped "

@@ -27,6 +27,7 @@ as skipped with the reason, as are O(N^3) cases above ``dense_max`` /
 
 from __future__ import annotations
 
+import os
 import pathlib
 import platform
 import time
@@ -37,6 +38,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .._allocator import reuse_freed_memory
+from .._files import list_names, visible_entries
+from .._folder import RUN_ENTRIES
+from .._memory import available_bytes, format_bytes
 from ._cases import (
     CASE_NAMES,
     HEADLINE_CASES,
@@ -44,6 +48,7 @@ from ._cases import (
     Skip,
     layer_cases,
     layer_cases_full_rank,
+    peak_bytes,
     update_cases,
     update_cases_full_rank,
 )
@@ -56,9 +61,11 @@ __all__ = [
     "CASE_NAMES",
     "HEADLINE_CASES",
     "QUICK",
+    "RESULT_FILES",
     "BenchConfig",
     "CollectiveBytes",
     "Measurement",
+    "check_out",
     "describe_machine",
     "measure",
     "run_bench",
@@ -66,6 +73,8 @@ __all__ = [
 ]
 
 BENCHES = ("update", "layer", "sharded")
+#: What a bench writes into its folder (:func:`write_reports`).
+RESULT_FILES = ("results.csv", "results.md", "results.png")
 #: What a run measures unless told otherwise: the sharded benchmark starts processes, so it is asked for.
 DEFAULT_BENCHES = ("update", "layer")
 
@@ -131,6 +140,55 @@ def _validate(config: BenchConfig) -> None:
         raise ValueError(f"benches must be among {', '.join(BENCHES)}, got {config.benches}")
 
 
+def _check_memory(config: BenchConfig, device: torch.device) -> None:
+    """Refuse, before anything is allocated, sizes the device plainly cannot hold (as ``projunn train`` does).
+
+    Each size's cases are freed before the next size's are built, so the largest size decides.
+    """
+    n = max(config.sizes)
+    for bench in config.benches:
+        # The sharded benchmark runs on CPU processes whatever the device (see _sharded).
+        where = torch.device("cpu") if bench == "sharded" else device
+        needed, available = peak_bytes(bench, n, config), available_bytes(where)
+        if available is not None and needed > available:
+            raise ValueError(
+                f"the {bench} benchmark at N = {n} needs about {format_bytes(needed)} of memory, more than the "
+                f"{format_bytes(available)} available on {where.type}; choose smaller --sizes"
+            )
+
+
+def check_out(out: pathlib.Path, *, overwrite: bool) -> None:
+    """Refuse, before anything is measured, a folder the results cannot go into or would silently replace.
+
+    As ``projunn train`` treats its folder: earlier results are replaced, and other files written
+    beside, only with ``overwrite``. A training run's folder is refused even then: results
+    dropped among a run's files would read as that run's.
+
+    Raises:
+        ValueError: one line saying what is in the way.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if not out.exists():
+        ancestor = next(p for p in out.absolute().parents if p.exists())
+        if not ancestor.is_dir():
+            raise ValueError(f"cannot create --out {out}: {ancestor} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot create --out {out}: {ancestor} is not writable")
+        return
+    names = visible_entries(out)
+    if RUN_ENTRIES.intersection(names):
+        raise ValueError(f"{out} holds a training run; choose another --out for the bench results")
+    if overwrite or not names:
+        return
+    if set(RESULT_FILES).intersection(names):
+        raise ValueError(f"{out} already holds bench results; pass --overwrite to replace them")
+    raise ValueError(
+        f"{out} holds files that are not bench results ({list_names(names)}); choose an empty or new folder, "
+        "or pass --overwrite to write the results beside them"
+    )
+
+
 def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = print) -> tuple[list[Row], str]:
     """Measure every case of the grid; returns the rows (with ratios) and the machine line.
 
@@ -142,6 +200,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = print)
     """
     _validate(config)
     device = _device(config.device)
+    _check_memory(config, device)
     machine = describe_machine(device)
     if reuse_freed_memory():
         machine += ", freed memory kept for reuse"

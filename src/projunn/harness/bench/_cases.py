@@ -34,6 +34,7 @@ __all__ = [
     "Skip",
     "layer_cases",
     "layer_cases_full_rank",
+    "peak_bytes",
     "update_cases",
     "update_cases_full_rank",
 ]
@@ -79,6 +80,21 @@ CASE_NAMES = {
         "geotorch cayley",
     ),
 }
+
+
+#: N x N float32 matrices a benchmark holds at its peak at one size: the inputs, outputs, weights,
+#: gradients and optimiser state of every case built for the size, the float64 Haar initialisation's
+#: temporaries and the timed step's own; without and with the O(N^3) cases (N up to ``dense_max``
+#: for update, ``peer_max`` for layer). Peak resident memory of ``run_bench`` at N = 2048, k = 1 on a
+#: CPU, above the process's before: 17 and 54 (update), 33 and 125 (layer), about 24 in each of the
+#: sharded benchmark's 2 processes. Rounded down, so that only sizes that plainly cannot fit are refused.
+_PEAK_MATRICES = {"update": (16, 48), "layer": (30, 110), "sharded": (40, 40)}
+
+
+def peak_bytes(bench: str, n: int, config) -> int:
+    """Rough peak memory of one benchmark at size ``n`` under ``config``'s O(N^3) caps, in bytes (an underestimate)."""
+    cap = {"update": config.dense_max, "layer": config.peer_max}.get(bench, 0)
+    return _PEAK_MATRICES[bench][n <= cap] * n * n * 4
 
 
 def _headline(name: str) -> bool:

@@ -62,8 +62,19 @@ def _stream(*parts: object) -> torch.Generator:
 
 #: Settings only some tasks take; each task lists those it takes in ``Task.options`` and the
 #: others are refused when set (every task takes the rest of TrainConfig's fields).
-TASK_OPTIONS = ("hidden", "seq_len", "model", "depth", "channels", "nonlinearity", "epochs", "eval_limit", "complex")
-_RNN_OPTIONS = frozenset({"hidden", "nonlinearity", "complex"})
+TASK_OPTIONS = (
+    "hidden",
+    "seq_len",
+    "model",
+    "depth",
+    "channels",
+    "nonlinearity",
+    "input_init",
+    "epochs",
+    "eval_limit",
+    "complex",
+)
+_RNN_OPTIONS = frozenset({"hidden", "nonlinearity", "input_init", "complex"})
 
 
 @dataclass
