@@ -299,7 +299,13 @@ BAD = [
     ),
     ("parametrised", _parametrised, {}, ValueError, "'weight' of ParametrizedLinear.*already parametrised"),
     ("twice", _constrained, {}, ValueError, "'weight' of Linear.*already constrained"),
-    ("built-in", lambda: UnitaryLinear(4), {}, ValueError, "'weight' of UnitaryLinear.*already declares it unitary"),
+    (
+        "built-in",
+        lambda: UnitaryLinear(4),
+        {},
+        ValueError,
+        "'weight' of UnitaryLinear.*already constrained \\(by unitary_ or by its layer\\)",
+    ),
     ("tied", _tied, {"name": "1.weight"}, ValueError, "'1.weight' of Linear.*tied to '0.weight'"),
     ("strides", _channels_last, {"kind": "kernel"}, ValueError, "'weight' of Conv2d.*contiguous"),
     ("not unitary", lambda: torch.nn.Linear(4, 4), {"project": False}, ValueError, "'weight' of Linear.*project=True"),
@@ -343,3 +349,132 @@ def test_constraints_are_read_only_and_public():
     assert dict(constraints(torch.nn.Linear(4, 4))) == {}
     with pytest.raises(TypeError):
         constraints(layer)["bias"] = UnitaryConstraint()
+
+
+# -- a constraint holds however the optimiser is built ------------------------------------------------
+
+
+def _mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+
+def _state_dict_loaded(model: torch.nn.Module) -> torch.nn.Module:
+    fresh = unitary_(_mlp(), "0.weight")
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+def _pickled(model: torch.nn.Module) -> torch.nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _plain_steps(model: torch.nn.Module, optimizer, inputs: torch.Tensor, steps: int = 30) -> None:
+    for _ in range(steps):
+        optimizer.zero_grad()
+        out = model(inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        (out - 0.5).abs().square().mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "copied", [lambda m: m, copy.deepcopy, _pickled, _state_dict_loaded], ids=["itself", "deepcopy", "pickled", "state"]
+)
+@pytest.mark.parametrize("base", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_a_constrained_weight_stays_unitary_in_an_optimiser_built_from_model_parameters(copied, base):
+    model = copied(unitary_(_mlp(), "0.weight"))
+    opt = ProjUNN(base(model.parameters(), lr=0.05), seed=0)
+    start = model[0].weight.detach().clone()
+    _plain_steps(model, opt, torch.randn(16, 8, dtype=F64))
+    assert not torch.allclose(model[0].weight.detach(), start)  # it trained
+    assert unitarity_error(model[0].weight.detach()) < TOL
+    assert unitarity_error(model[2].weight.detach()[:, :3].T) > 0.1  # the other weights are left alone
+
+
+def test_in_an_ordinary_group_a_constrained_weight_steps_as_in_a_unitary_group_of_the_same_settings():
+    x = torch.randn(16, 8, dtype=F64)
+    runs = []
+    for groups in (lambda m: m.parameters(), lambda m: param_groups(m)):
+        model = unitary_(_mlp(), "0.weight")
+        _plain_steps(model, ProjUNN(torch.optim.Adam(groups(model), lr=0.05), seed=0), x)
+        runs.append(model.state_dict())
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]), key
+
+
+@pytest.mark.parametrize(
+    "module, inputs, name",
+    [
+        (lambda: unitary_(torch.nn.Conv2d(2, 6, 3, padding=1, dtype=F64), kind="kernel"), (2, 2, 5, 5), "weight"),
+        (lambda: unitary_(torch.nn.GRU(3, 5, dtype=F64), "weight_hh_l0", blocks=3), (6, 2, 3), "weight_hh_l0"),
+        (lambda: torch.nn.Sequential(UnitaryLinear(6, dtype=F64), torch.nn.Tanh()), (4, 6), "0.weight"),
+    ],
+    ids=["conv kernel", "gate blocks", "built-in layer"],
+)
+def test_kernels_gate_blocks_and_built_in_layers_hold_with_model_parameters(module, inputs, name):
+    module = module()
+    opt = ProjUNN(torch.optim.Adam(module.parameters(), lr=0.05), seed=0)
+    _plain_steps(module, opt, torch.randn(inputs, dtype=F64))
+    owner_path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    constraint = constraints(module)[name]
+    assert unitarity_error(constraint.matrix(getattr(owner, attr).detach())).max() < TOL
+
+
+def test_a_weight_constrained_after_the_optimiser_was_built_is_kept_unitary_from_then_on():
+    model = _mlp()
+    opt = ProjUNN(torch.optim.Adam(model.parameters(), lr=0.05), seed=0)
+    _plain_steps(model, opt, torch.randn(16, 8, dtype=F64), steps=2)
+    unitary_(model, "0.weight")
+    _plain_steps(model, opt, torch.randn(16, 8, dtype=F64))
+    assert unitarity_error(model[0].weight.detach()) < TOL
+    remove_unitary_(model, "0.weight")  # and an ordinary weight again: plain steps leave the group
+    _plain_steps(model, opt, torch.randn(16, 8, dtype=F64))
+    assert unitarity_error(model[0].weight.detach()) > 1e-3
+
+
+def test_a_group_added_later_keeps_its_constrained_weight_unitary():
+    model = unitary_(_mlp(), "0.weight")
+    opt = ProjUNN(torch.optim.Adam(model[2].parameters(), lr=0.05), seed=0)
+    opt.add_param_group({"params": list(model[0].parameters())})
+    _plain_steps(model, opt, torch.randn(16, 8, dtype=F64))
+    assert unitarity_error(model[0].weight.detach()) < TOL
+
+
+def test_a_group_that_contradicts_the_constraints_view_is_refused_in_one_line():
+    gru = unitary_(torch.nn.GRU(3, 5, dtype=F64), "weight_hh_l0", blocks=3)
+    group = {"params": [gru.weight_hh_l0], "unitary": True, "matrix_shape": (15, 5)}
+    with pytest.raises(ValueError, match=r"GRU.weight_hh_l0 is constrained as matrices of shape \(3, 5, 5\)"):
+        ProjUNN(torch.optim.Adam([group], lr=0.05))
+
+
+def test_constraints_are_looked_up_only_when_groups_or_constraints_change(monkeypatch):
+    from projunn.optim import _projunn
+
+    model = unitary_(_mlp(), "0.weight")
+    opt = ProjUNN(torch.optim.Adam(model.parameters(), lr=0.05), seed=0)
+    lookups = []
+    real = _projunn.constrained_weights
+    monkeypatch.setattr(_projunn, "constrained_weights", lambda: lookups.append(1) or real())
+    _plain_steps(model, opt, torch.randn(16, 8, dtype=F64), steps=5)
+    assert lookups == []  # nothing per step
+    copy.deepcopy(model)  # a copy anywhere registers a constraint: the next step looks again, once
+    _plain_steps(model, opt, torch.randn(16, 8, dtype=F64), steps=5)
+    assert len(lookups) == len(opt.param_groups)
+
+
+def test_queries_accept_the_dotted_names_unitary_accepts():
+    model = unitary_(_mlp(), "0.weight")
+    assert is_constrained(model, "0.weight") and not is_constrained(model, "2.weight")
+    assert is_constrained(model) and not is_constrained(_mlp())
+    assert dict(constraints(model)) == {"0.weight": UnitaryConstraint("matrix", 1)}
+    nested = torch.nn.Sequential(
+        torch.nn.Sequential(UnitaryLinear(4)), unitary_(torch.nn.GRU(4, 4), blocks=1, name="weight_hh_l0")
+    )
+    assert set(constraints(nested)) == {"0.0.weight", "1.weight_hh_l0"}
+    remove_unitary_(model, "0.weight")
+    assert dict(constraints(model)) == {}

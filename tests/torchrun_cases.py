@@ -55,7 +55,9 @@ def _run(case) -> bool:
     with signalled:
         status = cli.main(case["argv"])
     if status != case["status"]:
-        print(f"rank {dist.get_rank()}: {case['argv']} exited with {status}, expected {case['status']}", file=sys.stderr)
+        print(
+            f"rank {dist.get_rank()}: {case['argv']} exited with {status}, expected {case['status']}", file=sys.stderr
+        )
     return status == case["status"]
 
 

@@ -3,16 +3,35 @@
 Note [Constraints live on the module]
 -------------------------------------
 :func:`unitary_` records ``{parameter name: UnitaryConstraint}`` in the
-module's own ``__dict__`` (under ``_projunn_constraints``), next to the
-class-level rule ``unitary_parameter_names`` of the built-in layers. The
-parameter itself stays a plain ``nn.Parameter`` with its usual name and
-shape, so the forward pass, ``state_dict`` keys and checkpoints of the module
-are those of the unconstrained module, and a module attribute, unlike an
-attribute stuck on a Parameter object, is kept by ``copy.deepcopy``, pickling
-(``torch.save`` of the whole model) and wrappers that re-create parameters
-(FSDP). :func:`projunn.optim.param_groups` reads the record and puts the
-parameter in a unitary group; a ``state_dict`` round trip keeps the module,
-hence the record, and loads only values.
+module's own ``__dict__`` (under ``_projunn_constraints``); the built-in
+layers (:class:`projunn.nn.UnitaryLinear` and the others) record their
+unitary weights there in ``__init__`` the same way. The parameter itself
+stays a plain ``nn.Parameter`` with its usual name and shape, so the forward
+pass, ``state_dict`` keys and checkpoints of the module are those of the
+unconstrained module, and a module attribute, unlike an attribute stuck on a
+Parameter object, is kept by ``copy.deepcopy``, pickling (``torch.save`` of
+the whole model) and wrappers that re-create parameters (FSDP).
+:func:`projunn.optim.param_groups` reads the record and puts the parameter in
+a unitary group; a ``state_dict`` round trip keeps the module, hence the
+record, and loads only values.
+
+Note [Finding constrained weights]
+----------------------------------
+An optimiser is usually built from ``model.parameters()``, which says nothing
+about constraints, and :class:`projunn.optim.ProjUNN` sees only the base
+optimiser's parameters, never the model. So that a constrained weight is kept
+unitary wherever it sits in the optimiser's groups, every module holding a
+record is also registered in a weak set of modules (a module that is freed
+leaves it): :func:`unitary_` and the built-in layers register theirs, and the
+record, which knows its module through a weak reference, registers the copy
+whenever the module is copied (``copy.deepcopy``) or unpickled
+(``torch.load`` of a whole model). :func:`constrained_weights` reads the
+modules' current parameters at the time it is called, so a parameter
+replaced after the constraint (``module.weight = nn.Parameter(...)``, FSDP's
+sharded parameters) is the one found. Every change of a record advances
+:func:`constraint_generation`, which ProjUNN compares once per step to decide
+whether its parameters need looking up again: weights that are not
+constrained cost nothing per step.
 
 Note [Matrix views]
 -------------------
@@ -40,6 +59,7 @@ own shape.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -50,12 +70,33 @@ from torch.nn.utils import parametrize
 from .._validation import SUPPORTED_DTYPES, check_choice, check_int
 from ..functional import closest_unitary, unitarity_error
 
-__all__ = ["KINDS", "UnitaryConstraint", "constraints", "is_constrained", "remove_unitary_", "unitary_"]
+__all__ = [
+    "KINDS",
+    "UnitaryConstraint",
+    "constraints",
+    "is_constrained",
+    "remove_unitary_",
+    "unitary_",
+]
 
 #: How a constrained tensor is read as matrices (Note [Matrix views]).
 KINDS = ("matrix", "kernel")
 
 _RECORD = "_projunn_constraints"
+
+# Note [Finding constrained weights]: the modules that hold a record, and a count of record changes.
+_owners: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_changes = [0]
+
+
+def _register(owner: torch.nn.Module) -> None:
+    _owners.add(owner)
+    _changes[0] += 1
+
+
+def constraint_generation() -> int:
+    """A number that changes whenever a constraint is added, removed, copied or unpickled anywhere."""
+    return _changes[0]
 
 
 @dataclass(frozen=True)
@@ -82,8 +123,6 @@ class UnitaryConstraint:
             raise ValueError(f"shape {tuple(shape)} has {rows} rows, which do not split into blocks={self.blocks}")
         if self.blocks > 1:
             batch, rows = [*batch, self.blocks], rows // self.blocks
-        if 0 in (*batch, rows, cols):
-            raise ValueError(f"shape {tuple(shape)} has an empty dimension")
         return (*batch, rows, cols)
 
     def matrix(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -91,25 +130,98 @@ class UnitaryConstraint:
         return tensor.view(self.matrix_shape(tensor.shape))
 
 
-def constraints(module: torch.nn.Module) -> Mapping[str, UnitaryConstraint]:
-    """The constraints :func:`unitary_` recorded on ``module`` itself (not its children), read-only.
+class _Record(dict):
+    """{parameter name: UnitaryConstraint} of one module, stored in its ``__dict__``.
 
-    See Note [Constraints live on the module]. :func:`projunn.optim.param_groups`
-    reads them, together with the class-level ``unitary_parameter_names``.
+    A dict that knows its module (weakly), so that a copy of the module registers itself: see
+    Note [Finding constrained weights].
+    """
+
+    def __init__(self, owner: torch.nn.Module, entries: Mapping[str, UnitaryConstraint]):
+        super().__init__(entries)
+        self._owner = weakref.ref(owner)
+        _register(owner)
+
+    def __deepcopy__(self, memo: dict) -> dict:
+        # Copied as part of its module, whose copy deepcopy has already made and put in ``memo``.
+        owner = self._owner()
+        copied = memo.get(id(owner), owner)
+        return dict(self) if copied is None else _Record(copied, self)
+
+    def __reduce__(self):
+        # Pickled within its module's state: pickle has the module already and restores the reference.
+        return (_Record, (self._owner(), dict(self)))
+
+
+def own_constraints(module: torch.nn.Module) -> Mapping[str, UnitaryConstraint]:
+    return module.__dict__.get(_RECORD, {})
+
+
+def _record(module: torch.nn.Module, name: str, constraint: UnitaryConstraint | None) -> None:
+    """Set (or, with None, remove) the constraint of ``module``'s parameter ``name``."""
+    entries = {**own_constraints(module), name: constraint}
+    if constraint is None:
+        del entries[name]
+    if entries:
+        module.__dict__[_RECORD] = _Record(module, entries)
+    else:
+        module.__dict__.pop(_RECORD, None)
+        _changes[0] += 1
+
+
+def declare_unitary(module: torch.nn.Module, *names: str) -> None:
+    """Record ``module``'s parameters ``names`` as (batches of) unitary matrices, in the layer's ``__init__``.
+
+    What the built-in layers call for the weights they keep unitary; no value is checked or changed.
+    """
+    for name in names:
+        _record(module, name, UnitaryConstraint())
+
+
+def constrained_weights() -> dict[int, tuple[torch.nn.Parameter, UnitaryConstraint, str]]:
+    """Every constrained parameter of every live module: id -> (parameter, constraint, "Class.name").
+
+    See Note [Finding constrained weights]; the parameters are read from their modules now.
+    """
+    found = {}
+    for owner in list(_owners):
+        for name, constraint in own_constraints(owner).items():
+            param = owner._parameters.get(name)
+            if param is not None:
+                found[id(param)] = (param, constraint, f"{type(owner).__name__}.{name}")
+    return found
+
+
+def constraints(module: torch.nn.Module) -> Mapping[str, UnitaryConstraint]:
+    """The unitary parameters of ``module`` and its submodules, with their constraints, read-only.
+
+    Those :func:`unitary_` constrained and those of the built-in layers
+    (:class:`projunn.nn.UnitaryLinear`, ...), under the dotted names
+    ``module.named_parameters()`` gives them (see Note [Constraints live on the module]).
+    :func:`projunn.optim.param_groups` puts exactly these in unitary groups.
 
     Returns:
-        {parameter name: :class:`UnitaryConstraint`}, empty if none.
+        {qualified parameter name: :class:`UnitaryConstraint`}, empty if none.
 
     Example:
-        >>> layer = unitary_(torch.nn.Linear(4, 4))
-        >>> dict(constraints(layer))
-        {'weight': UnitaryConstraint(kind='matrix', blocks=1)}
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+        >>> dict(constraints(unitary_(model, "0.weight")))
+        {'0.weight': UnitaryConstraint(kind='matrix', blocks=1)}
     """
-    return MappingProxyType(module.__dict__.get(_RECORD, {}))
+    return MappingProxyType(
+        {
+            f"{prefix}.{name}" if prefix else name: constraint
+            for prefix, sub in module.named_modules()
+            for name, constraint in own_constraints(sub).items()
+        }
+    )
 
 
 def is_constrained(module: torch.nn.Module, name: str | None = None) -> bool:
-    """Whether :func:`unitary_` constrained ``module``'s parameter ``name`` (any of its parameters if None)."""
+    """Whether ``module``'s parameter ``name`` is kept unitary (any parameter below ``module`` if None).
+
+    ``name`` may be a dotted path below ``module``, as for :func:`unitary_`.
+    """
     found = constraints(module)
     return bool(found) if name is None else name in found
 
@@ -182,8 +294,8 @@ def unitary_(
             precisions are refused: keep a float32 weight and use
             ``torch.autocast``).
         ValueError: no such parameter; a parameter already parametrised
-            (``torch.nn.utils.parametrize``), already constrained, declared
-            unitary by its class, or tied; a shape with no such matrix view;
+            (``torch.nn.utils.parametrize``), already constrained (by this
+            function or by its layer, e.g. ``UnitaryLinear.weight``), or tied; a shape with no such matrix view;
             an unknown ``kind``; ``blocks`` < 1; with ``project=False``, a
             value that is not (semi-)unitary.
 
@@ -222,10 +334,11 @@ def unitary_(
     if param is None:
         found = "is None" if attr in owner._parameters else "does not exist"
         raise refuse(f"the parameter {found}; parameters: {', '.join(owner._parameters) or 'none'}")
-    if attr in constraints(owner):
-        raise refuse("it is already constrained; call projunn.nn.remove_unitary_ first to change the constraint")
-    if attr in getattr(type(owner), "unitary_parameter_names", ()):
-        raise refuse(f"{type(owner).__name__} already declares it unitary (unitary_parameter_names)")
+    if attr in own_constraints(owner):
+        raise refuse(
+            "it is already constrained (by unitary_ or by its layer); to change the constraint, "
+            "call projunn.nn.remove_unitary_ first"
+        )
     if param.dtype not in SUPPORTED_DTYPES:
         hint = (
             "; keep the weight in float32 and use torch.autocast for half-precision compute"
@@ -237,6 +350,8 @@ def unitary_(
     constraint = UnitaryConstraint(kind, blocks)
     try:
         shape = constraint.matrix_shape(param.shape)
+        if 0 in shape:
+            raise ValueError(f"shape {tuple(param.shape)} has an empty dimension")
     except ValueError as error:
         raise refuse(f"{error} (kind={kind!r}, blocks={blocks})") from None
     try:
@@ -267,7 +382,7 @@ def unitary_(
     if value is not None:
         with torch.no_grad():
             view.copy_(value)
-    owner.__dict__[_RECORD] = {**constraints(owner), attr: constraint}
+    _record(owner, attr, constraint)
     return module
 
 
@@ -279,11 +394,7 @@ def remove_unitary_(module: torch.nn.Module, name: str = "weight") -> torch.nn.M
     """
     path, _, attr = name.rpartition(".")
     owner = module.get_submodule(path) if path else module
-    remaining = dict(constraints(owner))
-    if remaining.pop(attr, None) is None:
+    if attr not in own_constraints(owner):
         raise ValueError(f"{name!r} of {type(owner).__name__} is not constrained by projunn.nn.unitary_")
-    if remaining:
-        owner.__dict__[_RECORD] = remaining
-    else:
-        del owner.__dict__[_RECORD]
+    _record(owner, attr, None)
     return module

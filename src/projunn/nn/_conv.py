@@ -34,6 +34,7 @@ import torch
 
 from .._validation import check_choice, check_int, check_ints
 from ..functional import closest_unitary, unitary_init
+from ._constrain import declare_unitary
 from ._dtype import dtype_from_complex_flag, layer_dtype
 
 __all__ = ["UnitaryConv2d", "frequency_layout"]
@@ -109,8 +110,6 @@ class UnitaryConv2d(torch.nn.Module):
         True
     """
 
-    unitary_parameter_names = ("weight_free", "weight_self")
-
     def __init__(
         self,
         channels: int,
@@ -145,6 +144,7 @@ class UnitaryConv2d(torch.nn.Module):
             order = torch.cat([free, self_mirrored, mirrored])
             self.register_buffer("_gather", torch.argsort(order).to(device), persistent=False)
             self.register_buffer("_source", source.to(device), persistent=False)
+        declare_unitary(self, "weight_free", "weight_self")
 
     @property
     def complex(self) -> bool:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .._validation import check_choice, check_int, check_tensor, renamed_argument
 from ..functional import INITS, unitary_init
+from ._constrain import declare_unitary
 from ._dtype import layer_dtype
 
 __all__ = ["OrthogonalLinear", "StiefelLinear", "UnitaryLinear", "init_unitary_"]
@@ -95,7 +96,6 @@ class StiefelLinear(torch.nn.Module):
         True
     """
 
-    unitary_parameter_names = ("weight",)
     #: Initialisations a weight of this layer may take.
     inits: tuple[str, ...] = ("haar", "identity")
 
@@ -118,6 +118,7 @@ class StiefelLinear(torch.nn.Module):
         weight = unitary_init(out_features, init, m=in_features, dtype=dtype, device=device, generator=generator)
         self.weight = torch.nn.Parameter(weight)
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        declare_unitary(self, "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -137,9 +138,9 @@ class UnitaryLinear(StiefelLinear):
 
     The weight is a plain parameter kept on the group by the optimiser
     (:class:`projunn.optim.ProjUNN`): the forward pass costs exactly what
-    ``nn.Linear`` costs. The class declares ``weight`` in
-    ``unitary_parameter_names``, which is how :func:`projunn.optim.param_groups`
-    finds it. Without a bias the map preserves the norm of every input.
+    ``nn.Linear`` costs. The layer records ``weight`` as unitary (as
+    :func:`projunn.nn.unitary_` does for other modules), which is how
+    :func:`projunn.optim.param_groups` and ProjUNN find it. Without a bias the map preserves the norm of every input.
     The square case of :class:`StiefelLinear`, with the square-only
     initialisations too.
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .._validation import REAL_DTYPES, check_choice, check_int
 from ..functional import INITS, unitary_init
+from ._constrain import declare_unitary
 from ._dtype import dtype_from_complex_flag, layer_dtype
 from ._recurrence import ACTIVATIONS, _recurrence_over
 
@@ -89,8 +90,8 @@ class ComplexToReal(torch.nn.Module):
 class UnitaryRNNCell(torch.nn.Module):
     r"""One step h' = sigma(W_in x + U h + b) with U orthogonal (real) or unitary (complex).
 
-    The recurrent matrix U (``recurrent_weight``, declared in
-    ``unitary_parameter_names``) is a plain parameter that
+    The recurrent matrix U (``recurrent_weight``, recorded as unitary as
+    :func:`projunn.nn.unitary_` records a weight) is a plain parameter that
     :class:`projunn.optim.ProjUNN` keeps on the group; the input weight and
     bias are ordinary parameters. With a complex ``dtype`` the hidden state is
     complex and U unitary; real inputs are mapped in by a complex W_in
@@ -118,8 +119,6 @@ class UnitaryRNNCell(torch.nn.Module):
     Shape:
         x (B, input_size) real or complex; h (B, hidden_size) -> (B, hidden_size).
     """
-
-    unitary_parameter_names = ("recurrent_weight",)
 
     def __init__(
         self,
@@ -149,6 +148,7 @@ class UnitaryRNNCell(torch.nn.Module):
         self.input_weight = torch.nn.Parameter(
             _input_weight(hidden_size, input_size, input_init, dtype=state, device=device, generator=generator)
         )
+        declare_unitary(self, "recurrent_weight")
         if self.nonlinearity == "modrelu":
             self.activation = ModReLU(hidden_size, dtype=real, device=device)
             self.bias = None

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
-from ..nn import constraints
+from ..nn._constrain import own_constraints
 
 __all__ = ["param_groups", "unitary_parameters"]
 
@@ -26,19 +26,18 @@ def unitary_slots(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, st
     """(qualified name, module, attribute) of every weight ``model`` declares unitary.
 
     The rule is visible and lives on modules, not on Parameter objects
-    (attributes on parameters are lost by deepcopy and FSDP): a module whose
-    class defines ``unitary_parameter_names`` (a tuple of attribute names, as
-    :class:`projunn.nn.UnitaryLinear` does) declares those attributes
-    unitary, and so does a module one of whose parameters
-    :func:`projunn.nn.unitary_` constrained (recorded on that module). A slot
-    counts whether it holds a plain parameter or a weight computed by a
-    ``torch.nn.utils.parametrize`` parametrisation; attributes set to None
-    are skipped.
+    (attributes on parameters are lost by deepcopy and FSDP): the weights
+    :func:`projunn.nn.unitary_` constrained and those the built-in layers
+    (:class:`projunn.nn.UnitaryLinear`, ...) keep unitary are recorded on
+    their modules (Note [Constraints live on the module] in
+    ``projunn.nn._constrain``). A slot counts whether it holds a plain
+    parameter or a weight computed by a ``torch.nn.utils.parametrize``
+    parametrisation; attributes set to None are skipped.
     """
     return [
         (f"{prefix}.{name}" if prefix else name, module, name)
         for prefix, module in model.named_modules()
-        for name in (*getattr(type(module), "unitary_parameter_names", ()), *constraints(module))
+        for name in own_constraints(module)
         if module._parameters.get(name) is not None or parametrize.is_parametrized(module, name)
     ]
 
@@ -149,7 +148,7 @@ def _constrained_views(model: torch.nn.Module) -> dict[int, tuple[int, ...]]:
                 holders.setdefault(id(p), []).append(f"{prefix}.{name}" if prefix else name)
     views = {}
     for prefix, module in model.named_modules():
-        for name, constraint in constraints(module).items():
+        for name, constraint in own_constraints(module).items():
             p = module._parameters.get(name)
             if p is None:
                 continue

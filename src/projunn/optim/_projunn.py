@@ -22,6 +22,23 @@ sketch RNG state) is stored inside the base optimiser's ``state_dict`` under
 the key ``"projunn"`` by state-dict hooks, so one ``state_dict`` round trip
 restores everything.
 
+Note [Constrained weights in any group]
+---------------------------------------
+A weight constrained by :func:`projunn.nn.unitary_` or kept unitary by its
+layer (:class:`projunn.nn.UnitaryLinear`, ...) is kept unitary wherever it
+sits in the base optimiser's groups: in a unitary group from
+:func:`projunn.optim.param_groups`, or in an ordinary group of an optimiser
+built from ``model.parameters()``, the usual way. Its constraint says how to
+read it as matrices (gate blocks, convolution kernels: Note [Matrix views]
+in ``projunn.nn._constrain``); ProjUNN's defaults give the method, rank and
+sketch, and its group everything else (learning rate, weight decay). Which
+parameters are constrained is looked up (Note [Finding constrained weights]
+in ``projunn.nn._constrain``) when a group is first seen or changes, and
+after any constraint was added, removed or copied: not per weight per step.
+Without that, a constrained weight in an ordinary group would silently take
+plain optimiser steps and leave the group. ``param_groups`` remains the way
+to give unitary weights their own learning rate (the paper: lr/32 for RNNs).
+
 Note [Sketches under data parallelism]
 --------------------------------------
 Under DistributedDataParallel every replica holds the same weights and, after
@@ -127,7 +144,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +153,7 @@ import torch
 
 from .._validation import SUPPORTED_DTYPES, check_choice, check_int
 from ..functional import SKETCHES
+from ..nn._constrain import constrained_weights, constraint_generation
 from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
 from ._drift import DriftControl
 from ._groups import MATRIX_SHAPE, matrix_view
@@ -164,7 +183,7 @@ VALUE_FREE_STEPS: dict[type[torch.optim.Optimizer], dict[str, Any]] = {
 }
 
 
-def steps_from_zero(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> bool:
+def steps_from_zero(optimizer: torch.optim.Optimizer, group: Mapping[str, Any], param: torch.Tensor) -> bool:
     """Whether the base optimiser's step of ``param`` in ``group`` may act on zeros (Note [Steps from zero]).
 
     True only for a class of :data:`VALUE_FREE_STEPS` (exactly), a group with
@@ -177,12 +196,34 @@ def steps_from_zero(optimizer: torch.optim.Optimizer, group: dict[str, Any], par
     return all(bool(group.get(key, value) == value) for key, value in required.items())
 
 
+def _target_settings(p: torch.Tensor, group: dict[str, Any], constraint: tuple | None) -> Mapping[str, Any] | None:
+    """The settings ProjUNN keeps ``p`` unitary with, or None if it leaves ``p`` to the base optimiser.
+
+    ``constraint``: ``p``'s entry of :func:`projunn.nn._constrain.constrained_weights`, None if it
+    has none. See Note [Constrained weights in any group].
+    """
+    if constraint is None:
+        return group if group.get("unitary", False) else None
+    _, rule, where = constraint
+    shape = rule.matrix_shape(p.shape)
+    stated = group.get(MATRIX_SHAPE)
+    if stated is not None and tuple(stated) != shape:
+        raise ValueError(
+            f"{where} is constrained as matrices of shape {shape}, but its parameter group says "
+            f"matrix_shape {tuple(stated)}; build the groups with projunn.optim.param_groups"
+        )
+    if group.get("unitary", False) and (stated is not None or shape == tuple(p.shape)):
+        return group
+    view = {} if shape == tuple(p.shape) else {MATRIX_SHAPE: shape}
+    return ChainMap({"unitary": True, **view}, group)  # the group's lr, decay, ... still read through
+
+
 @dataclass(eq=False)
 class _Work:
     """One weight in an after-step hook: where its step D and its weight U are, then its sketch."""
 
     param: torch.Tensor  # written by the update
-    group: dict[str, Any]
+    group: Mapping[str, Any]  # its settings (Note [Constrained weights in any group])
     step: torch.Tensor  # holds D: the parameter itself (generic path) or its zeroed buffer
     weight: torch.Tensor  # holds U: the saved copy (generic path) or the parameter itself
     rank: int = 0
@@ -319,8 +360,11 @@ class ProjUNN:
         self._pending_state: dict[str, Any] | None = None
         self._in_step: list[torch.Tensor] = []
         self._checked: dict[int, tuple] = {}  # id(group) -> signature it was validated with
+        self._targets: dict[int, list[tuple[torch.Tensor, Mapping[str, Any]]]] = {}  # id(group) -> what it keeps
+        self._generation = constraint_generation()
+        constrained = constrained_weights()
         for group in self.optimizer.param_groups:
-            self._check_group(group)
+            self._check_group(group, constrained)
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -385,7 +429,7 @@ class ProjUNN:
 
     # -- which parameters, with which settings ----------------------------------------
 
-    def _setting(self, group: dict[str, Any], key: str) -> Any:
+    def _setting(self, group: Mapping[str, Any], key: str) -> Any:
         return group.get(key, self.defaults[key])
 
     def _group_signature(self, group: dict[str, Any]) -> tuple:
@@ -393,47 +437,64 @@ class ProjUNN:
         keys = ("unitary", "method", "rank", "sketch", MATRIX_SHAPE)
         return (*(group.get(key) for key in keys), id(group["params"]), len(group["params"]))
 
-    def _check_group(self, group: dict[str, Any]) -> None:
+    def _check_group(self, group: dict[str, Any], constrained: dict | None = None) -> None:
+        """Validate ``group`` and record the weights it keeps unitary, each with its settings.
+
+        ``constrained``: :func:`projunn.nn._constrain.constrained_weights`, if the caller has it.
+        """
         params = group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         group["params"] = params  # a generator would be exhausted by this check
-        if not group.get("unitary", False):
-            self._checked[id(group)] = self._group_signature(group)
-            return
-        check_choice("method", self._setting(group, "method"), METHODS)
-        check_int("rank", self._setting(group, "rank"))
-        check_choice("sketch", self._setting(group, "sketch"), SKETCHES)
+        if group.get("unitary", False):
+            check_choice("method", self._setting(group, "method"), METHODS)
+            check_int("rank", self._setting(group, "rank"))
+            check_choice("sketch", self._setting(group, "sketch"), SKETCHES)
+        constrained = constrained_weights() if constrained is None else constrained
+        targets = []
         for p in params:
-            if MATRIX_SHAPE in group:  # Note [Matrix views] in projunn.nn._constrain
-                if local_part(p) is not p:
-                    raise ValueError(
-                        f"a matrix_shape view of a DTensor weight of shape {tuple(p.shape)} is not supported"
-                    )
-                try:
-                    p = matrix_view(p, group)
-                except RuntimeError as error:
-                    raise ValueError(f"unitary parameter of shape {tuple(p.shape)}: {error}") from None
-            if p.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(
-                    f"unitary parameter of shape {tuple(p.shape)} has unsupported dtype {p.dtype}; keep unitary "
-                    "weights in float32/float64 (or complex64/128) and use torch.autocast for half-precision compute"
-                )
-            if p.dim() < 2:
-                raise ValueError(
-                    f"unitary parameters must be matrices (..., N, N), or (..., N, M) semi-unitary; "
-                    f"got shape {tuple(p.shape)}"
-                )
-            check_weight(p, self._setting(group, "sketch"))  # DTensor placements: Note [Row-sharded projUNN]
+            settings = _target_settings(p, group, constrained.get(id(p)))
+            if settings is not None:
+                self._check_target(p, settings)
+                targets.append((p, settings))
+        self._targets[id(group)] = targets
         self._checked[id(group)] = self._group_signature(group)
 
-    def _unitary_params(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+    def _check_target(self, p: torch.Tensor, settings: Mapping[str, Any]) -> None:
+        """Refuse a weight ProjUNN cannot keep unitary: not a matrix, an unsupported dtype or layout."""
+        if MATRIX_SHAPE in settings:  # Note [Matrix views] in projunn.nn._constrain
+            if local_part(p) is not p:
+                raise ValueError(f"a matrix_shape view of a DTensor weight of shape {tuple(p.shape)} is not supported")
+            try:
+                p = matrix_view(p, settings)
+            except RuntimeError as error:
+                raise ValueError(f"unitary parameter of shape {tuple(p.shape)}: {error}") from None
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"unitary parameter of shape {tuple(p.shape)} has unsupported dtype {p.dtype}; keep unitary "
+                "weights in float32/float64 (or complex64/128) and use torch.autocast for half-precision compute"
+            )
+        if p.dim() < 2:
+            raise ValueError(
+                f"unitary parameters must be matrices (..., N, N), or (..., N, M) semi-unitary; "
+                f"got shape {tuple(p.shape)}"
+            )
+        check_weight(p, self._setting(settings, "sketch"))  # DTensor placements: Note [Row-sharded projUNN]
+
+    def _targets_of(self, group: dict[str, Any]) -> list[tuple[torch.Tensor, Mapping[str, Any]]]:
+        """The weights ``group`` keeps unitary with their settings, checked again if the group changed."""
+        if self._checked.get(id(group)) != self._group_signature(group):
+            self._check_group(group)
+        return self._targets[id(group)]
+
+    def _unitary_params(self) -> Iterator[tuple[torch.Tensor, Mapping[str, Any]]]:
+        """Every weight to keep unitary, once, with its settings (its group's, for a constrained weight
+        in an ordinary group with the constraint's view: Note [Constrained weights in any group])."""
         seen: set[int] = set()  # torch only warns about a parameter listed twice
         for group in self.optimizer.param_groups:
-            if group.get("unitary", False) and self._setting(group, "method") != "none":
-                for p in group["params"]:
-                    if id(p) not in seen:
-                        seen.add(id(p))
-                        yield p, group
+            for p, settings in self._targets_of(group):
+                if self._setting(settings, "method") != "none" and id(p) not in seen:
+                    seen.add(id(p))
+                    yield p, settings
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -464,9 +525,11 @@ class ProjUNN:
             p.grad = grad
         self._hidden_grads.clear()
         self._in_step = []
+        if self._generation != constraint_generation():  # a weight was constrained, or a model copied, since
+            self._generation = constraint_generation()
+            self._checked.clear()
         for group in optimizer.param_groups:  # groups may be added to, or changed in, the base directly
-            if self._checked.get(id(group)) != self._group_signature(group):
-                self._check_group(group)
+            self._targets_of(group)
         # With a closure (e.g. LBFGS) gradients appear during the step, so
         # every unitary weight is saved and only the proposed step is checked
         # for NaN/Inf; otherwise only weights with a gradient take part.
