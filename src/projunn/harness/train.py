@@ -67,11 +67,11 @@ from .tasks import get_task
 
 __all__ = [
     "CHECKPOINT",
-    "STOP_SIGNALS",
-    "Interrupted",
     "METHODS",
     "OPTIMIZERS",
+    "STOP_SIGNALS",
     "Built",
+    "Interrupted",
     "RunDivergedError",
     "RunError",
     "TrainConfig",
