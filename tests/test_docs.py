@@ -1,5 +1,6 @@
-"""The documentation holds: the README's training loop and every docstring example run as written, the
-names the README lists exist, and links point to files that exist."""
+"""The documentation holds: the README's commands are CI's and its quote of the main job's last lines is
+current, the README's training loop and every docstring example run as written, the names the guide's
+API table lists exist, and links point to files that exist."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import difflib
 import doctest
 import importlib
 import importlib.util
+import json
 import pathlib
 import re
 import subprocess
@@ -52,10 +54,42 @@ def test_docstring_examples(name):
     assert result.failed == 0
 
 
-def _readme_api_names() -> list[str]:
-    """Dotted names in the first column of the README's API table; a bare name in a row with others
+def _quick_start() -> str:
+    return (ROOT / "README.md").read_text().split("\n## Quick start (fresh machine)\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_commands_are_what_ci_runs_and_fit_one_screen():
+    readme = (ROOT / "README.md").read_text()
+    main_job, tests = re.findall(r"```bash\n(.*?)\n```", _quick_start(), flags=re.DOTALL)
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert tests == ci
+    install_torch = ci.split(" && .venv/bin/pip install -e ")[0]
+    assert main_job == f"{install_torch} && .venv/bin/pip install '.[harness]' && .venv/bin/projunn train copy"
+    # What projunn is, its headline figures and both commands, before a reader has to scroll.
+    assert tests in "\n".join(readme.splitlines()[:50])
+    assert len(readme.splitlines()) < 150, "the README is for what a user needs first: the rest is in docs/"
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in line.split())
+
+
+def test_readme_quotes_how_the_main_job_ends(tmp_path, capsys):
+    from projunn.harness.cli import main
+
+    final, wrote = re.search(r"```text\n(final_loss=.*)\n(wrote .*)\n```", _quick_start()).groups()
+    tiny = ["--hidden", "8", "--batch-size", "4", "--steps", "1", "--quiet"]  # the main job's task and T
+    assert main(["train", "copy", *tiny, "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert list(_fields(printed[-2])) == list(_fields(final))
+    assert _fields(printed[-2])["baseline_loss"] == _fields(final)["baseline_loss"]
+    assert printed[-1] == f"wrote {tmp_path / 'r'}" and wrote.startswith("wrote runs/copy-t-")
+
+
+def _guide_api_names() -> list[str]:
+    """Dotted names in the first column of the guide's API table; a bare name in a row with others
     lives in the same module as the row's first name (`projunn.nn.UnitaryRNN`, `ModReLU`, ...)."""
-    section = (ROOT / "README.md").read_text().split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "guide.md").read_text().split("\n## API\n", 1)[1].split("\n## ", 1)[0]
     names = []
     for row in re.findall(r"^\| (.+?) \|", section, flags=re.MULTILINE):
         cells = re.findall(r"`([\w.]+)", row)
@@ -67,9 +101,10 @@ def _readme_api_names() -> list[str]:
     return names
 
 
-def test_readme_api_names_resolve():
-    names = _readme_api_names()
+def test_guide_api_names_resolve():
+    names = _guide_api_names()
     assert "projunn.harness.tasks" in names and "projunn.harness.bench.run_bench" in names, names
+    assert "projunn.harness.train.train" in names  # the loggers' way in, which the version policy covers
     for name in names:
         parts = name.split(".")
         # The longest importable module prefix, then attributes (classes, functions, constants).
@@ -121,6 +156,14 @@ projunn.harness.console_main()
     ours = [line for line in result.stderr.splitlines() if line.startswith("projunn:")]
     assert len(ours) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "missing: numpy, tqdm, matplotlib" in ours[0] and "pip install 'projunn[harness]'" in ours[0]
+
+
+def test_committed_runs_record_no_machine_specific_path():
+    """A committed run folder moves with the repository: its config.json names no absolute path."""
+    for path in sorted((ROOT / "benchmarks" / "results").rglob("config.json")):
+        settings = json.loads(path.read_text())
+        absolute = {k: v for k, v in settings.items() if isinstance(v, str) and pathlib.PurePath(v).is_absolute()}
+        assert not absolute, f"{path.relative_to(ROOT)}: {absolute}"
 
 
 def _api_generator():

@@ -242,7 +242,7 @@ def test_grad_scaler_skips_overflowing_steps_without_projecting():
     assert unitarity_error(model[0].weight.detach()) < 1e-5
 
 
-# -- the README's examples ------------------------------------------------------------------------------
+# -- the examples of docs/guide.md ----------------------------------------------------------------------
 
 EXAMPLES = [
     pytest.param("constrain.py", None, id="constrain"),
@@ -262,9 +262,14 @@ EXAMPLES = [
 
 
 @pytest.mark.parametrize("name, package", EXAMPLES)
-def test_readme_example_is_an_examples_file_verbatim_and_runs(name, package, tmp_path, monkeypatch):
+def test_guide_example_is_an_examples_file_verbatim_and_runs(name, package, tmp_path, monkeypatch):
     path = ROOT / "examples" / name
-    assert f"```python\n{path.read_text()}```" in (ROOT / "README.md").read_text(), f"README lacks examples/{name}"
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    assert f"```python\n{path.read_text()}```" in guide, f"docs/guide.md lacks examples/{name}"
+    if package is not None:  # the guide says which extra the example needs
+        assert f"`examples/{name}`, needs the `trainers` extra" in guide or (
+            f"(`examples/{name}`, needs the `trainers` extra)" in guide
+        ), f"docs/guide.md does not say examples/{name} needs the trainers extra"
     if package is not None:
         _require(package)
     if package == "lightning":
@@ -278,6 +283,13 @@ def test_readme_example_is_an_examples_file_verbatim_and_runs(name, package, tmp
     models = [value for value in namespace.values() if isinstance(value, torch.nn.Module)]
     weights = [p for model in models for _, p in unitary_parameters(model)]
     assert weights and all(unitarity_error(w.detach()).max() < 1e-5 for w in weights)
+    # Every constrained weight is trained, not only constrained: some optimiser of the example holds it.
+    optimizers = [value for value in namespace.values() if isinstance(value, torch.optim.Optimizer)]
+    for value in namespace.values():
+        held_by = getattr(value, "optimizers", None)  # a Lightning Trainer's list (a module's is a method)
+        optimizers += held_by if isinstance(held_by, list) else []
+    held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    assert all(id(w) in held for w in weights)
 
 
 # -- TensorBoard -------------------------------------------------------------------------------------
