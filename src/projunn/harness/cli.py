@@ -112,8 +112,10 @@ exit status: 0 done; 1 stopped because the loss stayed NaN/Inf (--max-nonfinite)
 2 bad arguments, settings, output folder, data or checkpoint (one line on stderr); 130 interrupted
 (Ctrl-C) and 143 stopped by SIGTERM, either after saving a checkpoint at a step boundary.
 Without --out each run gets a folder of its own (runs/TASK-METHOD-TIME, then -2, -3, ...); a folder
-a running projunn process writes into is refused to any other. Progress is a bar on a terminal and
-a line per evaluation otherwise (or with --quiet). `projunn train TASK --help` shows TASK's defaults."""
+a running projunn process writes into is refused to any other. Progress is a bar on a terminal (and
+a second one while held-out data is scored: --eval-limit N scores at most N images per pass on the
+image tasks) and a line per evaluation otherwise (or with --quiet). `projunn train TASK --help`
+shows TASK's defaults."""
 
 
 def _shown(value) -> str:
