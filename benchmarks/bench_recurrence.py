@@ -30,7 +30,7 @@ except ImportError:  # an older projunn, measured as the "before" variant
         return False
 
 
-from projunn.nn import SequenceModel
+from projunn.models import SequenceModel
 from projunn.optim import ProjUNN, param_groups
 
 CASES = {

@@ -81,7 +81,7 @@ def test_version_flag(capsys):
 
 def test_public_names_import():
     assert projunn.__version__
-    for module in ("projunn.functional", "projunn.optim", "projunn.nn", "projunn.harness.tasks"):
+    for module in ("projunn.functional", "projunn.optim", "projunn.nn", "projunn.models", "projunn.harness.tasks"):
         mod = importlib.import_module(module)
         missing = [name for name in mod.__all__ if not hasattr(mod, name)]
         assert not missing and len(set(mod.__all__)) == len(mod.__all__), (module, missing)

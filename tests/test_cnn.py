@@ -13,7 +13,8 @@ from harness_runs import quick_runs  # noqa: F401  (fixture)
 from projunn.harness.cli import main
 from projunn.harness.datasets import load_cifar10
 from projunn.harness.tasks import DatasetMissingError
-from projunn.nn import ChannelPad, DeepUnitaryCNN, SpaceToDepth, UnitaryConv2d, UnitaryResNet9
+from projunn.models import DeepUnitaryCNN, UnitaryResNet9
+from projunn.nn import ChannelPad, SpaceToDepth, UnitaryConv2d
 from test_train import tiny_mnist  # noqa: F401  (fixture)
 
 TINY = ["--batch-size", "4", "--steps", "2", "--eval-every", "1", "--quiet"]

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from projunn.functional import lowrank, projunn_t
-from projunn.nn import DeepUnitaryCNN, UnitaryConv2d, UnitaryResNet9, frequency_layout
+from projunn.models import DeepUnitaryCNN, UnitaryResNet9
+from projunn.nn import UnitaryConv2d
+from projunn.nn._conv import frequency_layout
 from projunn.optim import ProjUNN, param_groups
 
 SIZES = [(8, 6), (5, 7), (4, 4), (1, 3), (6, 1)]
@@ -111,21 +113,13 @@ def test_a_real_kernel_makes_a_complex_layer_with_a_complex_dtype():
         UnitaryConv2d.from_spatial_kernel(layer.spatial_kernel(), dtype=torch.float64)
 
 
-def test_complex_flag_is_deprecated_for_a_complex_dtype():
-    """``complex=True`` with a real dtype still builds the complex layer, with a warning naming the replacement."""
-    expected = UnitaryConv2d(2, (4, 3), init="haar", dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
-    message = r"UnitaryConv2d\(complex=...\) is deprecated .*; pass a complex dtype instead"
-    with pytest.warns(DeprecationWarning, match=message) as record:
-        old = UnitaryConv2d(
-            2, (4, 3), complex=True, init="haar", dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-        )
-    assert record[0].filename == __file__
-    assert torch.equal(old.weight_free, expected.weight_free) and old.weight_self is None
-    with pytest.warns(DeprecationWarning, match=r"from_spatial_kernel\(complex=...\) is deprecated"):
-        copy = UnitaryConv2d.from_spatial_kernel(expected.spatial_kernel(), complex=True)
-    torch.testing.assert_close(copy.weight_free, expected.weight_free, atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match="complex=False contradicts dtype=torch.complex64"):
-        UnitaryConv2d(2, (4, 3), complex=False, dtype=torch.complex64)
+def test_a_complex_dtype_is_the_one_way_to_ask_for_a_unitary_layer():
+    """The ``complex=`` flag of the unreleased 0.1.0 is gone: passing it is a TypeError naming it."""
+    with pytest.raises(TypeError, match="'complex'"):
+        UnitaryConv2d(2, (4, 3), complex=True)
+    kernel = UnitaryConv2d(2, (4, 3), dtype=torch.float64).spatial_kernel()
+    with pytest.raises(TypeError, match="'complex'"):
+        UnitaryConv2d.from_spatial_kernel(kernel, complex=True)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from harness_runs import quick_runs  # noqa: F401  (small held-out sets, as in torchrun_cases.py)
-from projunn.nn import SequenceModel
+from projunn.models import SequenceModel
 from projunn.optim import ProjUNN, param_groups
 from workers import start_method
 
@@ -183,7 +183,7 @@ def test_fsdp_is_refused_without_several_processes_or_with_torch_parametrisation
 
 def test_fsdp_refuses_batched_unitary_weights_and_complex_vectors_by_name():
     from projunn.harness._sharding import _check_shardable
-    from projunn.nn import DeepUnitaryCNN
+    from projunn.models import DeepUnitaryCNN
 
     with pytest.raises(ValueError, match=r"blocks\.0\.0\.weight_free of shape \(30, 4, 4\) is a batch of them"):
         _check_shardable(DeepUnitaryCNN(2, channels=4, size=(8, 8)))

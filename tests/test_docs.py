@@ -135,7 +135,7 @@ def test_library_needs_only_torch_and_the_command_line_names_the_missing_extra()
         _WITHOUT_HARNESS_EXTRA
         + """
 import torch
-import projunn, projunn.functional, projunn.optim, projunn.nn
+import projunn, projunn.functional, projunn.optim, projunn.nn, projunn.models
 model = projunn.nn.UnitaryLinear(8)
 optimizer = projunn.optim.ProjUNN(torch.optim.Adam(projunn.optim.param_groups(model, unitary_lr=0.01)))
 model(torch.randn(4, 8)).square().sum().backward()
@@ -193,7 +193,7 @@ def test_api_reference_is_current(tmp_path):
 
 def test_api_reference_covers_the_public_api_and_its_notes():
     text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
-    for module in (projunn.functional, projunn.optim, projunn.nn):
+    for module in (projunn.functional, projunn.optim, projunn.nn, projunn.models):
         for name in module.__all__:
             assert f"\n### {module.__name__}.{name}\n" in text, f"{module.__name__}.{name} missing from docs/api.md"
     # Every Note a docstring (or another Note) refers to is on the page, e.g. those help(ProjUNN) names.

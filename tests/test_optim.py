@@ -491,7 +491,7 @@ def test_bad_settings_name_the_problem():
 
 def test_public_names():
     assert set(projunn.optim.__all__) == {
-        "METHODS",
+        "Method",
         "ProjUNN",
         "distributed_state_dict",
         "load_distributed_state_dict",

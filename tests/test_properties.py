@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import math
 import os
+from typing import get_args
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projunn.functional import SKETCHES, lowrank, projunn_d, projunn_t, unitarity_error, unitary_init
+from projunn.functional import Sketch, lowrank, projunn_d, projunn_t, unitarity_error, unitary_init
 
+SKETCHES = get_args(Sketch)
 DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 # Derandomised, so the default run is reproducible; PROJUNN_EXPLORE=1 searches 2,000 random examples per test.
 _EXPLORE = bool(os.environ.get("PROJUNN_EXPLORE"))

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import copy
 import platform
+from typing import get_args
 
 import pytest
 import torch
 
-from projunn.nn import NONLINEARITIES, UnitaryRNN, flush_denormals, unitary_recurrence
+from projunn.models import SequenceModel
+from projunn.nn import Nonlinearity, UnitaryRNN, unitary_recurrence
+from projunn.nn._recurrence import flush_denormals
+
+NONLINEARITIES = get_args(Nonlinearity)
 
 
 def _pair(nonlinearity: str, complex_state: bool, seed: int = 0) -> tuple[UnitaryRNN, UnitaryRNN]:
@@ -125,8 +130,6 @@ def test_flush_denormals_restores_the_mode():
 @pytest.mark.parametrize("nonlinearity", ["relu", "modrelu"])
 def test_token_inputs_are_a_lookup_equal_to_one_hot_products(nonlinearity, complex_state):
     """SequenceModel on token ids: the fused lookup path equals one-hot products stepped by the cell."""
-    from projunn.nn import SequenceModel
-
     torch.manual_seed(0)
     dtype = torch.complex128 if complex_state else torch.float64
     fused = SequenceModel(10, 6, 9, tokens=True, every_step=True, nonlinearity=nonlinearity, dtype=dtype)
@@ -149,8 +152,6 @@ def test_token_inputs_are_a_lookup_equal_to_one_hot_products(nonlinearity, compl
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 def test_token_ids_outside_the_vocabulary_or_of_another_type_are_refused(dtype):
-    from projunn.nn import SequenceModel
-
     model = SequenceModel(10, 6, 9, tokens=True, every_step=True, nonlinearity="relu", dtype=dtype)
     for fused in (True, False):
         model.rnn.fused = fused
@@ -198,8 +199,6 @@ def test_fused_readout_equals_a_linear_map_of_the_stepped_states(nonlinearity, c
 @pytest.mark.parametrize("complex_state", [False, True])
 def test_sequence_model_reads_out_inside_the_recurrence_unless_the_readout_is_hooked(complex_state):
     """Every-step models fuse their readout; one with a hook (or replaced) is called as a module, same values."""
-    from projunn.nn import SequenceModel
-
     dtype = torch.complex128 if complex_state else torch.float64
     torch.manual_seed(0)
     model = SequenceModel(10, 6, 9, tokens=True, every_step=True, nonlinearity="modrelu", dtype=dtype)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 
 from conftest import gram_defect
-from projunn.nn import NONLINEARITIES, ComplexToReal, ModReLU, SequenceModel, UnitaryRNN, UnitaryRNNCell
+from projunn.models import SequenceModel
+from projunn.nn import ComplexToReal, ModReLU, Nonlinearity, UnitaryRNN, UnitaryRNNCell
 from projunn.optim import ProjUNN, param_groups, unitary_parameters
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
-@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+@pytest.mark.parametrize("nonlinearity", get_args(Nonlinearity))
 def test_shapes_and_dtypes(dtype, nonlinearity):
     rnn = UnitaryRNN(3, 8, nonlinearity=nonlinearity, dtype=dtype)
     out, h = rnn(torch.randn(4, 5, 3))
@@ -102,25 +105,11 @@ def test_bad_arguments():
     assert "orthogonal, nonlinearity='modrelu', init='henaff'" in repr(cell)
 
 
-def test_complex_flag_is_deprecated_for_a_complex_dtype():
-    """``complex=True`` with a real dtype still builds the complex cell, with a warning naming the replacement."""
-    message = r"\(complex=...\) is deprecated and will be removed in the next release; pass a complex dtype instead"
+def test_a_complex_dtype_is_the_one_way_to_ask_for_a_unitary_cell():
+    """The ``complex=`` flag of the unreleased 0.1.0 is gone: passing it is a TypeError naming it."""
     for build in (UnitaryRNNCell, UnitaryRNN, lambda *sizes, **options: SequenceModel(*sizes, 1, **options)):
-        torch.manual_seed(0)  # for SequenceModel's readout
-        expected = build(2, 4, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
-        torch.manual_seed(0)
-        with pytest.warns(DeprecationWarning, match=message) as record:
-            old = build(2, 4, complex=True, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        assert len(record) == 1  # once, from the class the caller built, pointing at the caller
-        assert record[0].filename == __file__
-        assert old.state_dict().keys() == expected.state_dict().keys()
-        for key, value in expected.state_dict().items():
-            assert torch.equal(old.state_dict()[key], value), key
-    with pytest.warns(DeprecationWarning, match=r"UnitaryRNN\(complex=...\)"):
-        real = UnitaryRNN(2, 4, complex=False)
-    assert real.cell.state_dtype == torch.get_default_dtype()
-    with pytest.raises(ValueError, match="complex=False contradicts dtype=torch.complex64"):
-        UnitaryRNNCell(2, 4, complex=False, dtype=torch.complex64)
+        with pytest.raises(TypeError, match="'complex'"):
+            build(2, 4, complex=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])

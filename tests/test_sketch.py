@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 
 from conftest import ALL_DTYPES, REAL_AND_COMPLEX, eps, randn
-from projunn.functional import SKETCHES, lowrank
+from projunn.functional import Sketch, lowrank
+
+SKETCHES = get_args(Sketch)
 
 RANDOMISED = ["lsi", "column", "rsvd"]
 
@@ -155,15 +159,7 @@ def test_bad_arguments():
         lowrank(D.to("meta"), 1, generator=torch.Generator())
 
 
-def test_method_is_the_deprecated_name_of_sketch():
-    D = randn(6, 5)
-    expected = lowrank(D, 2, "column", generator=torch.Generator().manual_seed(0))
-    message = r"lowrank\(method=...\) is deprecated and will be removed in the next release; use sketch= instead"
-    with pytest.warns(DeprecationWarning, match=message) as record:
-        old = lowrank(D, 2, method="column", generator=torch.Generator().manual_seed(0))
-    assert record[0].filename == __file__  # the warning points at the caller
-    assert all(torch.equal(x, y) for x, y in zip(old, expected))
-    new = lowrank(D, 2, sketch="column", generator=torch.Generator().manual_seed(0))
-    assert all(torch.equal(x, y) for x, y in zip(new, expected))
-    with pytest.raises(TypeError, match="got both sketch= and its deprecated name method="):
-        lowrank(D, 2, "exact", method="column")
+def test_sketch_is_the_one_name_of_the_sketch():
+    """``method=``, the pre-release name of ``sketch``, is gone: passing it is a TypeError naming it."""
+    with pytest.raises(TypeError, match="'method'"):
+        lowrank(randn(6, 5), 2, method="column")

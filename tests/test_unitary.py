@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import get_args
 
 import pytest
 import torch
 
 from conftest import ALL_DTYPES, eps, gram_defect, haar, randn
-from projunn.functional import INITS, closest_unitary, unitarity_error, unitary_init
-from projunn.nn import OrthogonalLinear, UnitaryLinear, init_unitary_
+from projunn.functional import Init, closest_unitary, unitarity_error, unitary_init
+from projunn.nn import OrthogonalLinear, UnitaryLinear, unitary_init_
 
 ACCEPTED_DTYPES = "float32, float64, complex64, complex128"
 
 
-@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("init", get_args(Init))
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 5, 16])
 def test_initialisers_are_unitary(init, dtype, n):
@@ -74,19 +75,12 @@ def test_init_bad_arguments():
         unitary_init(3, "cayley", m=5)
 
 
-def test_kind_is_the_deprecated_name_of_init():
-    """unitary_init and init_unitary_ took ``kind=``, the layers ``init=``: ``init`` is the one name now."""
-    expected = unitary_init(4, "henaff", generator=torch.Generator().manual_seed(0))
-    message = r"unitary_init\(kind=...\) is deprecated and will be removed in the next release; use init= instead"
-    with pytest.warns(DeprecationWarning, match=message) as record:
-        old = unitary_init(4, kind="henaff", generator=torch.Generator().manual_seed(0))
-    assert torch.equal(old, expected) and record[0].filename == __file__
-    weight = torch.zeros(4, 4)
-    with pytest.warns(DeprecationWarning, match=r"init_unitary_\(kind=...\) is deprecated .* use init= instead"):
-        init_unitary_(weight, kind="henaff", generator=torch.Generator().manual_seed(0))
-    assert torch.equal(weight, expected)
-    with pytest.raises(TypeError, match="got both init= and its deprecated name kind="):
-        unitary_init(4, "cayley", kind="henaff")
+def test_init_is_the_one_name_of_the_initialisation():
+    """``kind=``, the pre-release name of ``init``, is gone: passing it is a TypeError naming it."""
+    with pytest.raises(TypeError, match="'kind'"):
+        unitary_init(4, kind="henaff")
+    with pytest.raises(TypeError, match="'kind'"):
+        unitary_init_(torch.zeros(4, 4), kind="henaff")
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -143,9 +137,9 @@ def test_layer_surface():
         UnitaryLinear(3, init="random")
 
 
-def test_init_unitary_in_place():
+def test_in_place_unitary_init_fills_the_tensor_it_returns():
     weight = torch.nn.Parameter(torch.zeros(2, 5, 5, dtype=torch.float64))
-    assert init_unitary_(weight, "haar", generator=torch.Generator().manual_seed(0)) is weight
+    assert unitary_init_(weight, "haar", generator=torch.Generator().manual_seed(0)) is weight
     assert gram_defect(weight.detach()) < 1e-14 and weight.requires_grad
     generator = torch.Generator().manual_seed(0)
     expected = unitary_init(5, "haar", batch_shape=(2,), dtype=torch.float64, generator=generator)
@@ -154,21 +148,21 @@ def test_init_unitary_in_place():
 
 @pytest.mark.parametrize("shape", [(2, 7, 3), (3, 7)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
-def test_init_unitary_fills_rectangular_tensors_with_semi_unitary_matrices(shape, dtype):
-    tall = init_unitary_(torch.zeros(shape, dtype=dtype), generator=torch.Generator().manual_seed(0))
+def test_in_place_unitary_init_fills_rectangular_tensors_with_semi_unitary_matrices(shape, dtype):
+    tall = unitary_init_(torch.zeros(shape, dtype=dtype), generator=torch.Generator().manual_seed(0))
     assert unitarity_error(tall).max() < 1e-14  # orthonormal columns (7 x 3) or rows (3 x 7)
-    identity = init_unitary_(torch.zeros(shape, dtype=dtype), "identity")
+    identity = unitary_init_(torch.zeros(shape, dtype=dtype), "identity")
     assert torch.equal(identity, torch.eye(*shape[-2:], dtype=dtype).expand(shape))
 
 
-def test_init_unitary_bad_arguments():
+def test_in_place_unitary_init_bad_arguments():
     with pytest.raises(ValueError, match=r"init of a rectangular \(3 x 4\) matrix must be one of 'identity', 'haar'"):
-        init_unitary_(torch.zeros(3, 4), "henaff")
+        unitary_init_(torch.zeros(3, 4), "henaff")
     with pytest.raises(ValueError, match=r"tensor must have at least 2 dimensions .* got shape \(4,\)"):
-        init_unitary_(torch.zeros(4))
+        unitary_init_(torch.zeros(4))
     with pytest.raises(ValueError, match=r"tensor must hold non-empty .* got shape \(0, 3\)"):
-        init_unitary_(torch.zeros(0, 3))
+        unitary_init_(torch.zeros(0, 3))
     with pytest.raises(TypeError, match="tensor has dtype torch.int64"):
-        init_unitary_(torch.zeros(3, 3, dtype=torch.int64))
+        unitary_init_(torch.zeros(3, 3, dtype=torch.int64))
     with pytest.raises(TypeError, match="tensor must be a torch.Tensor, got list"):
-        init_unitary_([[1.0]])
+        unitary_init_([[1.0]])

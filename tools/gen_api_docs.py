@@ -1,8 +1,8 @@
 """Write docs/api.md, the API reference, from the docstrings of projunn's public names.
 
 The reference covers every name in the ``__all__`` of ``projunn.functional``,
-``projunn.functional.sharded``, ``projunn.optim`` and ``projunn.nn`` (the public
-API, see CHANGELOG.md), and the
+``projunn.optim``, ``projunn.nn`` and ``projunn.models`` (the public API, see
+CHANGELOG.md), and the
 "Note [...]" sections of the modules behind them, which the docstrings refer to.
 It uses only the standard library and the package's own docstrings, so the
 page is a pure function of the source: tests/test_docs.py regenerates it and
@@ -32,10 +32,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import typing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "docs" / "api.md"
-MODULES = ("projunn.functional", "projunn.functional.sharded", "projunn.optim", "projunn.nn")
+MODULES = ("projunn.functional", "projunn.optim", "projunn.nn", "projunn.models")
 # "Note [Title]" followed by a line of dashes, in a module docstring (see STYLE: named invariants).
 _NOTE = re.compile(r"^Note \[(?P<title>[^\]]+)\]\n-+\n", flags=re.MULTILINE)
 _NOTE_REFERENCE = re.compile(r"Note \[(?P<title>[^\]]+)\]")
@@ -133,6 +134,14 @@ def _render_member(owner: str, name: str, raw, notes) -> list[str]:
 def _render_name(module_name: str, name: str, obj, notes) -> list[str]:
     qualified = f"{module_name}.{name}"
     heading = [f"### {qualified}", ""]
+    if typing.get_origin(obj) is typing.Literal:
+        choices = ", ".join(map(repr, typing.get_args(obj)))
+        return [
+            *heading,
+            *_signature_block(f"{qualified} = Literal[{choices}]"),
+            f"A type alias: the strings accepted; `typing.get_args({qualified})` lists them at run time.",
+            "",
+        ]
     if getattr(obj, "__name__", name) != name and (inspect.isclass(obj) or inspect.isfunction(obj)):
         target = f"{module_name}.{obj.__name__}"
         return [*heading, f"Alias of [`{target}`](#{_slug(target)}): the same object under a second name.", ""]
@@ -155,11 +164,10 @@ def render() -> str:
         "",
         "# API reference",
         "",
-        "Every public name of `projunn.functional`, `projunn.functional.sharded`, `projunn.optim` and",
-        "`projunn.nn` (their `__all__`), with its signature and docstring, followed by the Notes the",
-        "docstrings refer to. These names are the public Python API of the version policy in",
-        "[CHANGELOG.md](../CHANGELOG.md). The README shows how they fit together; `help(name)` shows",
-        "the same text.",
+        "Every public name of `projunn.functional`, `projunn.optim`, `projunn.nn` and `projunn.models`",
+        "(their `__all__`), with its signature and docstring, followed by the Notes the docstrings refer",
+        "to. These names are the public Python API of the version policy in [CHANGELOG.md](../CHANGELOG.md).",
+        "The README shows how they fit together; `help(name)` shows the same text.",
         "",
     ]
     modules = [importlib.import_module(name) for name in MODULES]

@@ -4,15 +4,16 @@ The library needs only torch:
 
     functional  pure tensor maths: projunn_d, projunn_t, lowrank, unitarity_error
     optim       ProjUNN: makes any torch.optim optimiser keep chosen weights unitary
-    nn          layers that hold unitary weights
+    nn          layers that hold unitary weights, and unitary_ for any module's weight
+    models      the paper's models built from those layers
 
 The experiment harness (the ``projunn`` command line, its tasks, data sets and
 benchmarks) is :mod:`projunn.harness`, with its own extra:
 ``pip install 'projunn[harness]'``.
 """
 
-from . import functional, nn, optim
+from . import functional, models, nn, optim
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "functional", "nn", "optim"]
+__all__ = ["__version__", "functional", "models", "nn", "optim"]

@@ -14,7 +14,6 @@ imports another subpackage's private module.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -85,6 +84,11 @@ def check_dtype(name: str, dtype: torch.dtype, choices: Sequence[torch.dtype] = 
     return dtype
 
 
+def layer_dtype(dtype: torch.dtype | None, choices: Sequence[torch.dtype] = SUPPORTED_DTYPES) -> torch.dtype:
+    """A layer's ``dtype`` argument: torch's default dtype for None; TypeError unless it is one of ``choices``."""
+    return check_dtype("dtype", torch.get_default_dtype() if dtype is None else dtype, choices)
+
+
 def check_tensor(name: str, x: object) -> torch.Tensor:
     """Return ``x`` if it is a dense tensor of a supported dtype with >= 2 dimensions.
 
@@ -140,31 +144,3 @@ def check_out(out: torch.Tensor, U: torch.Tensor) -> None:
     check_same_kind("out", out, "U", U)
     if out.shape != U.shape:
         raise ValueError(f"out has shape {tuple(out.shape)} but the result has shape {tuple(U.shape)}")
-
-
-def warn_deprecated(what: str, replacement: str, *, stacklevel: int = 2) -> None:
-    """Warn that ``what`` is deprecated and will be removed in the next release, naming ``replacement``.
-
-    ``stacklevel`` counts as for :func:`warnings.warn` from the caller of this
-    function: 2 points at the line that called the caller.
-    """
-    message = f"{what} is deprecated and will be removed in the next release; {replacement}"
-    warnings.warn(message, DeprecationWarning, stacklevel=stacklevel + 1)
-
-
-def renamed_argument(owner: str, old: str, old_value, new: str, new_value, new_default, *, stacklevel: int = 2):
-    """The value of the argument ``new`` of ``owner``, also accepted under its deprecated name ``old``.
-
-    Returns ``new_value`` when ``old_value`` is None; otherwise warns
-    (DeprecationWarning naming ``new``) and returns ``old_value``.
-    ``stacklevel`` as for :func:`warn_deprecated`.
-
-    Raises:
-        TypeError: both names were given (``new_value`` differs from ``new_default``).
-    """
-    if old_value is None:
-        return new_value
-    if new_value != new_default:
-        raise TypeError(f"{owner} got both {new}= and its deprecated name {old}=; pass {new}= only")
-    warn_deprecated(f"{owner}({old}=...)", f"use {new}= instead", stacklevel=stacklevel + 1)
-    return old_value

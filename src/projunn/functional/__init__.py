@@ -9,13 +9,13 @@ weights whose rows are split over processes (FSDP2).
 """
 
 from . import sharded as sharded  # a public submodule, documented on its own
-from ._sketch import SKETCHES, lowrank
-from ._unitary import INITS, closest_unitary, unitarity_error, unitary_init
+from ._sketch import Sketch, lowrank
+from ._unitary import Init, closest_unitary, unitarity_error, unitary_init
 from ._update import projunn_d, projunn_t
 
 __all__ = [
-    "INITS",
-    "SKETCHES",
+    "Init",
+    "Sketch",
     "closest_unitary",
     "lowrank",
     "projunn_d",

@@ -9,27 +9,29 @@ fixed generator state reproduces the sketch exactly.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-from .._validation import check_choice, check_int, check_tensor, renamed_argument
+from .._validation import check_choice, check_int, check_tensor
 from ._kernels import adjoint_times
 
-__all__ = ["SKETCHES", "lowrank"]
+__all__ = ["Sketch", "lowrank"]
 
-#: Names accepted by :func:`lowrank`.
-SKETCHES = ("lsi", "column", "rsvd", "exact")
+#: The sketches :func:`lowrank` draws (and ``ProjUNN``'s ``sketch`` option names).
+Sketch = Literal["lsi", "column", "rsvd", "exact"]
+SKETCHES: tuple[str, ...] = get_args(Sketch)  # the same names at run time, for validation
 
 
 def lowrank(
     D: torch.Tensor,
     rank: int,
-    sketch: str = "lsi",
+    sketch: Sketch = "lsi",
     *,
     generator: torch.Generator | None = None,
     samples: int | None = None,
     oversample: int = 4,
     power_iters: int = 2,
-    method: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Rank-``rank`` factors (a, b) with ``D ~ a @ b.mH``.
 
@@ -59,20 +61,18 @@ def lowrank(
     Args:
         D: (..., n, m) real or complex, float32/float64/complex64/complex128.
         rank: k, 1 <= k <= min(n, m).
-        sketch: one of :data:`SKETCHES`.
+        sketch: one of :data:`Sketch`: ``"lsi"``, ``"column"``, ``"rsvd"``, ``"exact"``.
         generator: source of randomness for ``lsi``, ``column`` and ``rsvd``,
             on D's device; None uses torch's global generator.
         samples: number of columns drawn by ``column`` (default ``2 * rank + 4``).
         oversample, power_iters: ``rsvd`` settings, ints >= 0.
-        method: deprecated name of ``sketch`` (a DeprecationWarning); it will
-            be removed in the next release.
 
     Returns:
         a: (..., n, k) and b: (..., m, k), dtype and device of D.
 
     Raises:
         TypeError: D not a supported tensor; rank, samples, oversample or
-            power_iters not an int; sketch not a str; both sketch and method given.
+            power_iters not an int; sketch not a str.
         ValueError: rank outside [1, min(n, m)], an unknown sketch, samples < rank,
             oversample or power_iters < 0, a generator on another device.
 
@@ -82,7 +82,6 @@ def lowrank(
         >>> torch.allclose(a @ b.mT, D)
         True
     """
-    sketch = renamed_argument("lowrank", "method", method, "sketch", sketch, "lsi")
     check_tensor("D", D)
     check_int("rank", rank)
     check_choice("sketch", sketch, SKETCHES)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
-from .._validation import check_choice, check_dtype, check_int, check_tensor, renamed_argument
+from .._validation import check_choice, check_dtype, check_int, check_tensor
 from ._kernels import double
 
-__all__ = ["INITS", "closest_unitary", "unitarity_error", "unitary_init"]
+__all__ = ["Init", "closest_unitary", "unitarity_error", "unitary_init"]
 
-#: Names accepted by :func:`unitary_init`.
-INITS = ("identity", "haar", "henaff", "cayley")
+#: The initialisations :func:`unitary_init` makes (and the layers' ``init`` option names).
+Init = Literal["identity", "haar", "henaff", "cayley"]
+INITS: tuple[str, ...] = get_args(Init)  # the same names at run time, for validation
 #: Those with a rectangular (semi-unitary) form.
 RECTANGULAR_INITS = ("identity", "haar")
 
@@ -67,14 +69,13 @@ def closest_unitary(A: torch.Tensor) -> torch.Tensor:
 
 def unitary_init(
     n: int,
-    init: str = "haar",
+    init: Init = "haar",
     *,
     m: int | None = None,
     batch_shape: tuple[int, ...] = (),
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
-    kind: str | None = None,
 ) -> torch.Tensor:
     """A (batch of) n x n orthogonal (real dtype) or unitary (complex dtype) matrices.
 
@@ -95,23 +96,23 @@ def unitary_init(
     columns if n > m, rows if n < m): ``"identity"`` gives the leading part of
     the identity, ``"haar"`` a Haar-distributed point of the Stiefel manifold.
 
+    :func:`projunn.nn.unitary_init_` (trailing underscore, as in
+    ``torch.nn.init``) fills an existing tensor with the same matrices in place.
+
     Args:
         n: matrix size (rows), >= 1.
-        init: one of :data:`INITS` (``"identity"`` or ``"haar"`` when m != n).
+        init: one of :data:`Init` (``"identity"`` or ``"haar"`` when m != n).
         m: columns, >= 1; default n.
         batch_shape: leading dimensions of the result.
         dtype: float32, float64, complex64 or complex128.
         device: device of the result.
         generator: source of randomness (on ``device``); None uses the global one.
-        kind: deprecated name of ``init`` (a DeprecationWarning); it will be
-            removed in the next release.
 
     Returns:
         (*batch_shape, n, m) tensor.
 
     Raises:
-        TypeError: n or m not an int, init not a str, an unsupported dtype,
-            both init and kind given.
+        TypeError: n or m not an int, init not a str, an unsupported dtype.
         ValueError: n or m < 1, an unknown init, or one that has no
             rectangular form when m != n.
 
@@ -120,7 +121,6 @@ def unitary_init(
         >>> bool(unitarity_error(W) < 1e-12)
         True
     """
-    init = renamed_argument("unitary_init", "kind", kind, "init", init, "haar")
     check_int("n", n)
     check_choice("init", init, INITS)
     check_dtype("dtype", dtype)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from ..functional import SKETCHES
+from ..functional import Sketch
 from .tasks import TASK_OPTIONS, get_task
 
 __all__ = [
@@ -128,7 +128,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """
     task = get_task(config.task)
     _check_choice("method", config.method, METHODS)
-    _check_choice("sketch", config.sketch, (None, *SKETCHES))
+    _check_choice("sketch", config.sketch, (None, *get_args(Sketch)))
     _check_choice("preset", config.preset, (None, "paper"))
     _check_task_options(task, config)
     if config.unitary_lr is not None and config.unitary_lr_divider is not None:

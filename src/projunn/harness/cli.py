@@ -23,16 +23,21 @@ import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import get_args
 
 import torch
 
 from .. import __version__
-from ..functional import INITS, SKETCHES
-from ..nn import INPUT_INITS, NONLINEARITIES
-from ..optim import METHODS as PROJUNN_METHODS
+from ..functional import Init, Sketch
+from ..nn import InputInit, Nonlinearity
+from ..optim import Method
 from ._allocator import reuse_freed_memory
 from .tasks import TASKS, DatasetMissingError, describe_tasks, get_task
 from .train import METHODS, OPTIMIZERS, RunDivergedError, RunError, TrainConfig, resolve, train
+
+# The library's choices, offered as the flags' choices.
+INITS, SKETCHES, INPUT_INITS = get_args(Init), get_args(Sketch), get_args(InputInit)
+NONLINEARITIES, PROJUNN_METHODS = get_args(Nonlinearity), get_args(Method)
 
 _DTYPES = {
     "float32": torch.float32,

@@ -1,24 +1,24 @@
-"""Layers holding plain parameters that the optimiser keeps orthogonal/unitary."""
+"""Layers holding plain parameters that the optimiser keeps orthogonal/unitary, and the constraint API.
 
-from ._cnn import ChannelPad, DeepUnitaryCNN, SpaceToDepth
-from ._constrain import KINDS, UnitaryConstraint, constraints, is_constrained, remove_unitary_, unitary_
-from ._conv import UnitaryConv2d, frequency_layout
-from ._linear import OrthogonalLinear, StiefelLinear, UnitaryLinear, init_unitary_
-from ._models import SequenceModel
-from ._recurrence import flush_denormals, unitary_recurrence
-from ._resnet import UnitaryResNet9
-from ._rnn import INPUT_INITS, NONLINEARITIES, ComplexToReal, ModReLU, UnitaryRNN, UnitaryRNNCell
+:func:`unitary_` constrains a parameter of any existing module. The paper's
+models, built from these layers, are in :mod:`projunn.models`.
+"""
+
+from ._constrain import ConstraintKind, UnitaryConstraint, constraints, is_constrained, remove_unitary_, unitary_
+from ._conv import UnitaryConv2d
+from ._linear import OrthogonalLinear, StiefelLinear, UnitaryLinear, unitary_init_
+from ._recurrence import Nonlinearity, unitary_recurrence
+from ._rnn import ComplexToReal, InputInit, ModReLU, UnitaryRNN, UnitaryRNNCell
+from ._shape import ChannelPad, SpaceToDepth
 
 __all__ = [
-    "INPUT_INITS",
-    "KINDS",
-    "NONLINEARITIES",
     "ChannelPad",
     "ComplexToReal",
-    "DeepUnitaryCNN",
+    "ConstraintKind",
+    "InputInit",
     "ModReLU",
+    "Nonlinearity",
     "OrthogonalLinear",
-    "SequenceModel",
     "SpaceToDepth",
     "StiefelLinear",
     "UnitaryConstraint",
@@ -26,13 +26,10 @@ __all__ = [
     "UnitaryLinear",
     "UnitaryRNN",
     "UnitaryRNNCell",
-    "UnitaryResNet9",
     "constraints",
-    "flush_denormals",
-    "frequency_layout",
-    "init_unitary_",
     "is_constrained",
     "remove_unitary_",
     "unitary_",
+    "unitary_init_",
     "unitary_recurrence",
 ]

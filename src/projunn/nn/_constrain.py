@@ -63,6 +63,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Literal, get_args
 
 import torch
 from torch.nn.utils import parametrize
@@ -71,7 +72,7 @@ from .._validation import SUPPORTED_DTYPES, check_choice, check_int
 from ..functional import closest_unitary, unitarity_error
 
 __all__ = [
-    "KINDS",
+    "ConstraintKind",
     "UnitaryConstraint",
     "constraints",
     "is_constrained",
@@ -80,7 +81,7 @@ __all__ = [
 ]
 
 #: How a constrained tensor is read as matrices (Note [Matrix views]).
-KINDS = ("matrix", "kernel")
+ConstraintKind = Literal["matrix", "kernel"]
 
 _RECORD = "_projunn_constraints"
 
@@ -108,7 +109,7 @@ class UnitaryConstraint:
         blocks: number of equal row-slices, each its own matrix.
     """
 
-    kind: str = "matrix"
+    kind: ConstraintKind = "matrix"
     blocks: int = 1
 
     def matrix_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -230,7 +231,7 @@ def unitary_(
     module: torch.nn.Module,
     name: str = "weight",
     *,
-    kind: str = "matrix",
+    kind: ConstraintKind = "matrix",
     blocks: int = 1,
     project: bool = True,
 ) -> torch.nn.Module:
@@ -324,7 +325,7 @@ def unitary_(
         return error(f"cannot make {where} unitary: {reason}")
 
     try:
-        kind = check_choice("kind", kind, KINDS)
+        kind = check_choice("kind", kind, get_args(ConstraintKind))
         blocks = check_int("blocks", blocks)
     except (TypeError, ValueError) as error:
         raise refuse(str(error), type(error)) from None

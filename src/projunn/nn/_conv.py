@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_choice, check_int, check_ints
+from .._validation import check_choice, check_int, check_ints, layer_dtype
 from ..functional import closest_unitary, unitary_init
 from ._constrain import declare_unitary
-from ._dtype import dtype_from_complex_flag, layer_dtype
 
-__all__ = ["UnitaryConv2d", "frequency_layout"]
+__all__ = ["UnitaryConv2d"]
 
 
 def frequency_layout(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,8 +96,6 @@ class UnitaryConv2d(torch.nn.Module):
             torch's default dtype (Note [Complex layers]).
         device: where to allocate the weights.
         generator: randomness for ``"haar"``.
-        complex: deprecated (a DeprecationWarning): ``complex=True`` with a
-            real dtype is the complex dtype of the same precision.
 
     Shape:
         input (B, C, n, m), output (B, C, n, m), in the layer's dtype.
@@ -119,10 +116,9 @@ class UnitaryConv2d(torch.nn.Module):
         dtype: torch.dtype | None = None,
         device=None,
         generator: torch.Generator | None = None,
-        complex: bool | None = None,
     ) -> None:
         super().__init__()
-        dtype = layer_dtype(dtype_from_complex_flag("UnitaryConv2d", dtype, complex))
+        dtype = layer_dtype(dtype)
         self.channels = check_int("channels", channels)
         self.size = check_ints("size", size, 2)
         self.init = check_choice("init", init, ("identity", "haar"))
@@ -198,14 +194,7 @@ class UnitaryConv2d(torch.nn.Module):
             return torch.fft.irfft2(W, s=(n, m))
 
     @classmethod
-    def from_spatial_kernel(
-        cls,
-        kernel: torch.Tensor,
-        *,
-        dtype: torch.dtype | None = None,
-        atol: float | None = None,
-        complex: bool | None = None,
-    ):
+    def from_spatial_kernel(cls, kernel: torch.Tensor, *, dtype: torch.dtype | None = None, atol: float | None = None):
         """The layer of a given (C, C, n, m) circular kernel, if that convolution is orthogonal/unitary.
 
         Args:
@@ -215,16 +204,11 @@ class UnitaryConv2d(torch.nn.Module):
                 orthogonal convolution of real images (the kernel must then be real).
             atol: largest accepted max |W(f)^H W(f) - I| (default 1e3 * eps of
                 the kernel's dtype).
-            complex: deprecated (a DeprecationWarning): ``complex=True`` is the
-                complex dtype of the kernel's precision.
 
         Raises:
             ValueError: the kernel's frequency matrices are not unitary within ``atol``,
                 it is not square in channels, or a complex kernel for a real dtype.
         """
-        if complex is not None:
-            default = kernel.dtype.to_real() if complex else kernel.dtype
-            dtype = dtype_from_complex_flag("UnitaryConv2d.from_spatial_kernel", dtype or default, complex)
         if kernel.dim() != 4 or kernel.shape[0] != kernel.shape[1]:
             raise ValueError(f"kernel must have shape (C, C, n, m), got {tuple(kernel.shape)}")
         c, _, n, m = kernel.shape

@@ -1,39 +1,47 @@
-"""Linear layers whose weight is orthogonal/unitary (square) or semi-orthogonal/semi-unitary (rectangular)."""
+"""Linear layers whose weight is orthogonal/unitary (square) or semi-orthogonal/semi-unitary (rectangular).
+
+Note [Complex layers]
+---------------------
+Every layer of ``projunn.nn`` and every model of ``projunn.models`` takes
+``dtype`` and ``device``, as ``torch.nn`` layers do. A complex ``dtype``
+(complex64, complex128) asks for a unitary layer with complex weights and
+states; a real one (float32, float64) for an orthogonal layer. The real
+parameters a complex layer also holds (modReLU biases, the readout of
+:class:`projunn.models.SequenceModel`) take the matching real dtype,
+``dtype.to_real()``. ``dtype=None`` means torch's default dtype, as for
+``torch.nn.Linear``.
+"""
 
 from __future__ import annotations
+
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-from .._validation import check_choice, check_int, check_tensor, renamed_argument
-from ..functional import INITS, unitary_init
+from .._validation import check_choice, check_int, check_tensor, layer_dtype
+from ..functional import Init, unitary_init
 from ._constrain import declare_unitary
-from ._dtype import layer_dtype
 
-__all__ = ["OrthogonalLinear", "StiefelLinear", "UnitaryLinear", "init_unitary_"]
+__all__ = ["OrthogonalLinear", "StiefelLinear", "UnitaryLinear", "unitary_init_"]
 
 
-def init_unitary_(
-    tensor: torch.Tensor,
-    init: str = "haar",
-    *,
-    generator: torch.Generator | None = None,
-    kind: str | None = None,
+def unitary_init_(
+    tensor: torch.Tensor, init: Init = "haar", *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Fill a (..., N, M) tensor in place with (semi-)orthogonal/unitary matrices; return it.
 
-    The in-place counterpart of :func:`projunn.functional.unitary_init`, in
-    the style of ``torch.nn.init``. Real tensors get orthogonal matrices,
-    complex ones unitary matrices. A rectangular tensor gets semi-unitary
-    matrices: orthonormal columns if N > M, orthonormal rows if N < M.
+    The in-place counterpart of :func:`projunn.functional.unitary_init` (the
+    trailing underscore, as in ``torch.nn.init``). Real tensors get orthogonal
+    matrices, complex ones unitary matrices. A rectangular tensor gets
+    semi-unitary matrices: orthonormal columns if N > M, orthonormal rows if
+    N < M.
 
     Args:
         tensor: (..., N, M), float32, float64, complex64 or complex128.
-        init: one of :data:`projunn.functional.INITS` for square matrices;
+        init: one of :data:`projunn.functional.Init` for square matrices;
             ``"haar"`` or ``"identity"`` for rectangular ones.
         generator: source of randomness.
-        kind: deprecated name of ``init`` (a DeprecationWarning); it will be
-            removed in the next release.
 
     Returns:
         ``tensor``.
@@ -42,8 +50,14 @@ def init_unitary_(
         TypeError: not a tensor, or an unsupported dtype.
         ValueError: fewer than 2 dimensions, an empty matrix, an unknown
             ``init``, or one with no rectangular form for N != M.
+
+    Example:
+        >>> weight = torch.empty(5, 3, dtype=torch.float64)
+        >>> unitary_init_(weight) is weight
+        True
+        >>> torch.allclose(weight.mT @ weight, torch.eye(3, dtype=torch.float64))
+        True
     """
-    init = renamed_argument("init_unitary_", "kind", kind, "init", init, "haar")
     check_tensor("tensor", tensor)
     rows, cols = tensor.shape[-2:]
     if rows == 0 or cols == 0:
@@ -147,7 +161,7 @@ class UnitaryLinear(StiefelLinear):
     Args:
         features: N, the input and output size.
         bias: add a learned bias (off by default: it breaks norm preservation).
-        init: one of :data:`projunn.functional.INITS`.
+        init: one of :data:`projunn.functional.Init`.
         dtype, device, generator: as for :class:`StiefelLinear`.
 
     Shape:
@@ -160,7 +174,7 @@ class UnitaryLinear(StiefelLinear):
         True
     """
 
-    inits = INITS
+    inits = get_args(Init)
 
     def __init__(
         self,

@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Literal, get_args
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["flush_denormals", "unitary_recurrence"]
+__all__ = ["Nonlinearity", "flush_denormals", "unitary_recurrence"]
 
-#: Activations the fused recurrence supports (the same as :class:`UnitaryRNNCell`).
-ACTIVATIONS = ("modrelu", "relu", "tanh", "identity")
+#: The nonlinearities of :class:`projunn.nn.UnitaryRNNCell`, all of which the fused recurrence implements.
+Nonlinearity = Literal["modrelu", "relu", "tanh", "identity"]
+ACTIVATIONS: tuple[str, ...] = get_args(Nonlinearity)  # the same names at run time, for validation
 
 
 @contextlib.contextmanager
@@ -71,7 +73,7 @@ def unitary_recurrence(
     xw: torch.Tensor,
     weight: torch.Tensor,
     h0: torch.Tensor,
-    activation: str,
+    activation: Nonlinearity,
     modrelu_bias: torch.Tensor | None = None,
     *,
     with_last: bool = False,

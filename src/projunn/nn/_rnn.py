@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-from .._validation import REAL_DTYPES, check_choice, check_int
-from ..functional import INITS, unitary_init
+from .._validation import REAL_DTYPES, check_choice, check_int, layer_dtype
+from ..functional import Init, unitary_init
 from ._constrain import declare_unitary
-from ._dtype import dtype_from_complex_flag, layer_dtype
-from ._recurrence import ACTIVATIONS, _recurrence_over
+from ._recurrence import ACTIVATIONS, Nonlinearity, _recurrence_over
 
-__all__ = ["INPUT_INITS", "NONLINEARITIES", "ComplexToReal", "ModReLU", "UnitaryRNN", "UnitaryRNNCell"]
+__all__ = ["ComplexToReal", "InputInit", "ModReLU", "UnitaryRNN", "UnitaryRNNCell"]
 
-#: Nonlinearities accepted by :class:`UnitaryRNNCell` (those the fused recurrence implements).
-NONLINEARITIES = ACTIVATIONS
-#: Initialisations of the input weight accepted by :class:`UnitaryRNNCell`.
-INPUT_INITS = ("he", "xavier")
+#: The initialisations of the input weight of :class:`UnitaryRNNCell`.
+InputInit = Literal["he", "xavier"]
 
 
 def _input_weight(hidden: int, inputs: int, init: str, *, dtype, device, generator) -> torch.Tensor:
@@ -102,7 +100,7 @@ class UnitaryRNNCell(torch.nn.Module):
         hidden_size: N, the size of U.
         nonlinearity: ``"modrelu"`` (its bias is b), ``"relu"``, ``"tanh"`` or
             ``"identity"`` (a linear recurrence: norm preserving for zero input).
-        init: initialisation of U, one of :data:`projunn.functional.INITS`
+        init: initialisation of U, one of :data:`projunn.functional.Init`
             (the paper: ``"henaff"`` for the copy task, ``"cayley"`` for MNIST).
         input_init: initialisation of W_in: ``"he"`` (normal, variance 2 / input_size)
             or ``"xavier"`` (uniform, variance 2 / (input_size + hidden_size), as the
@@ -113,11 +111,16 @@ class UnitaryRNNCell(torch.nn.Module):
             default dtype.
         device: where to allocate the parameters.
         generator: source of randomness for initialisation.
-        complex: deprecated (a DeprecationWarning): ``complex=True`` with a
-            real dtype is the complex dtype of the same precision.
 
     Shape:
         x (B, input_size) real or complex; h (B, hidden_size) -> (B, hidden_size).
+
+    Example:
+        >>> cell = UnitaryRNNCell(3, 8, nonlinearity="identity", dtype=torch.float64)
+        >>> h = torch.randn(2, 8, dtype=torch.float64)
+        >>> h_next = cell(torch.zeros(2, 3, dtype=torch.float64), h)  # U h: the same norm
+        >>> torch.allclose(h_next.norm(dim=-1), h.norm(dim=-1))
+        True
     """
 
     def __init__(
@@ -125,26 +128,24 @@ class UnitaryRNNCell(torch.nn.Module):
         input_size: int,
         hidden_size: int,
         *,
-        nonlinearity: str = "modrelu",
-        init: str = "henaff",
-        input_init: str = "he",
+        nonlinearity: Nonlinearity = "modrelu",
+        init: Init = "henaff",
+        input_init: InputInit = "he",
         dtype: torch.dtype | None = None,
         device=None,
         generator: torch.Generator | None = None,
-        complex: bool | None = None,
     ) -> None:
         super().__init__()
-        dtype = dtype_from_complex_flag("UnitaryRNNCell", dtype, complex)
         self.input_size = check_int("input_size", input_size)
         self.hidden_size = check_int("hidden_size", hidden_size)
-        self.nonlinearity = check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
-        self.init = check_choice("init", init, INITS)
+        self.nonlinearity = check_choice("nonlinearity", nonlinearity, ACTIVATIONS)
+        self.init = check_choice("init", init, get_args(Init))
         state = layer_dtype(dtype)
         real = state.to_real()
         self.recurrent_weight = torch.nn.Parameter(
             unitary_init(hidden_size, init, dtype=state, device=device, generator=generator)
         )
-        self.input_init = check_choice("input_init", input_init, INPUT_INITS)
+        self.input_init = check_choice("input_init", input_init, get_args(InputInit))
         self.input_weight = torch.nn.Parameter(
             _input_weight(hidden_size, input_size, input_init, dtype=state, device=device, generator=generator)
         )
@@ -243,13 +244,18 @@ class UnitaryRNN(torch.nn.Module):
         -> outputs (B, T, hidden_size), or (B, T, O) with a readout (a view of
         time-major storage: ``outputs.transpose(0, 1)`` is contiguous), last
         state (B, hidden_size).
+
+    Example:
+        >>> rnn = UnitaryRNN(3, 8, dtype=torch.complex64)  # unitary U, complex states
+        >>> outputs, last = rnn(torch.randn(2, 5, 3))
+        >>> outputs.shape, outputs.dtype, last.shape
+        (torch.Size([2, 5, 8]), torch.complex64, torch.Size([2, 8]))
+        >>> torch.equal(outputs[:, -1], last)
+        True
     """
 
     def __init__(self, input_size: int, hidden_size: int, *, fused: bool = True, **cell_options) -> None:
         super().__init__()
-        if "complex" in cell_options:  # resolved here, so that the warning points at the caller
-            dtype = dtype_from_complex_flag("UnitaryRNN", cell_options.get("dtype"), cell_options.pop("complex"))
-            cell_options["dtype"] = dtype
         self.cell = UnitaryRNNCell(input_size, hidden_size, **cell_options)
         self.fused = bool(fused)
 

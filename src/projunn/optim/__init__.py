@@ -1,11 +1,11 @@
 """Optimiser integration: any torch.optim optimiser plus exact unitary projUNN steps."""
 
 from ._groups import param_groups, unitary_parameters
-from ._projunn import METHODS, ProjUNN
+from ._projunn import Method, ProjUNN
 from ._sharded import distributed_state_dict, load_distributed_state_dict
 
 __all__ = [
-    "METHODS",
+    "Method",
     "ProjUNN",
     "distributed_state_dict",
     "load_distributed_state_dict",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.utils import parametrize
 
+from ..functional import Sketch
 from ..nn._constrain import own_constraints
+
+if TYPE_CHECKING:  # _projunn imports this module
+    from ._projunn import Method
 
 __all__ = ["param_groups", "unitary_parameters"]
 
@@ -22,7 +26,7 @@ def matrix_view(param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     return param if shape is None else param.view(shape)
 
 
-def unitary_slots(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+def constrained_slots(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
     """(qualified name, module, attribute) of every weight ``model`` declares unitary.
 
     The rule is visible and lives on modules, not on Parameter objects
@@ -45,12 +49,12 @@ def unitary_slots(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, st
 def unitary_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The (qualified name, parameter) pairs of ``model`` that are meant to be unitary.
 
-    The plain parameters among :func:`unitary_slots`. A parameter shared by
+    The plain parameters among :func:`constrained_slots`. A parameter shared by
     several modules is listed once.
     """
     found: list[tuple[str, torch.nn.Parameter]] = []
     seen: set[int] = set()
-    for qualified, module, name in unitary_slots(model):
+    for qualified, module, name in constrained_slots(model):
         param = module._parameters.get(name)
         if param is not None and id(param) not in seen:
             seen.add(id(param))
@@ -62,9 +66,9 @@ def param_groups(
     model: torch.nn.Module,
     *,
     unitary_lr: float | None = None,
-    method: str | None = None,
+    method: Method | None = None,
     rank: int | None = None,
-    sketch: str | None = None,
+    sketch: Sketch | None = None,
     include_parametrized: bool = False,
 ) -> list[dict[str, Any]]:
     """Split ``model``'s parameters into an ordinary group and a unitary group.
@@ -132,7 +136,7 @@ def param_groups(
 def _parametrized_originals(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The free tensors of the unitary weights a ``torch.nn.utils.parametrize`` parametrisation computes."""
     found: dict[int, torch.nn.Parameter] = {}
-    for _, module, name in unitary_slots(model):
+    for _, module, name in constrained_slots(model):
         if parametrize.is_parametrized(module, name):
             original = module.parametrizations[name].original
             found.setdefault(id(original), original)

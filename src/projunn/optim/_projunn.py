@@ -147,23 +147,25 @@ import warnings
 from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from .._validation import SUPPORTED_DTYPES, check_choice, check_int
-from ..functional import SKETCHES
+from ..functional import Sketch
 from ..nn._constrain import constrained_weights, constraint_generation
 from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
 from ._drift import DriftControl
 from ._groups import MATRIX_SHAPE, matrix_view
 from ._sharded import all_finite_everywhere, check_weight, local_part, project, row_shards, sketch, update
 
-__all__ = ["METHODS", "ProjUNN", "steps_from_zero"]
+__all__ = ["Method", "ProjUNN", "steps_from_zero"]
 
 #: Update rules a unitary parameter group may ask for. ``"none"`` leaves the
 #: group unconstrained (the plain base optimiser step), for comparisons.
-METHODS = ("t", "d", "none")
+Method = Literal["t", "d", "none"]
+METHODS: tuple[str, ...] = get_args(Method)  # the same names at run time, for validation
+SKETCHES: tuple[str, ...] = get_args(Sketch)
 
 _STATE_KEY = "projunn"
 _NONFINITE_POLICIES = ("skip", "raise")
@@ -260,7 +262,7 @@ class ProjUNN:
 
     Group keys (each optional, defaulting to the constructor's arguments):
     ``unitary`` (bool), ``method`` ("t", "d" or "none"), ``rank`` (int >= 1,
-    capped at N), ``sketch`` (one of :data:`projunn.functional.SKETCHES`),
+    capped at N), ``sketch`` (one of :data:`projunn.functional.Sketch`),
     ``matrix_shape`` (update ``p.view(matrix_shape)`` instead of ``p``: gate
     blocks, convolution kernels; Note [Matrix views] in ``projunn.nn._constrain``), and
     the base optimiser's own ``lr`` (the paper uses lr/32 for unitary RNN

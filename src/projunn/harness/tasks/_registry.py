@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ...functional import unitary_init
-from ...nn import DeepUnitaryCNN, SequenceModel, UnitaryLinear, UnitaryResNet9
+from ...models import DeepUnitaryCNN, SequenceModel, UnitaryResNet9
+from ...nn import UnitaryLinear
 from ..datasets import load_cifar10, load_images
 from ._synthetic import COPY_ALPHABET, COPY_SYMBOLS, adding_baseline, adding_batch, copy_baseline, copy_batch
 

@@ -1,12 +1,11 @@
-"""Models used by the sequence tasks: a unitary RNN with a real readout."""
+"""The model of the sequence tasks: a unitary RNN with a real readout."""
 
 from __future__ import annotations
 
 import torch
 
-from .._validation import check_int
-from ._dtype import dtype_from_complex_flag, layer_dtype
-from ._rnn import ComplexToReal, UnitaryRNN
+from .._validation import check_int, layer_dtype
+from ..nn import ComplexToReal, UnitaryRNN
 
 __all__ = ["SequenceModel"]
 
@@ -25,12 +24,18 @@ class SequenceModel(torch.nn.Module):
             The readout takes the matching real dtype (Note [Complex layers]).
         device: where to allocate every parameter, the readout's included.
         cell_options: passed to :class:`projunn.nn.UnitaryRNNCell`
-            (``nonlinearity``, ``init``, ``input_init``, ``generator``; the
-            deprecated ``complex``).
+            (``nonlinearity``, ``init``, ``input_init``, ``generator``).
 
     Shape:
         x (B, T, input_size) real, or (B, T) int64 token ids when ``tokens``
         -> (B, T, output_size) if ``every_step`` else (B, output_size), real.
+
+    Example:
+        >>> model = SequenceModel(10, 16, 9, tokens=True, every_step=True)  # the copy task's shape
+        >>> model(torch.randint(0, 10, (2, 30))).shape
+        torch.Size([2, 30, 9])
+        >>> SequenceModel(2, 16, 1, dtype=torch.complex64)(torch.randn(4, 30, 2)).shape  # the adding task's
+        torch.Size([4, 1])
     """
 
     def __init__(
@@ -46,8 +51,6 @@ class SequenceModel(torch.nn.Module):
         **cell_options,
     ) -> None:
         super().__init__()
-        if "complex" in cell_options:  # resolved here, so that the warning points at the caller
-            dtype = dtype_from_complex_flag("SequenceModel", dtype, cell_options.pop("complex"))
         dtype = layer_dtype(dtype)
         self.input_size = input_size
         self.tokens = tokens

@@ -3,11 +3,11 @@
 The layout follows the common nine-layer residual network (a stem, three
 stages with a residual pair in the first and last, a classifier): eight
 convolutions and one linear layer. Every convolution is a
-:class:`UnitaryConv2d`, and the shape changes are isometries:
+:class:`projunn.nn.UnitaryConv2d`, and the shape changes are isometries:
 
-- channels grow by zero-padding (:class:`ChannelPad`) in the stem;
+- channels grow by zero-padding (:class:`projunn.nn.ChannelPad`) in the stem;
 - a stride of 2 is an invertible space-to-depth reshuffle
-  (:class:`SpaceToDepth`), which quadruples the channels instead of
+  (:class:`projunn.nn.SpaceToDepth`), which quadruples the channels instead of
   discarding three pixels in four. So widths grow 4x per stride (w, 4w,
   16w, 64w) where the usual ResNet-9 doubles them; ``width`` is kept small
   to compensate.
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import REAL_DTYPES, check_int
-from ._cnn import ChannelPad, SpaceToDepth, _ConvBlock
-from ._dtype import layer_dtype
+from .._validation import REAL_DTYPES, check_int, layer_dtype
+from ..nn import ChannelPad, SpaceToDepth
+from ._cnn import _ConvBlock
 
 __all__ = ["UnitaryResNet9"]
 
@@ -64,6 +64,11 @@ class UnitaryResNet9(torch.nn.Module):
 
     Shape:
         (B, in_channels, n, m) -> (B, classes).
+
+    Example:
+        >>> model = UnitaryResNet9(width=4, size=(8, 8), dtype=torch.float64)  # 8 -> 4 -> 2 -> 1
+        >>> model(torch.randn(2, 3, 8, 8, dtype=torch.float64)).shape
+        torch.Size([2, 10])
     """
 
     def __init__(
