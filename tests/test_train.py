@@ -571,3 +571,16 @@ def test_run_state_round_trips_through_the_checkpoint_entries():
     # Checkpoints from before the window and the counters were saved continue as a fresh run would.
     old = RunState.from_checkpoint({"step": 7, "seconds": 1.0, "history": []})
     assert (old.window_count, old.nonfinite_losses, old.failing, old.saved_step) == (0, 0, 0, 7)
+
+
+@pytest.mark.parametrize("task", ["copy", "adding"])
+def test_sequence_runs_choose_on_a_validation_set_and_report_a_separate_test_set(tmp_path, task):
+    summary = train(
+        TrainConfig(task=task, hidden=8, seq_len=5, batch_size=4, steps=4, eval_every=2, quiet=True, out=str(tmp_path)),
+        log=lambda _: None,
+    )
+    validation, test = (TASKS[task].held_out(5, split) for split in ("eval", "test"))
+    assert not torch.equal(validation[0], test[0])  # two draws, never the same sequences
+    last_row = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))[-1]
+    assert summary["final_loss"] == summary["test_loss"] != float(last_row["eval_loss"])
+    assert summary["accuracy"] == summary["test_accuracy"] and "test_baseline" in summary

@@ -7,7 +7,11 @@ would have seen, with no data-loader state to save.
 Held-out numbers come from fixed sets that depend on the task's settings
 only, never on the run's seed or method: every run of a task and sequence
 length is scored on the same sequences, beside the loss of a constant or
-memoryless predictor measured on that same set (``eval_baseline``).
+memoryless predictor measured on that same set (``eval_baseline``). Each
+task keeps a validation set, which every evaluation row scores (anything
+chosen by looking at held-out data, a best step, is chosen on it), apart
+from a test set, which only the final weights are scored on, once, for
+summary.json.
 """
 
 from __future__ import annotations
@@ -179,7 +183,8 @@ class RunData:
 
 class _SequenceTask(Task):
     """Synthetic sequences (copy, adding): fresh training batches from the ("train", seed, step)
-    stream, and a fixed held-out set of EVAL_SIZE sequences from the ("eval", task, T) stream.
+    stream, a validation set of EVAL_SIZE sequences from the ("eval", task, T) stream and a test
+    set of as many from the ("test", task, T) stream.
 
     Subclasses give ``input_size``, ``output_size``, ``tokens``, and score a chunk of the
     held-out set (``score_chunk``, sums) and the whole set from those sums (``finish``).
@@ -196,9 +201,12 @@ class _SequenceTask(Task):
     def prepare(self, config, device):
         return _SequenceData(self, config, device)
 
-    def held_out(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The held-out set for sequence length T: inputs and targets of EVAL_SIZE sequences."""
-        return self.generate(EVAL_SIZE, seq_len, generator=_stream("eval", self.name, seq_len))
+    def held_out(self, seq_len: int, split: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+        """A held-out set for sequence length T: inputs and targets of EVAL_SIZE sequences.
+
+        ``split`` "eval": the validation set; "test": the test set (see the module's docstring).
+        """
+        return self.generate(EVAL_SIZE, seq_len, generator=_stream(split, self.name, seq_len))
 
     def build_model(self, config) -> torch.nn.Module:
         return SequenceModel(
@@ -235,7 +243,13 @@ class _SequenceData(RunData):
         return x.to(self.device), y.to(self.device)
 
     def evaluate(self, model, *, progress=Unwatched):
-        x, y = self.held_out
+        return self._score(model, *self.held_out, progress)
+
+    def test(self, model, *, progress=Unwatched):
+        scores = self._score(model, *self.task.held_out(self.config.seq_len, "test"), progress)
+        return {key.replace("eval_", "test_", 1): value for key, value in scores.items()}
+
+    def _score(self, model, x: torch.Tensor, y: torch.Tensor, progress) -> dict[str, float]:
         totals: dict[str, float] = {}
         with _evaluating(model), progress(total=len(x), desc="held-out set", unit="seq") as bar:
             for start in range(0, len(x), EVAL_CHUNK):
