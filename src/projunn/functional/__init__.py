@@ -4,11 +4,10 @@ Every function is batched over leading dimensions, works for real
 (orthogonal) and complex (unitary) float32/float64 tensors, returns results in
 the input's dtype and device, and never modifies its arguments.
 
-:mod:`projunn.functional.sharded` holds the same updates and sketches for
-weights whose rows are split over processes (FSDP2).
+The same kernels update weights whose rows are split over processes (FSDP2):
+:class:`projunn.optim.ProjUNN` runs them on DTensor weights (Note [Row-sharded projUNN]).
 """
 
-from . import sharded as sharded  # a public submodule, documented on its own
 from ._sketch import Sketch, lowrank
 from ._unitary import Init, closest_unitary, unitarity_error, unitary_init
 from ._update import projunn_d, projunn_t

@@ -120,8 +120,9 @@ def add_low_rank(
         target = torch.empty(W.shape, dtype=W.dtype, device=W.device)
     if target is not W:
         target.copy_(W)
-    n, m, r = W.shape[-2], W.shape[-1], left.shape[-1]
-    target.view(-1, n, m).baddbmm_(left.reshape(-1, n, r), right.reshape(-1, r, m))
+    # The batch counted, not -1: a process may hold no rows of a split weight (Note [Row-sharded projUNN]).
+    batch, n, m, r = W.shape[:-2].numel(), W.shape[-2], W.shape[-1], left.shape[-1]
+    target.view(batch, n, m).baddbmm_(left.reshape(batch, n, r), right.reshape(batch, r, m))
     if out is None or out is target:
         return target
     return out.copy_(target)

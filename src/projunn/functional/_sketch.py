@@ -15,6 +15,7 @@ import torch
 
 from .._validation import check_choice, check_int, check_tensor
 from ._kernels import adjoint_times
+from ._rows import ALL_ROWS, Rows
 
 __all__ = ["Sketch", "lowrank"]
 
@@ -90,19 +91,41 @@ def lowrank(
         raise ValueError(f"rank must be <= min(n, m) = {min(n, m)} for D of shape {tuple(D.shape)}, got {rank}")
     if generator is not None and torch.device(generator.device).type != D.device.type:
         raise ValueError(f"generator is on {generator.device} but D is on {D.device}")
-    if sketch == "lsi":
-        a, b = _lsi(D, rank, generator)
-    elif sketch == "column":
-        count = 2 * rank + 4 if samples is None else check_int("samples", samples)
-        if count < rank:
-            raise ValueError(f"samples must be >= rank = {rank} for the column sketch, got {samples}")
-        a, b = _column(D, rank, count, generator)
-    elif sketch == "rsvd":
+    if sketch == "column" and samples is not None and check_int("samples", samples) < rank:
+        raise ValueError(f"samples must be >= rank = {rank} for the column sketch, got {samples}")
+    if sketch == "rsvd":
         check_int("oversample", oversample, minimum=0)
         check_int("power_iters", power_iters, minimum=0)
-        a, b = _rsvd(D, rank, oversample, power_iters, generator)
+    return factors(
+        D, rank, sketch, generator=generator, samples=samples, oversample=oversample, power_iters=power_iters
+    )
+
+
+def factors(
+    D: torch.Tensor,
+    rank: int,
+    sketch: Sketch,
+    *,
+    rows: Rows = ALL_ROWS,
+    generator: torch.Generator | None = None,
+    samples: int | None = None,
+    oversample: int = 4,
+    power_iters: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors (a, b) of :func:`lowrank`, its arguments unchecked, for D whose rows ``rows`` describes.
+
+    With rows split over processes (Note [Row-sharded projUNN]) D and a are
+    this process's rows, b is whole, and the random numbers are those the
+    sketch of the whole D draws from the same generator state.
+    """
+    if sketch == "lsi":
+        a, b = _lsi(D, rank, generator, rows)
+    elif sketch == "column":
+        a, b = _column(D, rank, 2 * rank + 4 if samples is None else samples, generator, rows)
+    elif sketch == "rsvd":
+        a, b = _rsvd(D, rank, oversample, power_iters, generator, rows)
     else:
-        a, b = _exact(D, rank)
+        a, b = _exact(D, rank, rows)
     # Plain tensors, not lazily conjugated views (which .numpy() and view_as_real refuse); N x k, cheap.
     return a.resolve_conj(), b.resolve_conj()
 
@@ -111,22 +134,23 @@ def _gaussian(D: torch.Tensor, shape: tuple[int, ...], generator: torch.Generato
     return torch.randn(shape, dtype=D.dtype, device=D.device, generator=generator)
 
 
-def _lsi(D: torch.Tensor, k: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _lsi(D: torch.Tensor, k: int, generator: torch.Generator | None, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
     # The span of D^H R equals the row space of R^H D, whose right singular
     # vectors the paper takes; a QR gives an orthonormal basis of it with no
     # threshold and no SVD. Householder QR is orthonormal even if D^H R = 0.
-    R = _gaussian(D, (*D.shape[:-1], k), generator)
-    V, _ = torch.linalg.qr(adjoint_times(D, R))
+    # R is drawn whole and taken by rows, so split rows draw the numbers of the whole D.
+    R = rows.take(_gaussian(D, (*D.shape[:-2], rows.count(D.shape[-2]), k), generator))
+    V, _ = torch.linalg.qr(rows.sum(adjoint_times(D, R)))
     return D @ V, V
 
 
 def _column(
-    D: torch.Tensor, k: int, samples: int, generator: torch.Generator | None
+    D: torch.Tensor, k: int, samples: int, generator: torch.Generator | None, rows: Rows
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, m = D.shape[-2:]
     batch = D.shape[:-2]
     count = min(samples, m)
-    weights = torch.linalg.vector_norm(D, dim=-2).square()  # (..., m), real
+    weights = rows.sum(torch.linalg.vector_norm(D, dim=-2).square())  # (..., m), real
     total = weights.sum(-1, keepdim=True)
     # A zero matrix has no column distribution; any columns give the right
     # (zero) answer, so fall back to uniform rather than dividing by zero.
@@ -139,29 +163,30 @@ def _column(
     drawable = flat_probs.clamp_min(torch.finfo(flat_probs.dtype).tiny)
     picks = torch.multinomial(drawable, count, replacement=False, generator=generator)  # (B, c)
     scale = torch.rsqrt(count * drawable.gather(-1, picks)).to(D.dtype)  # DKM rescaling 1/sqrt(c p_j)
-    columns = D.reshape(-1, n, m).gather(-1, picks.unsqueeze(-2).expand(-1, n, -1))  # (B, n, c)
+    # (B, n, c); B counted, not -1: a process may hold no rows of a split D
+    columns = D.reshape(len(flat_probs), n, m).gather(-1, picks.unsqueeze(-2).expand(-1, n, -1))
     sample = (columns * scale.unsqueeze(-2)).reshape(*batch, n, count)
-    H = torch.linalg.svd(sample, full_matrices=False)[0][..., :k]  # top-k left singular vectors
-    return H, adjoint_times(D, H)
+    H = rows.svd(sample)[0][..., :k]  # top-k left singular vectors
+    return H, rows.sum(adjoint_times(D, H))
 
 
 def _rsvd(
-    D: torch.Tensor, k: int, oversample: int, power_iters: int, generator: torch.Generator | None
+    D: torch.Tensor, k: int, oversample: int, power_iters: int, generator: torch.Generator | None, rows: Rows
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n, m = D.shape[-2:]
+    n, m = rows.count(D.shape[-2]), D.shape[-1]
     width = min(k + oversample, n, m)
     Y = D @ _gaussian(D, (*D.shape[:-2], m, width), generator)
     for _ in range(power_iters):
         # Re-orthonormalise between products so the small singular
         # directions are not lost to rounding (Halko et al., Alg. 4.4).
-        Z = adjoint_times(D, torch.linalg.qr(Y)[0])
+        Z = rows.sum(adjoint_times(D, rows.qr(Y)[0]))
         Y = D @ torch.linalg.qr(Z)[0]
-    basis = torch.linalg.qr(Y)[0]  # (..., n, width)
-    small_u, s, small_vh = torch.linalg.svd(adjoint_times(D, basis).mH, full_matrices=False)
+    basis = rows.qr(Y)[0]  # (..., n, width)
+    small_u, s, small_vh = torch.linalg.svd(rows.sum(adjoint_times(D, basis)).mH, full_matrices=False)
     a = (basis @ small_u[..., :k]) * s[..., None, :k].to(D.dtype)
     return a, small_vh[..., :k, :].mH
 
 
-def _exact(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    u, s, vh = torch.linalg.svd(D, full_matrices=False)
+def _exact(D: torch.Tensor, k: int, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    u, s, vh = rows.svd(D)
     return u[..., :k] * s[..., None, :k].to(D.dtype), vh[..., :k, :].mH

@@ -57,6 +57,7 @@ from __future__ import annotations
 import torch
 
 from ._kernels import add_low_rank, adjoint_times, double, tangent_block
+from ._rows import ALL_ROWS, Rows
 from ._unitary import closest_unitary
 
 __all__ = ["stiefel_d", "stiefel_t"]
@@ -67,49 +68,75 @@ _DENSE_BELOW = 1e-4
 
 
 def _as_tall(fn):
-    """Run a tall-matrix update as is, and on the conjugate transpose of a wide W."""
+    """Run a tall-matrix update as is, and on the conjugate transpose of a wide W.
 
-    def update(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        if W.shape[-2] >= W.shape[-1]:
-            return fn(W, a, b, out)
+    The tall update takes how W's rows and how its columns (the rows of W^H)
+    are split; a wide W's split rows are the split columns of W^H
+    (Note [Row-sharded projUNN]).
+    """
+
+    def update(
+        W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, rows: Rows = ALL_ROWS
+    ) -> torch.Tensor:
+        if rows.count(W.shape[-2]) >= W.shape[-1]:
+            return fn(W, a, b, out, rows, ALL_ROWS)
         if out is None:  # a plain tensor: .mH of the result is a lazily conjugated view
             out = torch.empty(W.shape, dtype=W.dtype, device=W.device)
-        return out.copy_(fn(W.mH, b, a, None).mH)
+        return out.copy_(fn(W.mH, b, a, None, ALL_ROWS, rows).mH)
 
     update.__doc__ = fn.__doc__
     return update
 
 
 @_as_tall
-def stiefel_d(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """polar(W + a b^H) for tall W (..., N, M), a (..., N, k), b (..., M, k). Note [Stiefel projUNN-D]."""
+def stiefel_d(
+    W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, rows: Rows, cols: Rows
+) -> torch.Tensor:
+    """polar(W + a b^H) for tall W (..., N, M), a (..., N, k), b (..., M, k). Note [Stiefel projUNN-D].
+
+    ``rows`` and ``cols`` say how W's rows and columns are split over processes (a and b split alike).
+    """
     k = a.shape[-1]
     precise = double(W.dtype)
-    c = adjoint_times(W, a)  # (..., M, k)
-    Q, R = torch.linalg.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
+    c = rows.sum(adjoint_times(W, a))  # (..., M, k)
+    Q, R = cols.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
     R_b, R_c = R[..., :k], R[..., k:]
     a_precise = a.to(precise)
-    S = R_c @ R_b.mH + R_b @ R_c.mH + R_b @ (a_precise.mH @ a_precise) @ R_b.mH
+    S = R_c @ R_b.mH + R_b @ R_c.mH + R_b @ rows.sum(a_precise.mH @ a_precise) @ R_b.mH
     eye = torch.eye(S.shape[-1], dtype=precise, device=W.device)
     lam, V = torch.linalg.eigh(eye + (S + S.mH) / 2)
     degenerate = lam[..., 0] < _DENSE_BELOW * lam[..., -1].clamp_min(1.0)
     scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt() - 1
     C = (V * scale.unsqueeze(-2).to(precise)) @ V.mH
     # Dense fallback for the degenerate matrices, formed before ``out`` (which may be W) is written.
-    fallback = closest_unitary((W + a @ b.mH)[degenerate]) if bool(degenerate.any()) else None
-    left = (W @ Q.to(W.dtype)) @ C.to(W.dtype) + a @ (R_b.mH @ (eye + C)).to(W.dtype)
+    fallback = _polar((W + a @ b.mH)[degenerate], rows, cols) if bool(degenerate.any()) else None
+    left = cols.sum(W @ Q.to(W.dtype)) @ C.to(W.dtype) + a @ (R_b.mH @ (eye + C)).to(W.dtype)
     result = add_low_rank(W, left, Q.mH.to(W.dtype), out)
     if fallback is not None:
         result[degenerate] = fallback
     return result
 
 
+def _polar(Y: torch.Tensor, rows: Rows, cols: Rows) -> torch.Tensor:
+    """This process's block of closest_unitary of the matrix whose rows and columns are split as said.
+
+    The matrix is gathered whole (a dense SVD of a step no training run takes, Note [Stiefel projUNN-D]).
+    """
+    whole = cols.gather(rows.gather(Y).mH).mH
+    return cols.take(rows.take(closest_unitary(whole)).mH).mH
+
+
 @_as_tall
-def stiefel_t(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """exp(A) W, A = (a (W b)^H - (W b) a^H) / 2, for tall W (..., N, M). Note [Stiefel projUNN-T]."""
+def stiefel_t(
+    W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, rows: Rows, cols: Rows
+) -> torch.Tensor:
+    """exp(A) W, A = (a (W b)^H - (W b) a^H) / 2, for tall W (..., N, M). Note [Stiefel projUNN-T].
+
+    ``rows`` and ``cols`` say how W's rows and columns are split over processes (a and b split alike).
+    """
     k = a.shape[-1]
     precise = double(W.dtype)
-    L, R = torch.linalg.qr(torch.cat([(W @ b).to(precise), a.to(precise)], dim=-1))
+    L, R = rows.qr(torch.cat([cols.sum(W @ b).to(precise), a.to(precise)], dim=-1))
     block = tangent_block(R[..., :k], R[..., k:])  # exp(S) - I, S = (R_2 R_1^H - R_1 R_2^H) / 2
     L = L.to(W.dtype)
-    return add_low_rank(W, L, block.to(W.dtype) @ adjoint_times(W, L).mH, out)
+    return add_low_rank(W, L, block.to(W.dtype) @ rows.sum(adjoint_times(W, L)).mH, out)

@@ -58,26 +58,27 @@ For real input the block is real up to rounding and its real part is used.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .._validation import check_out, check_update_args
 from ._kernels import add_low_rank, adjoint_times, direct_block, double, tangent_block
+from ._rows import ALL_ROWS, Rows
 from ._stiefel import stiefel_d, stiefel_t
 
 __all__ = ["projunn_d", "projunn_t"]
 
 
-def _subspace(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _subspace(
+    U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: Rows
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Orthonormal basis of span[b, U^H a] and the coordinates of b and U^H a in it.
 
     See Note [The 2k-dimensional subspace]. The thin QR is taken in double
     precision (Note [Double-precision small problem]).
 
     Args:
-        U: (..., N, N) unitary.
-        a, b: (..., N, k).
+        U: (..., N, N) unitary, or this process's rows of it (``rows``).
+        a, b: (..., N, k), a by rows as U.
 
     Returns:
         Q: (..., N, r) orthonormal columns, r = min(N, 2k), in double precision.
@@ -85,28 +86,42 @@ def _subspace(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.
     """
     k = a.shape[-1]
     precise = double(U.dtype)
-    c = adjoint_times(U, a)
+    c = rows.sum(adjoint_times(U, a))
     Q, R = torch.linalg.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
     return Q, R[..., :k], R[..., k:]
 
 
-def _projunn(
-    block_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    rectangular_fn: Callable[..., torch.Tensor],
+_RULES = {"t": (tangent_block, stiefel_t), "d": (direct_block, stiefel_d)}
+
+
+def update(
+    method: str,
     U: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
-    out: torch.Tensor | None,
+    *,
+    out: torch.Tensor | None = None,
+    rows: Rows = ALL_ROWS,
 ) -> torch.Tensor:
-    check_update_args(U, a, b)
-    if out is not None:
-        check_out(out, U)
-    if U.shape[-1] != U.shape[-2]:
-        return rectangular_fn(U, a, b, out)
-    Q, R_b, R_c = _subspace(U, a, b)
+    """:func:`projunn_t` (``method="t"``) or :func:`projunn_d` (``"d"``), the arguments unchecked.
+
+    U, a and ``out`` may be this process's rows of matrices whose rows ``rows``
+    splits over processes (b is whole); the result is then this process's rows
+    of the update (Note [Row-sharded projUNN]).
+    """
+    block_fn, stiefel_fn = _RULES[method]
+    if rows.count(U.shape[-2]) != U.shape[-1]:
+        return stiefel_fn(U, a, b, out, rows)
+    Q, R_b, R_c = _subspace(U, a, b, rows)
     Q = Q.to(U.dtype)
     # U + (U Q) block Q^H, the left factor formed before ``out`` (which may be U) is written.
     return add_low_rank(U, (U @ Q) @ block_fn(R_b, R_c).to(U.dtype), Q.mH, out)
+
+
+def _checked(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> None:
+    check_update_args(U, a, b)
+    if out is not None:
+        check_out(out, U)
 
 
 def projunn_d(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,7 +169,8 @@ def projunn_d(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.T
         >>> torch.allclose(V.mT @ V, torch.eye(5, dtype=torch.float64))
         True
     """
-    return _projunn(direct_block, stiefel_d, U, a, b, out)
+    _checked(U, a, b, out)
+    return update("d", U, a, b, out=out)
 
 
 def projunn_t(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,4 +211,5 @@ def projunn_t(U: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out: torch.T
         >>> torch.allclose(projunn_t(U, a, b), torch.linalg.matrix_exp(K))
         True
     """
-    return _projunn(tangent_block, stiefel_t, U, a, b, out)
+    _checked(U, a, b, out)
+    return update("t", U, a, b, out=out)

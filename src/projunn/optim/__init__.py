@@ -1,8 +1,8 @@
 """Optimiser integration: any torch.optim optimiser plus exact unitary projUNN steps."""
 
+from ._distributed import distributed_state_dict, load_distributed_state_dict
 from ._groups import param_groups, unitary_parameters
 from ._projunn import Method, ProjUNN
-from ._sharded import distributed_state_dict, load_distributed_state_dict
 
 __all__ = [
     "Method",

@@ -52,8 +52,7 @@ import math
 
 import torch
 
-from ..functional.sharded import row_shards, sharded_drift_residual, sharded_newton_schulz_
-from ._sharded import local_part, project
+from ._weights import ALL_ROWS, Rows, local_part, project, rows_of
 
 __all__ = ["CHECK_EVERY", "EXACT_ABOVE", "DriftControl"]
 
@@ -71,13 +70,34 @@ def default_tolerance(weight: torch.Tensor) -> float:
     return max(_TOLERANCE_PER_ENTRY * eps * n, _TOLERANCE_FLOORS * eps * math.sqrt(n))
 
 
-def _tall(weight: torch.Tensor) -> torch.Tensor:
-    """The weight, or for a wide one (N < M) its transpose: a view whose Gram condition is U^H U = I.
+def _tall(weight: torch.Tensor) -> tuple[torch.Tensor, Rows, Rows]:
+    """This rank's part of the weight (its transpose if wide, N < M), and how its rows and columns are split.
 
-    W W^H = I exactly when (W^T)^H W^T = conj(W W^H) = I, and writes into the
-    view are writes into the weight, so one set of formulas serves both.
+    The view's Gram condition is U^H U = I: W W^H = I exactly when
+    (W^T)^H W^T = conj(W W^H) = I, and writes into the view are writes into
+    the weight, so one set of formulas serves both. The rows of a wide
+    weight's transpose are whole and its columns split (Note [Row-sharded projUNN]).
     """
-    return weight if weight.shape[-2] >= weight.shape[-1] else weight.mT
+    rows, local = rows_of(weight), local_part(weight)
+    if rows.count(local.shape[-2]) >= local.shape[-1]:
+        return local, rows, ALL_ROWS
+    return local.mT, ALL_ROWS, rows
+
+
+def _newton_schulz_(weight: torch.Tensor) -> None:
+    """One Newton-Schulz step U <- U - U (U^H U - I) / 2 of the weight's tall view, in place.
+
+    A wide weight whose rows are split takes the step as W - W (W^H W - I) / 2,
+    the same matrix since W (W^H W) = (W W^H) W, from the M x M Gram matrix
+    summed over ranks (its transpose's Gram matrix would be split both ways).
+    That is one all-reduce of M^2 numbers and O(n_r M^2) flops per rank.
+    """
+    U, rows, cols = _tall(weight)
+    if cols is not ALL_ROWS:
+        U, rows = local_part(weight), cols
+    defect = rows.sum(U.mH @ U)
+    defect.diagonal(dim1=-2, dim2=-1).sub_(1)
+    U.sub_(U @ defect, alpha=0.5)
 
 
 class DriftControl:
@@ -95,23 +115,21 @@ class DriftControl:
         self.corrections = 0
         self._probes: dict[tuple, torch.Tensor] = {}
 
-    def _probe(self, tall: torch.Tensor) -> torch.Tensor:
-        key = (tall.shape[-1], tall.dtype, tall.device)
+    def _probe(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        key = (n, like.dtype, like.device)
         if key not in self._probes:
             generator = torch.Generator().manual_seed(0)
-            probe = torch.randn(tall.shape[-1], _PROBES, generator=generator, dtype=torch.float64)
-            self._probes[key] = probe.to(device=tall.device, dtype=tall.dtype)
+            probe = torch.randn(n, _PROBES, generator=generator, dtype=torch.float64)
+            self._probes[key] = probe.to(device=like.device, dtype=like.dtype)
         return self._probes[key]
 
     def estimate(self, weight: torch.Tensor) -> torch.Tensor:
         """Estimated ||U^H U - I||_F (or ||U U^H - I||_F for wide U), one value per matrix, O(N M)."""
-        shards = row_shards(weight)
-        if shards is not None:  # rows split over ranks: thin products and small all-reduces
-            return sharded_drift_residual(local_part(weight), self._probe(_tall(weight)), shards) / math.sqrt(_PROBES)
-        U = _tall(local_part(weight))
-        X = self._probe(U)
-        residual = ((U @ X).mH @ U).mH - X  # (U X)^H U = (U^H U X)^H, no conjugate copy of U
-        return torch.linalg.matrix_norm(residual) / math.sqrt(_PROBES)
+        U, rows, cols = _tall(weight)
+        X = cols.take(self._probe(cols.count(U.shape[-1]), U))
+        # (U X)^H U = (U^H U X)^H, no conjugate copy of U; with split rows or columns, thin sums only.
+        residual = rows.sum(cols.sum(U @ X).mH @ U).mH - X
+        return cols.norm(residual) / math.sqrt(_PROBES)
 
     @torch.no_grad()
     def __call__(self, *weights: torch.Tensor) -> int:
@@ -130,13 +148,8 @@ class DriftControl:
                 continue
             if error > EXACT_ABOVE:
                 project(weight)  # a sharded weight is all-gathered once
-            elif row_shards(weight) is not None:  # the same step from the M x M Gram matrix (one all-reduce)
-                sharded_newton_schulz_(local_part(weight), row_shards(weight))
-            else:  # one Newton-Schulz step, U - U (U^H U - I) / 2
-                U = _tall(local_part(weight))
-                defect = U.mH @ U
-                defect.diagonal(dim1=-2, dim2=-1).sub_(1)
-                U.sub_(U @ defect, alpha=0.5)
+            else:
+                _newton_schulz_(weight)
             corrected += 1
         self.corrections += corrected
         return corrected

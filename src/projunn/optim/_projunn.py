@@ -157,7 +157,7 @@ from ..nn._constrain import constrained_weights, constraint_generation
 from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
 from ._drift import DriftControl
 from ._groups import MATRIX_SHAPE, matrix_view
-from ._sharded import all_finite_everywhere, check_weight, local_part, project, row_shards, sketch, update
+from ._weights import ALL_ROWS, all_finite_everywhere, check_weight, local_part, project, rows_of, sketch_step, update
 
 __all__ = ["Method", "ProjUNN", "steps_from_zero"]
 
@@ -608,7 +608,7 @@ class ProjUNN:
             for w in work:
                 D = matrix_view(w.step, w.group)
                 w.rank = min(self._setting(w.group, "rank"), *D.shape[-2:])
-                w.factors = sketch(D, w.rank, self._setting(w.group, "sketch"), self._generator(D.device))
+                w.factors = sketch_step(D, w.rank, self._setting(w.group, "sketch"), self._generator(D.device))
             factors = [t for w in work for t in w.factors]
             if factors and not all_finite_everywhere(_all_finite, factors, params):
                 self._skip_nonfinite_step()
@@ -636,7 +636,7 @@ class ProjUNN:
         batches: dict[tuple, list[_Work]] = {}
         for w in work:
             U = matrix_view(w.weight, w.group)
-            if row_shards(U) is not None:
+            if rows_of(U) is not ALL_ROWS:
                 batches[("sharded", id(w))] = [w]
                 continue
             local = local_part(U)

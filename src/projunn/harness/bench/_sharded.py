@@ -1,7 +1,7 @@
 """The ``sharded`` benchmark: one optimiser step of an FSDP2-sharded N x N weight, time and bytes communicated.
 
 ``world`` CPU processes (gloo, file rendezvous) each hold some rows of an orthogonal N x N float32
-weight (``fully_shard``, Note [Row-sharded projUNN] in ``projunn.functional._sharded``). A fixed
+weight (``fully_shard``, Note [Row-sharded projUNN] in ``projunn.functional._rows``). A fixed
 gradient is made once by a forward and backward pass; then the optimiser step alone is timed, the
 ranks synchronised by a barrier before and after every step (the time is rank 0's, barrier
 included), as the median of ``repeats`` steps after a warm-up. The bytes of every collective in one
