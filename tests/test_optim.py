@@ -532,132 +532,74 @@ def test_a_failing_base_step_leaves_nothing_half_updated():
     assert gram_defect(weight.detach()) < 1e-14
 
 
-# -- batched steps (Note [Batched steps]) -------------------------------------------------
+# -- ProjUNN is the optimiser (Note [ProjUNN is the optimiser]) ---------------------------------
 
 
-class _Stack(torch.nn.Module):
-    """Three square layers of one shape, two of another, a tall and a wide Stiefel layer, an ordinary head."""
-
-    def __init__(self, dtype=torch.float64):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.square = torch.nn.ModuleList(UnitaryLinear(6, dtype=dtype, generator=g) for _ in range(3))
-        self.other = torch.nn.ModuleList(UnitaryLinear(4, dtype=dtype, generator=g) for _ in range(2))
-        self.tall = torch.nn.ModuleList(projunn.nn.StiefelLinear(6, 9, dtype=dtype, generator=g) for _ in range(2))
-        self.wide = projunn.nn.StiefelLinear(9, 4, dtype=dtype, generator=g)
-        self.head = torch.nn.Linear(8, 1, dtype=dtype)
-
-    def forward(self, x):
-        for layer in self.square:
-            x = torch.tanh(layer(x))
-        x = self.wide(self.tall[1](self.tall[0](x)[..., :6]))
-        for layer in self.other:
-            x = layer(x)
-        return self.head(torch.cat([x, x], dim=-1)).abs()
-
-
-def _stack_run(dtype, method, sketch, steps, **options):
-    """Train a _Stack; returns it, its optimiser and its weights after each step."""
+def _student_and_projunn(**options):
     torch.manual_seed(0)
-    model = _Stack(dtype)
-    groups = param_groups(model, unitary_lr=0.05)
-    opt = ProjUNN(torch.optim.Adam(groups, lr=0.02), method=method, rank=2, sketch=sketch, seed=3, **options)
-    g = torch.Generator().manual_seed(1)
-    history = []
-    for _ in range(steps):
-        x = torch.randn(5, 6, dtype=dtype, generator=g)
-        model(x).square().mean().backward()
-        opt.step()
+    model = Student()
+    return model, ProjUNN(torch.optim.Adam(param_groups(model, unitary_lr=0.05), lr=1e-2), seed=5, **options)
+
+
+def test_projunn_is_an_optimizer_sharing_the_base_groups_state_and_defaults():
+    model, opt = _student_and_projunn()
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is opt.optimizer.param_groups and opt.defaults is opt.optimizer.defaults
+    _train(model, opt, _batches(8, 2))
+    assert opt.state is opt.optimizer.state and len(opt.state) == len(list(model.parameters()))
+    assert opt.unitary_defaults == {"method": "t", "rank": 1, "sketch": "lsi"}
+    opt.param_groups[0]["lr"] = 0.5  # written through to the base
+    assert opt.optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_a_scheduler_steps_the_learning_rate_of_the_projunn_optimizer():
+    model, opt = _student_and_projunn()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for x, y in _batches(8, 4):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()  # no "scheduler.step() before optimizer.step()" warning (warnings are errors here)
         opt.zero_grad()
-        history.append([p.detach().clone() for p in model.parameters()])
-    return model, opt, history
+        scheduler.step()
+    assert [g["lr"] for g in opt.param_groups] == [1e-2 / 4, 0.05 / 4]
+    assert gram_defect(model.rotate.weight.detach()) < 1e-13
 
 
-def _counting_updates(monkeypatch):
-    """Count the calls of the projunn update kernels, and the matrices each call gets."""
-    from projunn.optim import _weights
-
-    calls = []
-    kernel = _weights._update
-
-    def counted(method, U, a, b, **options):
-        calls.append(tuple(U.shape))
-        return kernel(method, U, a, b, **options)
-
-    monkeypatch.setattr(_weights, "_update", counted)
-    return calls
+def test_hooks_registered_on_projunn_run_with_the_base_step_and_state_dict():
+    model, opt = _student_and_projunn()
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append("post"))
+    opt.register_state_dict_post_hook(lambda o, state: seen.append("saved"))
+    _train(model, opt, _batches(8, 1))
+    opt.state_dict()
+    assert seen == ["pre", "post", "saved"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
-@pytest.mark.parametrize("method", ["t", "d"])
-@pytest.mark.parametrize("sketch", ["lsi", "column", "rsvd", "exact"])
-def test_batched_step_equals_the_per_parameter_step(dtype, method, sketch, monkeypatch):
-    """foreach=True (one call per shape and setting) gives the weights of foreach=False.
-
-    The sketches are the same calls on the same steps with the same random numbers in both runs
-    (Note [Batched steps]), so the only difference is a batched GEMM / QR / eigh / SVD rounding
-    differently from P separate ones: after one step, a few eps (measured <= 3e-16 in float64,
-    asserted 1e-14). Training then amplifies rounding differences (Adam's normalised step of a
-    rank-2 sketch is sensitive to them: measured 1.5e-13 after 4 steps, complex128 projUNN-D), so
-    after 4 steps 1e-11 is asserted; a different random draw would differ by O(1e-2).
-    """
-    calls = _counting_updates(monkeypatch)
-    batched, batched_opt, batched_history = _stack_run(dtype, method, sketch, 4, foreach=True)
-    # one call for the three 6 x 6 weights, one for the two 4 x 4, one for the two 9 x 6, one for the 4 x 9
-    assert len(calls) == 4 * 4 and sorted(calls[:4]) == [(2, 4, 4), (2, 9, 6), (3, 6, 6), (4, 9)]
-    calls.clear()
-    _, single_opt, single_history = _stack_run(dtype, method, sketch, 4, foreach=False)
-    assert len(calls) == 4 * 8 and all(len(shape) == 2 for shape in calls)
-    for step, atol in ((0, 1e-14), (3, 1e-11)):
-        for p, q in zip(batched_history[step], single_history[step]):
-            torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=f"step {step + 1}")
-    for p in batched.parameters():
-        if p.dim() == 2 and p.shape[0] != 1:
-            assert gram_defect(p.detach() if p.shape[0] >= p.shape[1] else p.detach().mH) < 1e-13
-    # The same random numbers were drawn, in the same order: the generators end in the same state.
-    for state, other in zip(
-        batched_opt.state_dict()["projunn"]["generators"].values(),
-        single_opt.state_dict()["projunn"]["generators"].values(),
-    ):
-        assert torch.equal(state, other)
+def test_a_base_optimizer_takes_one_projunn_at_a_time():
+    _, opt = _student_and_projunn()
+    with pytest.raises(ValueError, match="already has a ProjUNN attached"):
+        ProjUNN(opt.optimizer)
+    assert not hasattr(opt.optimizer, "_projunn_attached")  # nothing stamped on the base
+    opt.remove()
+    ProjUNN(opt.optimizer)
 
 
-def test_a_batch_of_one_weight_makes_the_per_parameter_calls_bit_for_bit():
-    runs = []
-    for foreach in (True, False):
-        torch.manual_seed(0)
-        model = Student()
-        opt = ProjUNN(torch.optim.Adam(param_groups(model), lr=1e-2), rank=2, seed=5, foreach=foreach)
-        _train(model, opt, _batches(8, 6))
-        runs.append([p.detach().clone() for p in model.parameters()])
-    for p, q in zip(*runs):
+def test_projunn_state_loads_on_its_own_as_after_a_distributed_checkpoint():
+    batches = _batches(8, 6)
+    model, opt = _student_and_projunn()
+    _train(model, opt, batches[:3])
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, batches[3:])
+    resumed, resumed_opt = _student_and_projunn()
+    resumed.load_state_dict(saved_model)
+    with pytest.warns(RuntimeWarning, match="without projUNN state"):
+        resumed_opt.load_state_dict({k: v for k, v in saved.items() if k != "projunn"})
+    resumed_opt.load_projunn_state(saved["projunn"])
+    _train(resumed, resumed_opt, batches[3:])
+    for p, q in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
-
-
-def test_batched_state_dict_round_trip_continues_exactly():
-    batches = _batches(6, 8)
-
-    def fresh():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(*(UnitaryLinear(6, dtype=torch.float64) for _ in range(3)))
-        return model, ProjUNN(torch.optim.Adam(param_groups(model), lr=0.05), seed=2, foreach=True)
-
-    def run(model, opt, part):
-        for x, _ in part:
-            model(x).square().sum().backward()
-            opt.step()
-            opt.zero_grad()
-
-    whole, opt = fresh()
-    run(whole, opt, batches)
-    first, opt1 = fresh()
-    run(first, opt1, batches[:4])
-    second, opt2 = fresh()
-    second.load_state_dict(first.state_dict())
-    opt2.load_state_dict(copy.deepcopy(opt1.state_dict()))
-    run(second, opt2, batches[4:])
-    for p, q in zip(whole.parameters(), second.parameters()):
-        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="malformed"):
+        resumed_opt.load_projunn_state({"steps": 1})
 
 
 # -- steps from zero (Note [Steps from zero]) ---------------------------------------------

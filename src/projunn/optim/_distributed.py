@@ -46,5 +46,4 @@ def load_distributed_state_dict(model: torch.nn.Module, optimizer: Any, state: d
         # set_state_dict loads the base optimiser's state without ProjUNN's, which is applied just below.
         warnings.filterwarnings("ignore", "loading an optimizer state dict without projUNN state", RuntimeWarning)
         set_state_dict(model, optimizer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    optimizer._take_state(optimizer.optimizer, {"projunn": state["projunn"]})
-    optimizer._restore_state(optimizer.optimizer)
+    optimizer.load_projunn_state(state["projunn"])

@@ -103,40 +103,22 @@ Anything else takes the generic path. ``step_from_zero=False`` forces it.
 A step pre-hook registered on the base optimiser after ProjUNN's, or
 anything else reading the weight during the base step, sees the zeros.
 
-Note [Batched steps]
---------------------
-The update kernels are batched over leading dimensions, and a deep model
-holds many weights of one shape (two per layer of DeepUnitaryCNN, the
-recurrent blocks of stacked RNNs). With ``foreach=True`` (the foreach idea
-of torch.optim) the weights of one (matrix shape, dtype,
-device, method, rank, sketch) take one projunn_t / projunn_d call on their
-stack (P, ..., N, M): one U^H a, one QR, one batch of small problems, one
-U Q and one rank-2k update for all P, instead of P rounds of these kernels
-and LAPACK calls. The stack lives in a buffer kept for the next step and is
-copied back into the weights (two passes over the batch's weights).
-
-The sketches stay one :func:`projunn.functional.lowrank` call per weight, in
-the order of ``param_groups`` (first appearance of each parameter), in both
-paths: this is the documented order of the sketch random numbers, the same
-as per parameter and as before batching, so a seed gives the same run
-either way and a checkpoint resumes exactly. A single draw for the stack
-would not give the same numbers: the values of a draw depend on its shape
-(torch's CPU normal sampler transforms blocks of 16 and redraws a tail,
-CUDA's Philox offsets follow the launch), and column sampling's
-``multinomial`` likewise. The batched update may round differently from
-per-matrix calls (BLAS picks kernels by shape), so ``foreach=True`` and
-``foreach=False`` agree to rounding, not bit for bit; a batch of one
-weight makes exactly the per-parameter calls. Row-sharded weights are
-updated one by one (their collectives are per weight).
-
-It is not the default: on a 2-core CPU (float32, k = 1, 2 threads) the
-optimiser step with it took 0.98x the time of the per-parameter path for a
-depth-32 DeepUnitaryCNN, 1.07x at depth 100 and 1.29x for 24
-UnitaryLinear(1024) (benchmarks/bench_batched_step.py): the kernels were
-already large enough to keep the cores busy, the per-weight sketches remain,
-and the stack costs two extra passes. Batching the sketches too (one draw
-for the stack) is what would change that, at the price of other random
-numbers than the per-parameter path.
+Note [ProjUNN is the optimiser]
+-------------------------------
+:class:`ProjUNN` is a ``torch.optim.Optimizer`` that wraps the base one, as
+Hugging Face accelerate's ``AcceleratedOptimizer`` does: its
+``param_groups``, ``state`` and ``defaults`` are the base optimiser's own
+objects (shared, not copied), ``step`` runs the base step with the projUNN
+updates, and ``state_dict`` is the base's with ProjUNN's state added. So the
+ProjUNN object is the one to hand to every tool (LR schedulers, GradScaler,
+Lightning's ``configure_optimizers``, ``accelerator.prepare``,
+``torch.distributed.checkpoint``), and the training loop calls its ``step``.
+The work itself happens in step hooks registered on the base optimiser
+(Note [Composition with the base optimiser]), so a tool that holds the base
+optimiser and steps it gets the same update; hooks registered on ProjUNN are
+registered on the base. The base optimiser takes one ProjUNN at a time
+(attaching a second would update each weight twice): ProjUNN keeps a weak
+set of the optimisers it is attached to, rather than marking them.
 """
 
 from __future__ import annotations
@@ -144,6 +126,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+import weakref
 from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -157,7 +140,7 @@ from ..nn._constrain import constrained_weights, constraint_generation
 from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
 from ._drift import DriftControl
 from ._groups import MATRIX_SHAPE, matrix_view
-from ._weights import ALL_ROWS, all_finite_everywhere, check_weight, local_part, project, rows_of, sketch_step, update
+from ._weights import all_finite_everywhere, check_weight, local_part, project, sketch_step, update
 
 __all__ = ["Method", "ProjUNN", "steps_from_zero"]
 
@@ -168,6 +151,8 @@ METHODS: tuple[str, ...] = get_args(Method)  # the same names at run time, for v
 SKETCHES: tuple[str, ...] = get_args(Sketch)
 
 _STATE_KEY = "projunn"
+#: Note [ProjUNN is the optimiser]: the base optimisers a ProjUNN is attached to.
+_ATTACHED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 _NONFINITE_POLICIES = ("skip", "raise")
 #: Sketches whose factors are non-finite whenever D is: LSI multiplies D by a Gaussian matrix (no
 #: exact zeros, so an Inf or NaN entry reaches the product, Inf - Inf giving NaN) and QR and the
@@ -242,7 +227,7 @@ class _Work:
 _eager = torch.compiler.disable(reason="projUNN's optimiser step runs eagerly (Note [Eager steps under torch.compile])")
 
 
-class ProjUNN:
+class ProjUNN(torch.optim.Optimizer):
     r"""Wrap a torch optimiser so that parameters in groups marked ``unitary`` stay unitary.
 
     For every parameter U in a group with ``"unitary": True`` the base
@@ -270,9 +255,9 @@ class ProjUNN:
     builds such groups from a model.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer``. It keeps working as before
-            (call ``optimizer.step()`` or ``projunn.step()``, attach LR
-            schedulers to it); ProjUNN registers hooks on it.
+        optimizer: any ``torch.optim.Optimizer``, the base. ProjUNN shares its
+            groups and state and registers hooks on it (Note [ProjUNN is the
+            optimiser]): hand the ProjUNN to schedulers and trainers.
         method, rank, sketch: defaults for unitary groups that do not set them.
         seed: seed of the sketch's random generator; None uses
             ``torch.initial_seed()``, so ``torch.manual_seed`` fixes it
@@ -291,10 +276,6 @@ class ProjUNN:
         on_nonfinite: ``"skip"`` (default: leave unitary weights untouched,
             count the step in ``skipped_steps``, warn) or ``"raise"``
             (same, then raise FloatingPointError). See Note [Non-finite steps].
-        foreach: update the weights of one shape, dtype, device and setting
-            with one batched call; False (default) updates them one by one.
-            Either way the sketches draw the same random numbers, and the
-            results agree to rounding (Note [Batched steps]).
         step_from_zero: let an optimiser whose step does not depend on the
             weight's value (SGD, Adam, AdamW, RMSprop without weight decay)
             write its step into a zeroed buffer, saving two passes over each
@@ -304,8 +285,8 @@ class ProjUNN:
 
     Raises:
         TypeError: ``optimizer`` is not a torch optimiser; a unitary
-            parameter has an unsupported dtype; ``foreach`` or
-            ``step_from_zero`` is not a bool.
+            parameter has an unsupported dtype; ``step_from_zero`` is not
+            a bool.
         ValueError: unknown method/sketch/policy, rank < 1, a unitary
             parameter that is not a matrix (..., N, M), or an optimiser that
             already has a ProjUNN attached.
@@ -329,15 +310,15 @@ class ProjUNN:
         reorthogonalize_every: int = 0,
         drift_tolerance: float | str | None = "auto",
         on_nonfinite: str = "skip",
-        foreach: bool = False,
         step_from_zero: bool = True,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if getattr(optimizer, "_projunn_attached", False):
+        if optimizer in _ATTACHED:
             raise ValueError("this optimizer already has a ProjUNN attached; attach it once")
+        # No Optimizer.__init__: the groups, state and defaults are the base's (Note [ProjUNN is the optimiser]).
         self.optimizer = optimizer
-        self.defaults = {
+        self.unitary_defaults = {
             "method": check_choice("method", method, METHODS),
             "rank": check_int("rank", rank),
             "sketch": check_choice("sketch", sketch, SKETCHES),
@@ -345,10 +326,8 @@ class ProjUNN:
         self.reorthogonalize_every = check_int("reorthogonalize_every", reorthogonalize_every, minimum=0)
         self.drift_control = None if drift_tolerance is None else DriftControl(drift_tolerance)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
-        for name, value in (("foreach", foreach), ("step_from_zero", step_from_zero)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-        self.foreach = foreach
+        if not isinstance(step_from_zero, bool):
+            raise TypeError(f"step_from_zero must be a bool, got {type(step_from_zero).__name__}")
         self.step_from_zero = step_from_zero
         self.seed = _replica_seed(seed)
         self.steps = 0
@@ -357,7 +336,6 @@ class ProjUNN:
         self._saved: dict[torch.Tensor, torch.Tensor] = {}  # generic path: U while the base step runs
         self._zeros: dict[torch.Tensor, torch.Tensor] = {}  # Note [Steps from zero]: the buffers that take D
         self._swapped: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its weight, during the base step
-        self._stacks: dict[torch.Tensor, torch.Tensor] = {}  # Note [Batched steps]: first parameter -> stack
         self._hidden_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._pending_state: dict[str, Any] | None = None
         self._in_step: list[torch.Tensor] = []
@@ -374,14 +352,36 @@ class ProjUNN:
             optimizer.register_load_state_dict_pre_hook(self._take_state),
             optimizer.register_load_state_dict_post_hook(self._restore_state),
         ]
-        optimizer._projunn_attached = True
+        _ATTACHED.add(optimizer)
 
-    # -- the optimiser-like surface -------------------------------------------------
+    # -- the Optimizer surface: the base's groups, state and defaults ---------------------
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         """The base optimiser's parameter groups (shared, not copied)."""
         return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def state(self) -> dict:
+        """The base optimiser's per-parameter state (shared, not copied)."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        self.optimizer.state = state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The base optimiser's defaults. ProjUNN's own, for unitary groups: :attr:`unitary_defaults`."""
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict[str, Any]) -> None:
+        self.optimizer.defaults = defaults
 
     @_eager
     def step(self, closure=None):
@@ -412,17 +412,48 @@ class ProjUNN:
         self._check_group(group)
         self.optimizer.add_param_group(group)
 
+    def load_projunn_state(self, entry: dict[str, Any]) -> None:
+        """Restore ProjUNN's own state (``state_dict()["projunn"]``: step counters, sketch generators).
+
+        For a base state loaded some other way, e.g. by ``torch.distributed.checkpoint``.
+
+        Raises:
+            ValueError: ``entry`` was not written by ProjUNN, or holds a generator for a device
+                this process lacks.
+        """
+        self._pending_state = _parsed_state(entry, self._devices())
+        self._restore_state(self.optimizer)
+
+    # Hooks registered on ProjUNN run when the base optimiser's do: the step happens there.
+    def register_step_pre_hook(self, hook):
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook):
+        return self.optimizer.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_post_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend=prepend)
+
     def remove(self) -> None:
         """Detach from the base optimiser, which then behaves as plain torch again."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for buffers in (self._saved, self._zeros, self._stacks):
+        for buffers in (self._saved, self._zeros):
             buffers.clear()
-        self.optimizer._projunn_attached = False
+        _ATTACHED.discard(self.optimizer)
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.unitary_defaults.items())
         return (
             f"ProjUNN({type(self.optimizer).__name__}, {settings}, "
             f"reorthogonalize_every={self.reorthogonalize_every}, steps={self.steps}, "
@@ -432,7 +463,7 @@ class ProjUNN:
     # -- which parameters, with which settings ----------------------------------------
 
     def _setting(self, group: Mapping[str, Any], key: str) -> Any:
-        return group.get(key, self.defaults[key])
+        return group.get(key, self.unitary_defaults[key])
 
     def _group_signature(self, group: dict[str, Any]) -> tuple:
         """What a group's check depends on; the check is repeated only when this changes."""
@@ -604,7 +635,7 @@ class ProjUNN:
             if unchecked and not all_finite_everywhere(_all_finite, unchecked, params):
                 self._skip_nonfinite_step()
                 return
-            # Note [Batched steps]: one sketch per weight, in parameter order, whichever path.
+            # One sketch per weight, in parameter order: the order of the sketches' random numbers.
             for w in work:
                 D = matrix_view(w.step, w.group)
                 w.rank = min(self._setting(w.group, "rank"), *D.shape[-2:])
@@ -613,8 +644,9 @@ class ProjUNN:
             if factors and not all_finite_everywhere(_all_finite, factors, params):
                 self._skip_nonfinite_step()
                 return
-            for batch in self._batches(work):
-                self._update_batch(batch)
+            for w in work:
+                method = self._setting(w.group, "method")
+                update(method, matrix_view(w.param, w.group), matrix_view(w.weight, w.group), *w.factors)
         except BaseException:
             self._abort()
             raise
@@ -625,50 +657,6 @@ class ProjUNN:
                 project(matrix_view(p, group))
         elif self.drift_control is not None and self.steps % DRIFT_CHECK_EVERY == 0:
             self.drift_control(*(matrix_view(p, group) for p, group in self._unitary_params()))
-
-    def _batches(self, work: list[_Work]) -> list[list[_Work]]:
-        """The weights updated together: one list per (matrix shape, dtype, device, method, rank, sketch).
-
-        Row-sharded weights and, with ``foreach=False``, every weight form a batch of their own.
-        """
-        if not self.foreach:
-            return [[w] for w in work]
-        batches: dict[tuple, list[_Work]] = {}
-        for w in work:
-            U = matrix_view(w.weight, w.group)
-            if rows_of(U) is not ALL_ROWS:
-                batches[("sharded", id(w))] = [w]
-                continue
-            local = local_part(U)
-            setting = (self._setting(w.group, "method"), w.rank, self._setting(w.group, "sketch"))
-            batches.setdefault((tuple(local.shape), local.dtype, local.device, *setting), []).append(w)
-        return list(batches.values())
-
-    def _update_batch(self, batch: list[_Work]) -> None:
-        """Write the projUNN update of every weight of ``batch``, in one call when there are several."""
-        method = self._setting(batch[0].group, "method")
-        if len(batch) == 1:
-            w = batch[0]
-            update(method, matrix_view(w.param, w.group), matrix_view(w.weight, w.group), *w.factors)
-            return
-        weights = [local_part(matrix_view(w.weight, w.group)) for w in batch]
-        stacked = self._stacked(batch[0].param, weights)
-        a, b = (torch.stack([w.factors[i] for w in batch]) for i in (0, 1))
-        update(method, stacked, stacked, a, b)
-        torch._foreach_copy_([local_part(matrix_view(w.param, w.group)) for w in batch], list(stacked.unbind(0)))
-
-    def _stacked(self, first: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-        """``torch.stack(weights)`` in a buffer kept (per first parameter of the batch) for the next step."""
-        shape = (len(weights), *weights[0].shape)
-        buffer = self._stacks.get(first)
-        if (
-            buffer is None
-            or buffer.shape != shape
-            or buffer.dtype != weights[0].dtype
-            or buffer.device != weights[0].device
-        ):
-            buffer = self._stacks[first] = torch.empty(shape, dtype=weights[0].dtype, device=weights[0].device)
-        return torch.stack(weights, out=buffer)
 
     def _skip_nonfinite_step(self) -> None:
         self._abort()
@@ -701,19 +689,20 @@ class ProjUNN:
                 "generator start afresh",
                 RuntimeWarning,
             )
-        elif not isinstance(entry, dict) or not {"steps", "skipped_steps", "seed", "generators"} <= set(entry):
-            raise ValueError("the state dict's 'projunn' entry is malformed; it was not written by ProjUNN")
         else:
             # Built now, so a bad entry fails before the base optimiser loads
             # anything; applied only after it has loaded successfully.
-            local = {str(p.device) for p, _ in self._unitary_params()}
-            entry = {**entry, "generators": _restore_generators(_states_for_devices(entry["generators"], local))}
+            entry = _parsed_state(entry, self._devices())
         self._pending_state = entry
         return state_dict
 
+    def _devices(self) -> set[str]:
+        """The devices this process steps unitary weights on."""
+        return {str(p.device) for p, _ in self._unitary_params()}
+
     def _restore_state(self, optimizer) -> None:
         entry, self._pending_state = self._pending_state, None
-        for buffers in (self._saved, self._zeros, self._stacks):
+        for buffers in (self._saved, self._zeros):
             buffers.clear()
         if entry is None:
             return
@@ -739,6 +728,13 @@ def _warn_at_caller(message: str, category: type[Warning]) -> None:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_MACHINERY):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)
+
+
+def _parsed_state(entry: Any, devices: set[str]) -> dict[str, Any]:
+    """A state dict's ``"projunn"`` entry, its generator states made generators for ``devices``."""
+    if not isinstance(entry, dict) or not {"steps", "skipped_steps", "seed", "generators"} <= set(entry):
+        raise ValueError("the state dict's 'projunn' entry is malformed; it was not written by ProjUNN")
+    return {**entry, "generators": _restore_generators(_states_for_devices(entry["generators"], devices))}
 
 
 def _states_for_devices(saved: dict[str, Any], local: set[str]) -> dict[str, Any]:
