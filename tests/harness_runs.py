@@ -15,13 +15,19 @@ from projunn.harness.tasks import _registry
 SMALL_EVAL_SIZE = 64
 
 
+@pytest.fixture
+def small_held_out_sets(monkeypatch):
+    """Held-out sets of SMALL_EVAL_SIZE sequences, for runs that check settings, files or a number
+    that does not depend on the set (the baseline), not scores. Ask for it by name."""
+    monkeypatch.setattr(_registry, "EVAL_SIZE", SMALL_EVAL_SIZE)
+
+
 @pytest.fixture(autouse=True)
-def quick_runs(monkeypatch):
+def quick_runs(small_held_out_sets, monkeypatch):
     """Small held-out sets, and curves.png recorded instead of rendered (test_train renders it once).
 
     Yields the (path, history rows, summary) of every plot a run asked for.
     """
-    monkeypatch.setattr(_registry, "EVAL_SIZE", SMALL_EVAL_SIZE)
     plots = []
     monkeypatch.setattr(
         train_module, "plot_curves", lambda path, history, summary: plots.append((path, list(history), summary))

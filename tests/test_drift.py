@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import haar
+from harness_runs import small_held_out_sets  # noqa: F401  (fixture)
 from projunn.functional import unitarity_error, unitary_init
 from projunn.nn import UnitaryLinear
 from projunn.optim import ProjUNN, param_groups
@@ -108,6 +109,7 @@ def test_half_precision_unitary_weights_are_refused_with_the_way_out():
         ProjUNN(torch.optim.SGD([{"params": [weight], "unitary": True}], lr=0.1))
 
 
+@pytest.mark.usefixtures("small_held_out_sets")
 def test_cli_autocast_run_keeps_the_recurrent_matrix_at_float32_precision(tmp_path):
     import json
 

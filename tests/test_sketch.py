@@ -99,12 +99,16 @@ def test_column_sampling_keeps_the_top_directions():
 
 @pytest.mark.parametrize("sketch", RANDOMISED)
 def test_reproducible_given_a_generator(sketch):
+    """The same seed gives the same factors; another seed another rank-2 approximation, for every
+    randomised sketch. D is full rank with 16 distinct columns and column sampling draws 8 of them
+    (2 * rank + 4), so two draws of columns span different subspaces unless they pick the same set."""
     D = randn(16, 16)
     first = lowrank(D, 2, sketch, generator=torch.Generator().manual_seed(3))
     second = lowrank(D, 2, sketch, generator=torch.Generator().manual_seed(3))
     other = lowrank(D, 2, sketch, generator=torch.Generator().manual_seed(4))
     assert all(torch.equal(x, y) for x, y in zip(first, second))
-    assert not torch.equal(first[0] @ first[1].mT, other[0] @ other[1].mT) or sketch == "column"
+    difference = torch.linalg.matrix_norm(first[0] @ first[1].mT - other[0] @ other[1].mT)
+    assert difference > 1e-3 * torch.linalg.matrix_norm(D)
 
 
 @pytest.mark.parametrize("sketch", SKETCHES)

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from harness_runs import small_held_out_sets  # noqa: F401  (fixture)
 from projunn.functional import unitarity_error
 from projunn.nn import unitary_
 from projunn.optim import ProjUNN, param_groups, unitary_parameters
@@ -349,6 +350,7 @@ def test_open_loggers_adds_tensorboard_clears_a_replaced_run_and_refuses_non_log
             open_loggers(types.SimpleNamespace(), tmp_path, cleanup, extra=[print])
 
 
+@pytest.mark.usefixtures("small_held_out_sets")
 def test_cli_tensorboard_writes_the_rows_of_metrics_csv(tmp_path):
     import csv
 
@@ -367,6 +369,7 @@ def test_cli_tensorboard_writes_the_rows_of_metrics_csv(tmp_path):
         assert [value for _, value in scalars[tag]] == pytest.approx([float(row[tag]) for row in rows], rel=1e-6)
 
 
+@pytest.mark.usefixtures("small_held_out_sets")
 def test_a_run_may_start_logging_to_tensorboard_when_resumed(tmp_path):
     from projunn.harness.cli import main
 
