@@ -173,3 +173,17 @@ def test_compared_runs_say_what_accuracy_means_and_keep_the_legend_off_the_data(
     finally:
         for fig in figures:
             close(fig)
+
+
+def test_compared_runs_without_a_baseline_still_show_their_loss(tmp_path, monkeypatch):
+    """Runs written before baselines were recorded: their losses as they are, not an empty panel."""
+    figures, close = [], matplotlib.pyplot.close
+    monkeypatch.setattr(matplotlib.pyplot, "close", figures.append)
+    rows = [{key: value for key, value in row.items() if key != "eval_baseline"} for row in _history(400)]
+    runs = [RunRecord(tmp_path / name, {"task": "pmnist", "method": name}, rows, {}) for name in ("t", "none")]
+    plot_runs(runs, tmp_path / "old.png", panels=("loss", "unitarity"), x="seconds")
+    try:
+        loss = figures[0].axes[0]
+        assert len(loss.lines) == 2 and "no baseline" in loss.get_title() and loss.get_ylabel() == "cross-entropy"
+    finally:
+        close(figures[0])

@@ -113,19 +113,21 @@ def plot_runs(
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.4), layout="constrained", squeeze=False)
     legend: dict[str, Any] = {}  # label -> line, each label once
+    # Losses over the baseline where every run recorded one; older runs without one are drawn as they are.
+    scaled = all(run.baseline(row) for run in runs for row in run.rows if row.get("eval_loss") is not None)
     for ax, panel in zip(axes[0], panels, strict=True):
         for i, run in enumerate(runs):
-            points = _points(run, panel, x)
+            points = _points(run, panel, x, scaled)
             if points:
                 style = {"marker": "o", "markersize": 3} if len(points) <= _MARKED_POINTS else {}
                 # The colour of a run's place in ``runs``, the same in every panel even where it has no points.
                 ax.plot(*zip(*points), label=label(run), color=f"C{i % 10}", **style)
-        _decorate(ax, panel, target, runs)
+        _decorate(ax, panel, target, runs, scaled)
         ax.set_xlabel(_X_LABELS[x])
         step_axis(ax.xaxis)
         legend |= {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
     # One legend under the panels: inside one it covers curves (many runs leave no empty corner).
-    fig.legend(handles=list(legend.values()), loc="outside lower center", ncol=min(len(legend), 4), fontsize=8)
+    fig.legend(handles=list(legend.values()), loc="outside lower center", ncol=min(len(legend), 6), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     path = pathlib.Path(path)
@@ -134,11 +136,11 @@ def plot_runs(
     return path
 
 
-def _points(run: RunRecord, panel: str, x: str) -> list[tuple[float, float]]:
+def _points(run: RunRecord, panel: str, x: str, scaled: bool) -> list[tuple[float, float]]:
     points = []
     for row in run.rows:
         if panel == "loss":
-            loss, baseline = row.get("eval_loss"), run.baseline(row)
+            loss, baseline = row.get("eval_loss"), run.baseline(row) if scaled else 1.0
             value = loss / baseline if loss is not None and baseline else None
         elif panel == "accuracy":
             value = row.get("eval_accuracy")
@@ -149,8 +151,14 @@ def _points(run: RunRecord, panel: str, x: str) -> list[tuple[float, float]]:
     return points
 
 
-def _decorate(ax, panel: str, target: float | None, runs: Sequence[RunRecord]) -> None:
-    if panel == "loss":
+def _decorate(ax, panel: str, target: float | None, runs: Sequence[RunRecord], scaled: bool) -> None:
+    tasks = [TASKS[name] for name in dict.fromkeys(run.config["task"] for run in runs)]
+    if panel == "loss" and not scaled:
+        ax.set_yscale("log")
+        ax.set_title("held-out loss (a run recorded no baseline)")
+        if len(tasks) == 1:
+            ax.set_ylabel(tasks[0].loss_label)
+    elif panel == "loss":
         ax.axhline(1.0, color="k", linestyle="--", linewidth=1, label="constant / memoryless predictor")
         if target is not None:
             ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target: {target:g}x")
@@ -159,13 +167,12 @@ def _decorate(ax, panel: str, target: float | None, runs: Sequence[RunRecord]) -
     elif panel == "accuracy":
         ax.set_ylim(-0.02, 1.04)
         # What accuracy means differs by task: recall of the copied symbols, a share within 0.04, ...
-        meanings = {name: TASKS[name].accuracy_label for name in dict.fromkeys(run.config["task"] for run in runs)}
-        if len(meanings) == 1:
-            ax.set_title(f"held-out {next(iter(meanings.values()))}")
+        if len(tasks) == 1:
+            ax.set_title(f"held-out {tasks[0].accuracy_label}")
         else:
             ax.set_title("held-out accuracy")
-            ax.set_ylabel("\n".join(f"{name}: {meaning}" for name, meaning in meanings.items()), fontsize=8)
+            ax.set_ylabel("\n".join(f"{task.name}: {task.accuracy_label}" for task in tasks), fontsize=8)
     else:
         ax.set_yscale("log")
-        ax.set_title(r"max $\|U^H U - I\|_F$")
+        ax.set_title(r"largest unitarity error $\|U^H U - I\|_F$")
     ax.grid(True, alpha=0.3)
