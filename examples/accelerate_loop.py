@@ -6,10 +6,10 @@ import projunn
 accelerator = Accelerator(gradient_accumulation_steps=4)
 model = torch.nn.Sequential(projunn.nn.UnitaryLinear(64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
 base = torch.optim.Adam(projunn.optim.param_groups(model, unitary_lr=1e-4), lr=1e-3)
-opt = projunn.optim.ProjUNN(base, seed=0)  # attach to the base optimiser, before prepare
+opt = projunn.optim.ProjUNN(base, seed=0)
 data = torch.utils.data.TensorDataset(torch.randn(256, 64), torch.randint(0, 10, (256,)))
 loader = torch.utils.data.DataLoader(data, batch_size=8)
-model, optimizer, loader = accelerator.prepare(model, base, loader)  # the base, not ProjUNN
+model, optimizer, loader = accelerator.prepare(model, opt, loader)
 
 for x, y in loader:
     with accelerator.accumulate(model):

@@ -15,8 +15,7 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         base = torch.optim.Adam(projunn.optim.param_groups(self, unitary_lr=1e-4), lr=1e-3)
-        self.projunn = projunn.optim.ProjUNN(base, seed=0)  # hooks on base; its state rides in base's
-        return base  # Lightning steps, checkpoints and restores the base optimiser
+        return projunn.optim.ProjUNN(base, seed=0)  # Lightning steps, checkpoints and restores it
 
 
 data = torch.utils.data.TensorDataset(torch.randn(256, 64), torch.randint(0, 10, (256,)))

@@ -256,8 +256,8 @@ class ProjUNN(torch.optim.Optimizer):
 
     Args:
         optimizer: any ``torch.optim.Optimizer``, the base. ProjUNN shares its
-            groups and state and registers hooks on it (Note [ProjUNN is the
-            optimiser]): hand the ProjUNN to schedulers and trainers.
+            groups and state and registers hooks on it: hand the ProjUNN to
+            schedulers and trainers (Note [ProjUNN is the optimiser]).
         method, rank, sketch: defaults for unitary groups that do not set them.
         seed: seed of the sketch's random generator; None uses
             ``torch.initial_seed()``, so ``torch.manual_seed`` fixes it
