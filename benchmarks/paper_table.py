@@ -1,5 +1,9 @@
 """The "paper vs projunn" table and curves of the runs in benchmarks/results/paper/.
 
+Every figure chosen by looking at held-out data (a best step) is chosen on the validation set
+(the rows of metrics.csv); the test set's figures are those of the weights a run stopped with,
+measured once (summary.json), never used to choose anything.
+
 Each folder there is an ordinary ``projunn train ... --preset paper`` run
 (see docs/results.md for the commands); a run longer than one sitting is
 continued with ``--resume``. This script reads the folders as they are,
@@ -52,28 +56,52 @@ def _paper_column(run: RunRecord) -> str:
     return PAPER.get(run.config["task"], "") if run.method in ("t", "d") else "(baseline, same preset)"
 
 
-def _describe(run: RunRecord) -> dict[str, str]:
-    config, rows, summary = run.config, run.rows, run.summary
+def _accuracy_name(task: str) -> str:
+    return {"copy": "recall", "adding": "within 0.04"}.get(task, "accuracy")
+
+
+def _validation(run: RunRecord) -> str:
+    """The last validation row, and the best step chosen on the validation set (never on the test set)."""
+    rows = run.rows
     last = rows[-1]
-    scored = [r for r in rows if r["eval_loss"] is not None]
-    best = min(scored, key=lambda r: r["eval_loss"])
+    best = min((r for r in rows if r["eval_loss"] is not None), key=lambda r: r["eval_loss"])
     baseline = run.baseline(last)
-    ratio = f"{last['eval_loss'] / baseline:.3g}x" if baseline else "-"
-    accuracy_name = {"copy": "recall", "adding": "within 0.04", "pmnist": "val. accuracy"}.get(
-        config["task"], "accuracy"
-    )
-    accuracy = f"{accuracy_name} {_percent(last['eval_accuracy'])}" if last["eval_accuracy"] is not None else "-"
-    if "test_accuracy" in summary and not summary.get("interrupted"):
-        accuracy += f"; test {100 * summary['test_accuracy']:.2f}%"
+    text = f"{last['eval_loss']:.4g}" + (f" ({last['eval_loss'] / baseline:.3g}x)" if baseline else "")
+    if last["eval_accuracy"] is not None:
+        text += f", {_accuracy_name(run.config['task'])} {_percent(last['eval_accuracy'])}"
+    return text + f"; best {best['eval_loss']:.4g} at {int(best['step']):,}"
+
+
+def _test(run: RunRecord) -> str:
+    """The test set's figures of the weights the run stopped with, once; or why there are none."""
+    summary = run.summary
+    if "test_loss" not in summary:
+        return "- (stopped by Ctrl-C: no test pass)"
+    baseline = summary.get("test_baseline")
+    text = f"{summary['test_loss']:.4g}" + (f" ({summary['test_loss'] / baseline:.3g}x)" if baseline else "")
+    if summary.get("test_accuracy") is not None:
+        text += f", {_accuracy_name(run.config['task'])} {_percent(summary['test_accuracy'])}"
+    return text
+
+
+def _steps(run: RunRecord) -> str:
+    """Steps trained (schedule), and the step of the last evaluation where the checkpoint is later."""
+    last_row, steps = int(run.rows[-1]["step"]), int(run.summary.get("steps", run.rows[-1]["step"]))
+    text = f"{steps:,} ({_schedule(run.config)}{'' if run.finished else ', in progress'})"
+    return text if steps == last_row else text + f"; last evaluation at {last_row:,}"
+
+
+def _describe(run: RunRecord) -> dict[str, str]:
+    rows = run.rows
+    baseline = run.baseline(rows[-1])
     return {
         "experiment": run.name,
         "paper (projUNN)": _paper_column(run),
-        "steps (schedule)": f"{int(last['step']):,} ({_schedule(config)}{'' if run.finished else ', in progress'})",
-        "held-out loss": f"{last['eval_loss']:.4g} (best {best['eval_loss']:.4g} at {int(best['step']):,})",
-        "baseline on the set": f"{baseline:.4g}" if baseline else "-",
-        "loss / baseline": ratio,
-        "accuracy": accuracy,
-        "hours": f"{last['seconds'] / 3600:.2f}",
+        "steps (schedule)": _steps(run),
+        "validation: last (/ baseline), best step": _validation(run),
+        "test, final weights (/ baseline)": _test(run),
+        "baseline on validation": f"{baseline:.4g}" if baseline else "-",
+        "hours": f"{rows[-1]['seconds'] / 3600:.2f}",
         "max unitarity error": f"{max(r['max_unitarity_error'] for r in rows):.1e}",
     }
 
