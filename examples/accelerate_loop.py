@@ -1,3 +1,4 @@
+# Needs the trainers extra: pip install 'projunn[trainers]' (Lightning, accelerate, TensorBoard).
 import torch
 from accelerate import Accelerator
 

@@ -1,3 +1,4 @@
+# Needs the trainers extra: pip install 'projunn[trainers]' (Lightning, accelerate, TensorBoard).
 import lightning as L
 import torch
 

@@ -267,7 +267,8 @@ def test_guide_example_is_an_examples_file_verbatim_and_runs(name, package, tmp_
     path = ROOT / "examples" / name
     guide = (ROOT / "docs" / "guide.md").read_text()
     assert f"```python\n{path.read_text()}```" in guide, f"docs/guide.md lacks examples/{name}"
-    if package is not None:  # the guide says which extra the example needs
+    if package is not None:  # the example says which extra it needs, and so does the guide's text
+        assert "pip install 'projunn[trainers]'" in path.read_text().splitlines()[0], f"examples/{name}"
         assert f"`examples/{name}`, needs the `trainers` extra" in guide or (
             f"(`examples/{name}`, needs the `trainers` extra)" in guide
         ), f"docs/guide.md does not say examples/{name} needs the trainers extra"
