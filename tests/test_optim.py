@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -586,6 +587,13 @@ def test_a_base_optimizer_takes_one_projunn_at_a_time():
     assert not hasattr(opt.optimizer, "_projunn_attached")  # nothing stamped on the base
     opt.remove()
     ProjUNN(opt.optimizer)
+
+
+def test_copying_projunn_is_refused_in_one_line_naming_the_state_dict():
+    _, opt = _student_and_projunn()
+    for copier in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"save and load its state_dict\(\) instead"):
+            copier(opt)
 
 
 def test_projunn_state_loads_on_its_own_as_after_a_distributed_checkpoint():

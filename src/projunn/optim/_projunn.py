@@ -424,6 +424,11 @@ class ProjUNN(torch.optim.Optimizer):
         self._pending_state = _parsed_state(entry, self._devices())
         self._restore_state(self.optimizer)
 
+    def __getstate__(self):
+        # The hooks tie this object to its base optimiser; a copy would have to re-attach to a copy
+        # of the base. What a checkpoint needs is the state dict, which holds ProjUNN's state too.
+        raise TypeError("a ProjUNN optimizer cannot be copied or pickled; save and load its state_dict() instead")
+
     # Hooks registered on ProjUNN run when the base optimiser's do: the step happens there.
     def register_step_pre_hook(self, hook):
         return self.optimizer.register_step_pre_hook(hook)
