@@ -46,9 +46,10 @@ def _open_bars() -> list:
 
 def test_passes_over_held_out_data_show_progress_on_a_terminal(tmp_path, bars):
     train(TrainConfig(**TINY_COPY, steps=2, eval_every=1, out=str(tmp_path / "r")), log=lambda _: None)
-    scoring = [bar for bar in bars if bar.desc.startswith("held-out set")]
-    # Two evaluations and the final pass, each over the whole set, each bar removed when done.
-    assert len(scoring) == 3 and all(bar.shown for bar in bars)
+    scoring = [bar for bar in bars if bar.desc.startswith(("validation set", "test set"))]
+    # Two evaluations and the final test pass, each over a whole set, each bar removed when done.
+    assert [bar.desc.split(":")[0] for bar in scoring] == ["validation set", "validation set", "test set"]
+    assert all(bar.shown for bar in bars)
     assert [(bar.n, bar.total, bar.leave) for bar in scoring] == [(EVAL_SIZE, EVAL_SIZE, False)] * 3
     assert not _open_bars()
 

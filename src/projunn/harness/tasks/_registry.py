@@ -243,15 +243,15 @@ class _SequenceData(RunData):
         return x.to(self.device), y.to(self.device)
 
     def evaluate(self, model, *, progress=Unwatched):
-        return self._score(model, *self.held_out, progress)
+        return self._score(model, *self.held_out, progress, "validation set")
 
     def test(self, model, *, progress=Unwatched):
-        scores = self._score(model, *self.task.held_out(self.config.seq_len, "test"), progress)
+        scores = self._score(model, *self.task.held_out(self.config.seq_len, "test"), progress, "test set")
         return {key.replace("eval_", "test_", 1): value for key, value in scores.items()}
 
-    def _score(self, model, x: torch.Tensor, y: torch.Tensor, progress) -> dict[str, float]:
+    def _score(self, model, x: torch.Tensor, y: torch.Tensor, progress, desc: str) -> dict[str, float]:
         totals: dict[str, float] = {}
-        with _evaluating(model), progress(total=len(x), desc="held-out set", unit="seq") as bar:
+        with _evaluating(model), progress(total=len(x), desc=desc, unit="seq") as bar:
             for start in range(0, len(x), EVAL_CHUNK):
                 rows = slice(start, start + EVAL_CHUNK)
                 chunk = self.task.score_chunk(model, x[rows].to(self.device), y[rows].to(self.device))
