@@ -23,11 +23,13 @@ def small_held_out_sets(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def quick_runs(small_held_out_sets, monkeypatch):
+def quick_runs(monkeypatch):
     """Small held-out sets, and curves.png recorded instead of rendered (test_train renders it once).
 
-    Yields the (path, history rows, summary) of every plot a run asked for.
+    Yields the (path, history rows, summary) of every plot a run asked for. (It sets the small
+    sets itself, so that importing this fixture alone is enough.)
     """
+    monkeypatch.setattr(_registry, "EVAL_SIZE", SMALL_EVAL_SIZE)
     plots = []
     monkeypatch.setattr(
         train_module, "plot_curves", lambda path, history, summary: plots.append((path, list(history), summary))
