@@ -833,3 +833,22 @@ def test_a_replica_on_another_gpu_continues_from_rank_0s_saved_sketch_generator(
     assert _states_for_devices({"cuda:0": "s0", "cuda:1": "s1"}, {"cuda:2"}) == {"cuda:0": "s0", "cuda:1": "s1"}
     assert _states_for_devices({"cuda:0": "s0"}, {"cuda:2", "cuda:3"}) == {"cuda:0": "s0"}
     assert _states_for_devices({"cpu": "c"}, {"cpu"}) == {"cpu": "c"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_step_inside_autocast_is_the_full_precision_step(dtype):
+    """A common loop calls step() inside the autocast block: the update still runs in the weights'
+    precision (float32, which autocast would lower), so it equals the step taken outside bit for bit."""
+    results = []
+    for inside in (True, False):
+        torch.manual_seed(0)
+        model = Student(dtype=torch.float32)
+        opt = ProjUNN(torch.optim.Adam(param_groups(model, unitary_lr=0.05), lr=1e-2), seed=5)
+        for x, y in _batches(8, 3, dtype=torch.float32):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            with torch.autocast("cpu", dtype=dtype, enabled=inside):
+                opt.step()
+            opt.zero_grad()
+        results.append(model.rotate.weight.detach().clone())
+    assert torch.equal(*results)
+    assert gram_defect(results[0]) < 1e-6

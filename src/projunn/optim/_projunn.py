@@ -123,6 +123,8 @@ set of the optimisers it is attached to, rather than marking them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -224,7 +226,32 @@ class _Work:
 # generate code for, for no speed-up: the work is a few BLAS calls per weight. The step and
 # its hooks therefore always run eagerly, also inside a compiled function (as torch.optim
 # keeps its own bookkeeping eager); compile the model and call ``step`` as usual.
-_eager = torch.compiler.disable(reason="projUNN's optimiser step runs eagerly (Note [Eager steps under torch.compile])")
+_compiled_eagerly = torch.compiler.disable(
+    reason="projUNN's optimiser step runs eagerly (Note [Eager steps under torch.compile])"
+)
+
+#: Device types whose autocast state a step may find enabled.
+_AUTOCAST_TYPES = ("cpu", "cuda", "xpu", "mps")
+
+
+def _eager(fn):
+    """Run ``fn`` eagerly (Note [Eager steps under torch.compile]) and in the weights' own precision.
+
+    A step called inside ``torch.autocast`` (a common loop shape) would otherwise compute the
+    sketch and the update in float16/bfloat16: the unitary weights are float32/float64 and the
+    update keeps them on the group only at their precision. So autocast is switched off for the
+    step, on every device type where it is on.
+    """
+
+    @functools.wraps(fn)
+    def full_precision(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for kind in _AUTOCAST_TYPES:
+                if torch.is_autocast_enabled(kind):
+                    stack.enter_context(torch.autocast(kind, enabled=False))
+            return fn(*args, **kwargs)
+
+    return _compiled_eagerly(full_precision)
 
 
 class ProjUNN(torch.optim.Optimizer):
@@ -572,10 +599,14 @@ class ProjUNN(torch.optim.Optimizer):
         # every unitary weight is saved and only the proposed step is checked
         # for NaN/Inf; otherwise only weights with a gradient take part.
         has_closure = bool(args[1:]) or kwargs.get("closure") is not None
-        work = [(p, group) for p, group in self._unitary_params() if has_closure or p.grad is not None]
+        unitary = list(self._unitary_params())
+        work = [(p, group) for p, group in unitary if has_closure or p.grad is not None]
         params = [p for p, _ in work]
         grads = [p.grad for p in params if p.grad is not None]
-        if not has_closure and grads and not all_finite_everywhere(_all_finite, grads, params):
+        # Agreed over every unitary weight, the same on every rank, so a rank without gradients (an
+        # empty shard) still joins the other ranks' collective instead of leaving them waiting.
+        everyone = [p for p, _ in unitary]
+        if not has_closure and not all_finite_everywhere(_all_finite, grads, everyone):
             # Note [Non-finite steps]: the base optimiser skips parameters whose grad is None.
             for p in params:
                 if p.grad is not None:
@@ -623,7 +654,8 @@ class ProjUNN(torch.optim.Optimizer):
             self._hidden_grads.clear()
             self._report_skip("a unitary parameter's gradient is NaN or Inf")
             return
-        params = [*self._in_step, *steps]
+        unitary = list(self._unitary_params())
+        everyone = [p for p, _ in unitary]  # the same on every rank: see _before_step
         try:
             # Each copied weight now holds U + D; recover D in place (the buffer holds U).
             for p in self._in_step:
@@ -631,13 +663,14 @@ class ProjUNN(torch.optim.Optimizer):
             copied = {id(p) for p in self._in_step}
             work = [
                 _Work(p, group, step=steps[p], weight=p) if p in steps else _Work(p, group, p, self._saved[p])
-                for p, group in self._unitary_params()
+                for p, group in unitary
                 if p in steps or id(p) in copied
             ]
             # Note [Non-finite steps]: an LSI sketch of a non-finite D is itself non-finite (see
             # _SKETCHES_THAT_PROPAGATE), so only the other sketches need a separate pass over D.
             unchecked = [w.step for w in work if self._setting(w.group, "sketch") not in _SKETCHES_THAT_PROPAGATE]
-            if unchecked and not all_finite_everywhere(_all_finite, unchecked, params):
+            other_sketches = any(self._setting(group, "sketch") not in _SKETCHES_THAT_PROPAGATE for _, group in unitary)
+            if other_sketches and not all_finite_everywhere(_all_finite, unchecked, everyone):
                 self._skip_nonfinite_step()
                 return
             # One sketch per weight, in parameter order: the order of the sketches' random numbers.
@@ -646,7 +679,7 @@ class ProjUNN(torch.optim.Optimizer):
                 w.rank = min(self._setting(w.group, "rank"), *D.shape[-2:])
                 w.factors = sketch_step(D, w.rank, self._setting(w.group, "sketch"), self._generator(D.device))
             factors = [t for w in work for t in w.factors]
-            if factors and not all_finite_everywhere(_all_finite, factors, params):
+            if not all_finite_everywhere(_all_finite, factors, everyone):
                 self._skip_nonfinite_step()
                 return
             for w in work:
