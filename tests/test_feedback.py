@@ -18,7 +18,7 @@ from projunn.harness import _plot, cli
 from projunn.harness import train as train_module
 from projunn.harness.runs import RunRecord, plot_runs
 from projunn.harness.tasks import TASKS, CopyTask
-from projunn.harness.tasks._registry import EVAL_SIZE
+from projunn.harness.tasks._sequence import EVAL_SIZE
 from projunn.harness.train import TrainConfig, train
 
 TINY_COPY = dict(task="copy", hidden=8, seq_len=5, batch_size=4)

@@ -14,7 +14,7 @@ from harness_runs import small_held_out_sets  # noqa: F401  (fixture)
 from projunn.harness._config import learning_rate_factor, resumed_config, stored_settings
 from projunn.harness.cli import main
 from projunn.harness.tasks import get_task
-from projunn.harness.tasks._registry import ADDING_TOLERANCE, EVAL_SIZE
+from projunn.harness.tasks._sequence import ADDING_TOLERANCE, EVAL_SIZE
 from projunn.harness.train import TrainConfig, resolve
 from test_tasks import memoryless_cross_entropy
 
@@ -61,7 +61,7 @@ def test_adding_evaluation_scores_the_whole_set_with_the_best_constant_beside_it
 
     data = adding.prepare(config, CPU)
     _, y = adding.held_out(12)
-    assert torch.equal(data.held_out[1], y)  # a run holds the task's set
+    assert torch.equal(data.validation[1], y)  # a run holds the task's set
     mean = y.mean().item()
     scores = data.evaluate(Constant(mean))
     assert scores["eval_loss"] == pytest.approx(scores["eval_baseline"], rel=1e-6)

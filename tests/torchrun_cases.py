@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from harness_runs import SMALL_EVAL_SIZE
 from projunn.harness import cli
-from projunn.harness.tasks import _registry
+from projunn.harness.tasks import _registry, _sequence
 
 
 @contextlib.contextmanager
@@ -63,7 +63,7 @@ def _run(case) -> bool:
 
 def main() -> int:
     cases = json.loads(pathlib.Path(sys.argv[1]).read_text())
-    _registry.EVAL_SIZE = SMALL_EVAL_SIZE
+    _sequence.EVAL_SIZE = SMALL_EVAL_SIZE
     dist.init_process_group("gloo")  # started here, so each run joins it instead of starting its own
     try:
         return 0 if all([_run(case) for case in cases]) else 1

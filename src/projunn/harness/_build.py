@@ -15,7 +15,7 @@ from ..optim import ProjUNN, param_groups, unitary_parameters
 from ._config import RunError, TrainConfig
 from ._memory import available_bytes, estimate_bytes, format_bytes, size_options
 from ._sharding import gathered
-from .tasks import DatasetMissingError, RunData, get_task
+from .tasks import DatasetMissingError, Task, get_task
 
 __all__ = ["Built", "build", "build_optimizer", "check_fits", "constrain", "max_unitarity_error", "pick_device"]
 
@@ -124,7 +124,7 @@ def max_unitarity_error(slots: list[tuple[torch.nn.Module, str]]) -> float:
 class Built:
     """The task's data for the run, the model on the device, its unitary slots and the optimiser."""
 
-    data: RunData
+    data: Task  # bound to the run (see Task.prepare)
     model: torch.nn.Module
     slots: list[tuple[torch.nn.Module, str]]
     optimizer: ProjUNN

@@ -1,19 +1,11 @@
-"""Tasks of the paper's experiments: data, models, losses, metrics, baselines, defaults."""
+"""Tasks of the paper's experiments: data, models, losses, metrics, baselines, defaults (one
+:class:`Task` subclass each, registered in ``_registry.TASKS``)."""
 
 from ..datasets import DatasetMissingError, ImageSet, load_images, read_idx
-from ._registry import (
-    TASK_OPTIONS,
-    TASKS,
-    AddingTask,
-    CopyTask,
-    ImageTask,
-    PixelMNISTTask,
-    RunData,
-    Task,
-    UnitaryTargetTask,
-    describe_tasks,
-    get_task,
-)
+from ._base import Task
+from ._images import ImageTask, PixelMNISTTask
+from ._registry import TASKS, describe_tasks, get_task
+from ._sequence import AddingTask, CopyTask
 from ._synthetic import (
     COPY_ALPHABET,
     COPY_BLANK,
@@ -24,6 +16,7 @@ from ._synthetic import (
     copy_baseline,
     copy_batch,
 )
+from ._unitary import UnitaryTargetTask
 
 __all__ = [
     "COPY_ALPHABET",
@@ -31,14 +24,12 @@ __all__ = [
     "COPY_MARKER",
     "COPY_SYMBOLS",
     "TASKS",
-    "TASK_OPTIONS",
     "AddingTask",
     "CopyTask",
     "DatasetMissingError",
     "ImageSet",
     "ImageTask",
     "PixelMNISTTask",
-    "RunData",
     "Task",
     "UnitaryTargetTask",
     "adding_baseline",
