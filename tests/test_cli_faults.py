@@ -240,6 +240,6 @@ def test_an_empty_out_is_refused(tmp_path, monkeypatch, capsys):
             main([*argv, "--out", ""])
         assert stop.value.code == 2
         assert "argument --out: expected a folder name, got an empty one" in _one_line(capsys)
-    with pytest.raises(RunError, match="`out` is empty"):
+    with pytest.raises(RunError, match="--out is empty"):
         train(TrainConfig(task="copy", steps=2, out=""))
     assert not list(tmp_path.iterdir())

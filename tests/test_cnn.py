@@ -106,7 +106,7 @@ def test_cayley_in_fourier_baseline_keeps_the_convs_orthogonal(tmp_path, tiny_mn
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--model", "resnet9", "--depth", "4"], "`depth` does not apply to `model` resnet9"),
+        (["--model", "resnet9", "--depth", "4"], "--depth does not apply to --model resnet9"),
         (["--model", "resnet9", "--channels", "4"], None),
     ],
 )

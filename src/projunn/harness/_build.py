@@ -12,7 +12,7 @@ from torch.nn.utils import parametrizations
 
 from ..functional import unitarity_error
 from ..optim import ProjUNN, param_groups, unitary_parameters
-from ._config import RunError, TrainConfig
+from ._config import RunError, TrainConfig, flag
 from ._memory import available_bytes, estimate_bytes, format_bytes, size_options
 from ._sharding import gathered
 from .tasks import DatasetMissingError, Task, get_task
@@ -33,11 +33,11 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("`device` cuda: no CUDA device is available (use `device` cpu or auto)")
+        raise RunError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     if name.startswith("cuda:"):  # one GPU per replica under torchrun
         return torch.device(name)
     if name not in ("cpu", "cuda"):
-        raise RunError(f"`device` must be auto, cpu or cuda; got {name!r}")
+        raise RunError(f"--device must be auto, cpu or cuda; got {name!r}")
     return torch.device(name)
 
 
@@ -46,7 +46,7 @@ def check_fits(config: TrainConfig, device: torch.device, processes: int) -> Non
     largest = torch.finfo(torch.get_default_dtype()).max
     for name, value in (("lr", config.lr), ("unitary_lr", config.unitary_lr)):
         if value > largest:  # torch cannot even multiply a gradient by it
-            raise RunError(f"`{name}` {value:g} exceeds {largest:.4g}, the largest {torch.get_default_dtype()}")
+            raise RunError(f"{flag(name)} {value:g} exceeds {largest:.4g}, the largest {torch.get_default_dtype()}")
     needed, available = estimate_bytes(config, processes), available_bytes(device)
     if available is not None and needed > available:
         raise RunError(
@@ -106,7 +106,7 @@ def _check_rank(config: TrainConfig, slots: list[tuple[torch.nn.Module, str]]) -
         return
     sizes = [min(getattr(module, name).shape[-2:]) for module, name in slots]
     if sizes and config.rank > min(sizes):
-        raise RunError(f"`rank` {config.rank} exceeds {min(sizes)}, the size of this model's smallest unitary matrix")
+        raise RunError(f"--rank {config.rank} exceeds {min(sizes)}, the size of this model's smallest unitary matrix")
 
 
 def max_unitarity_error(slots: list[tuple[torch.nn.Module, str]]) -> float:

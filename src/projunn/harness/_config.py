@@ -1,9 +1,8 @@
 """The settings of a run: :class:`TrainConfig` (each field with its flag), how unset ones are filled, and
 which may change on resume.
 
-Messages name a setting by its field in backquotes (`` `lr` ``); the command
-line shows those as its flags (``--lr``), so the wording of options lives in
-:mod:`projunn.harness.cli` alone.
+Messages name a setting by its flag (``--lr``, :func:`flag`), whether the run was started from the
+command line or from Python (a field's flag is its name with hyphens).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ __all__ = [
     "RunDivergedError",
     "RunError",
     "TrainConfig",
+    "flag",
     "folder_name",
     "learning_rate_factor",
     "resolve",
@@ -67,6 +67,11 @@ class RunError(ValueError):
 
 class RunDivergedError(RunError):
     """The loss stayed non-finite for ``max_nonfinite`` steps in a row; the last finite checkpoint is kept."""
+
+
+def flag(name: str) -> str:
+    """The flag of the setting ``name`` (``seq_len`` -> ``--seq-len``): how messages name settings."""
+    return "--" + name.replace("_", "-")
 
 
 def _number(kind, description: str, accept):
@@ -213,7 +218,7 @@ TASK_OPTIONS = tuple(f.name for f in fields(TrainConfig) if any(f.name in task.o
 
 def _check_choice(name: str, value: Any, choices) -> None:
     if value not in choices:
-        raise RunError(f"`{name}` must be one of {', '.join(c for c in choices if c is not None)}; got {value!r}")
+        raise RunError(f"{flag(name)} must be one of {', '.join(c for c in choices if c is not None)}; got {value!r}")
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -229,7 +234,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check_choice("preset", config.preset, (None, *PRESETS))
     _check_task_options(task, config)
     if config.unitary_lr is not None and config.unitary_lr_divider is not None:
-        raise RunError("give `unitary_lr` or `unitary_lr_divider`, not both")
+        raise RunError("give --unitary-lr or --unitary-lr-divider, not both")
     if config.preset == "paper":
         _check_preset_agreement(task, config)
     layers = {**_GENERAL_DEFAULTS, **task.defaults, **(task.paper if config.preset == "paper" else {})}
@@ -254,10 +259,10 @@ def _check_task_options(task, config: TrainConfig) -> None:
         if given is None or given is False or key in task.options:
             continue
         if key == "epochs":
-            raise RunError(f"`epochs` applies to the MNIST and image tasks; the {task.name} task counts `steps`")
-        raise RunError(f"`{key}` does not apply to the {task.name} task")
+            raise RunError(f"--epochs applies to the MNIST and image tasks; the {task.name} task counts --steps")
+        raise RunError(f"{flag(key)} does not apply to the {task.name} task")
     if config.init is not None and config.init not in task.inits:
-        raise RunError(f"`init` for the {task.name} task must be one of {', '.join(task.inits)}; got {config.init!r}")
+        raise RunError(f"--init for the {task.name} task must be one of {', '.join(task.inits)}; got {config.init!r}")
 
 
 def _check_preset_agreement(task, config: TrainConfig) -> None:
@@ -271,11 +276,13 @@ def _check_preset_agreement(task, config: TrainConfig) -> None:
         given = getattr(config, key)
         if key in task.paper_free or given is None or given == value:
             continue
-        raise RunError(f"`preset` paper sets `{key}` {value} for the {task.name} task; `{key}` {given} contradicts it")
+        raise RunError(
+            f"--preset paper sets {flag(key)} {value} for the {task.name} task; {flag(key)} {given} contradicts it"
+        )
     if config.unitary_lr is not None and "unitary_lr_divider" in task.paper:
         raise RunError(
-            f"`preset` paper sets `unitary_lr_divider` {task.paper['unitary_lr_divider']} for the {task.name} "
-            f"task; `unitary_lr` {config.unitary_lr} contradicts it"
+            f"--preset paper sets --unitary-lr-divider {task.paper['unitary_lr_divider']} for the {task.name} "
+            f"task; --unitary-lr {config.unitary_lr} contradicts it"
         )
 
 
@@ -287,7 +294,7 @@ def _fill_model_defaults(task, config: TrainConfig, values: dict) -> None:
     for key in sorted(set().union(*task.model_defaults.values())):
         if key not in defaults:
             if getattr(config, key) is not None:
-                raise RunError(f"`{key}` does not apply to `model` {model}")
+                raise RunError(f"{flag(key)} does not apply to --model {model}")
             values[key] = None  # a preset's value for another model
         elif values[key] is None:
             values[key] = defaults[key]
@@ -315,7 +322,7 @@ def resumed_config(config: TrainConfig, saved: dict[str, Any], out: pathlib.Path
     except TypeError as error:
         raise RunError(f"the run in {out} was written by another version of projunn ({error})") from error
     if config.task != stored.task:
-        raise RunError(f"`resume`: the run in {out} is a {stored.task} run, not {config.task}")
+        raise RunError(f"--resume: the run in {out} is a {stored.task} run, not {config.task}")
     defaults = TrainConfig(task=config.task)
     merged = {}
     for f in fields(TrainConfig):
@@ -323,7 +330,7 @@ def resumed_config(config: TrainConfig, saved: dict[str, Any], out: pathlib.Path
         if f.name in _RESUMABLE:
             merged[f.name] = given if given != default else kept
         elif given not in (default, kept):
-            raise RunError(f"`resume`: the run in {out} has {f.name.replace('_', '-')}={kept!r}, not {given!r}")
+            raise RunError(f"--resume: the run in {out} has {f.name.replace('_', '-')}={kept!r}, not {given!r}")
         else:
             merged[f.name] = kept
     merged["fsdp"] = config.fsdp  # this invocation's layout over processes, whatever the saved run used

@@ -123,9 +123,9 @@ def read_checkpoint(path: pathlib.Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         # A run that stopped before its first checkpoint leaves its config.json: nothing to continue.
-        started = " (the run there stopped before its first checkpoint: start it again without `resume`)"
+        started = " (the run there stopped before its first checkpoint: start it again without --resume)"
         raise RunError(
-            f"`resume`: no {CHECKPOINT} in {path.parent}" + (started if (path.parent / "config.json").exists() else "")
+            f"--resume: no {CHECKPOINT} in {path.parent}" + (started if (path.parent / "config.json").exists() else "")
         ) from None
     except Exception as error:  # a truncated or foreign file: say so, load nothing
         raise RunError(
@@ -142,7 +142,7 @@ def read_checkpoint(path: pathlib.Path) -> dict[str, Any]:
 def default_out_dir(config) -> pathlib.Path:
     """``out``, or the default name ``runs/TASK-METHOD-TIME`` (made unique when the folder is claimed)."""
     if config.out is not None and not str(config.out).strip():
-        raise RunError("`out` is empty: give a folder name, or leave `out` unset for a new folder under runs/")
+        raise RunError("--out is empty: give a folder name, or leave --out unset for a new folder under runs/")
     return pathlib.Path(config.out or f"runs/{config.task}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
@@ -154,12 +154,12 @@ def occupant(names: list[str]) -> str | None:
     to continue, so a new run replaces them. Anything else is not ours to write beside unasked.
     """
     if CHECKPOINT in names:
-        return "already holds a run; pass `resume` to continue it or `overwrite` to replace it"
+        return "already holds a run; pass --resume to continue it or --overwrite to replace it"
     foreign = [name for name in names if name not in RUN_ENTRIES]
     if foreign:
         return (
             f"holds files that are not a projunn run ({list_names(foreign)}); choose an empty or new folder, "
-            "or pass `overwrite` to write the run beside them"
+            "or pass --overwrite to write the run beside them"
         )
     return None
 
@@ -167,7 +167,7 @@ def occupant(names: list[str]) -> str | None:
 def check_out_dir(out: pathlib.Path, config) -> None:
     """Refuse an occupied folder unless resuming or overwriting; touch nothing."""
     if out.exists() and not out.is_dir():
-        raise RunError(f"`out` {out} is a file, not a folder")
+        raise RunError(f"--out {out} is a file, not a folder")
     if not config.resume and not config.overwrite and out.is_dir():
         problem = occupant(visible_entries(out))
         if problem:
@@ -203,7 +203,7 @@ def claim_out_dir(out: pathlib.Path, config) -> Claim:
         lock = lock_folder(out)
     except FolderBusyError:
         raise RunError(
-            f"{out} is in use by another projunn process; wait for it to end or choose another `out`"
+            f"{out} is in use by another projunn process; wait for it to end or choose another --out"
         ) from None
     except OSError as error:
         raise RunError(f"cannot write to {out}: {describe_os_error(error)}") from None

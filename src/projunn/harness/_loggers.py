@@ -81,7 +81,7 @@ def check_loggers(config: Any) -> None:
         try:
             _summary_writer()
         except ImportError:
-            raise RunError(f"`tensorboard`: {_TENSORBOARD_MISSING}") from None
+            raise RunError(f"--tensorboard: {_TENSORBOARD_MISSING}") from None
 
 
 def open_loggers(

@@ -71,10 +71,10 @@ def estimate_bytes(config, processes: int = 1) -> int:
 def size_options(config) -> str:
     """The settings that set a run's size, for the message that refuses it (named as in RunError messages)."""
     if config.model is not None:
-        return "`batch_size`, `channels` or `depth`" if config.model == "cnn" else "`batch_size` or `channels`"
+        return "--batch-size, --channels or --depth" if config.model == "cnn" else "--batch-size or --channels"
     if _sequence_length(config) is None:
-        return "`hidden` or `batch_size`"
-    return "`batch_size`, `seq_len` or `hidden`" if config.seq_len is not None else "`batch_size` or `hidden`"
+        return "--hidden or --batch-size"
+    return "--batch-size, --seq-len or --hidden" if config.seq_len is not None else "--batch-size or --hidden"
 
 
 def available_bytes(device: torch.device) -> int | None:

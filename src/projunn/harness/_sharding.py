@@ -51,15 +51,15 @@ def _check_shardable(model: torch.nn.Module) -> None:
     for name, p in unitary_parameters(model):
         if p.dim() != 2:
             raise ValueError(
-                f"`fsdp` splits unitary matrices by rows; {name} of shape {tuple(p.shape)} is a batch of them "
-                "(as in the convolutional models): train it data parallel (leave out `fsdp`)"
+                f"--fsdp splits unitary matrices by rows; {name} of shape {tuple(p.shape)} is a batch of them "
+                "(as in the convolutional models): train it data parallel (leave out --fsdp)"
             )
     for name, p in model.named_parameters():
         if p.is_complex() and p.dim() == 1:
             # torch 2.13's optimisers step a row-sharded 1-D complex DTensor wrongly (view_as_real replicates it).
             raise ValueError(
-                f"`fsdp` cannot split the complex vector {name} (torch steps a sharded 1-D complex parameter "
-                "wrongly): leave out `fsdp`, or use a real model or the modrelu nonlinearity"
+                f"--fsdp cannot split the complex vector {name} (torch steps a sharded 1-D complex parameter "
+                "wrongly): leave out --fsdp, or use a real model or the modrelu nonlinearity"
             )
 
 

@@ -6,16 +6,12 @@ and the peers (see :mod:`projunn.harness.bench`); ``projunn demo`` trains an ort
 layer to match a random rotation and reports the loss and how far the weight
 is from the group, so a new user sees the method work in seconds (the unitary task,
 run by the same loop as ``projunn train``).
-
-The harness names settings by their :class:`~projunn.harness.train.TrainConfig` field in
-backquotes; this module alone turns those into flags (:func:`cli_wording`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -30,7 +26,7 @@ from .. import __version__
 from ..functional import Sketch
 from ..optim import Method
 from ._allocator import reuse_freed_memory
-from ._config import DEVICES, TASK_OPTIONS, folder_name, positive_float, positive_int, seed_number
+from ._config import DEVICES, TASK_OPTIONS, flag, folder_name, positive_float, positive_int, seed_number
 from .tasks import TASKS, DatasetMissingError, describe_tasks, get_task
 from .train import RunDivergedError, RunError, TrainConfig, resolve, train
 
@@ -83,7 +79,7 @@ def _shown(value) -> str:
 
 
 def _flag(name: str, value) -> str:
-    return f"--{name.replace('_', '-')} {_shown(value)}"
+    return f"{flag(name)} {_shown(value)}"
 
 
 def _task_defaults(name: str) -> str:
@@ -141,7 +137,7 @@ def _add_train_parser(commands, help_task: str | None = None) -> None:
     )
     train_parser.add_argument("task", choices=tuple(TASKS), metavar="TASK", help="one of: " + ", ".join(TASKS))
     for f in fields(TrainConfig)[1:]:
-        train_parser.add_argument("--" + f.name.replace("_", "-"), **_flag_settings(f))
+        train_parser.add_argument(flag(f.name), **_flag_settings(f))
 
 
 def _flag_settings(f) -> dict:
@@ -333,7 +329,7 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
         with tempfile.TemporaryDirectory(prefix="projunn-demo-") as folder:
             run = demo_run(config, out=folder)
             initial = _initial_loss(run)
-            summary = train(run, log=(lambda message: None) if config.quiet else _say)
+            summary = train(run, log=(lambda message: None) if config.quiet else print)
     finally:
         torch.set_default_dtype(previous)
     return {
@@ -351,19 +347,6 @@ def _initial_loss(config: TrainConfig) -> float:
     data = get_task(config.task).prepare(config, torch.device(config.device))
     with torch.no_grad():
         return data.evaluate(data.build_model())["eval_loss"]
-
-
-_SETTING = re.compile(r"`(\w+)`")
-
-
-def cli_wording(message: str) -> str:
-    """A harness message with the settings it names (`` `seq_len` ``) written as flags (``--seq-len``)."""
-    names = {f.name for f in fields(TrainConfig)}
-    return _SETTING.sub(lambda m: "--" + m[1].replace("_", "-") if m[1] in names else m[0], message)
-
-
-def _say(message: str) -> None:
-    print(cli_wording(message))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -393,12 +376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_train(config: TrainConfig) -> int:
     reuse_freed_memory()  # activation buffers are reallocated every step: see projunn.harness._allocator
     try:
-        summary = train(config, log=_say)
+        summary = train(config, log=print)
     except RunDivergedError as error:
-        print(f"projunn train: error: {cli_wording(str(error))}", file=sys.stderr)
+        print(f"projunn train: error: {error}", file=sys.stderr)
         return 1
     except (RunError, DatasetMissingError) as error:
-        print(f"projunn train: error: {cli_wording(str(error))}", file=sys.stderr)
+        print(f"projunn train: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # a second stop signal, or one outside the training steps
         signum = getattr(stop, "signum", signal.SIGINT)

@@ -175,13 +175,13 @@ def _train_steps(run: _Run) -> _Outcome:
                     state.seconds = clock.seconds()
                     _save_checkpoint(run)  # at a clean step boundary: the checkpoint continues exactly
                     bar.close()
-                    run.log(f"interrupted at step {state.step}; checkpoint saved in {run.out} (continue with `resume`)")
+                    run.log(f"interrupted at step {state.step}; checkpoint saved in {run.out} (continue with --resume)")
                     return _Outcome.INTERRUPTED
         except KeyboardInterrupt as stop:
             run.stop_signal = signal.Signals(getattr(stop, "signum", signal.SIGINT)).name
             state.step = state.history[-1]["step"] if state.history else 0
             bar.close()
-            run.log(f"stopped; the checkpoint of step {state.step} in {run.out} is kept (continue with `resume`)")
+            run.log(f"stopped; the checkpoint of step {state.step} in {run.out} is kept (continue with --resume)")
             return _Outcome.INTERRUPTED
     return _Outcome.DONE
 
@@ -199,7 +199,7 @@ def _open_run(
     """
     config, out, checkpoint = _settle(config)
     if config.batch_size % replicas.world:
-        raise RunError(f"`batch_size` {config.batch_size} must be divisible by the {replicas.world} processes")
+        raise RunError(f"--batch-size {config.batch_size} must be divisible by the {replicas.world} processes")
     if config.out is not None:  # a default name is made unique instead
         replicas.on_main(lambda: check_out_dir(out, config))
     _check_sharding(config, replicas)
@@ -230,12 +230,12 @@ def _open_run(
 def _settle(config: TrainConfig) -> tuple[TrainConfig, pathlib.Path, dict[str, Any] | None]:
     """The run's resolved settings, its folder, and the checkpoint it resumes (None for a new run)."""
     if config.resume and config.overwrite:
-        raise RunError("`resume` continues the run in `out` and `overwrite` replaces it: give one of them")
+        raise RunError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if not config.resume:
         config = resolve(config)
         return config, default_out_dir(config), None
     if config.out is None:
-        raise RunError("`resume` needs `out`, the folder of the run to continue")
+        raise RunError("--resume needs --out, the folder of the run to continue")
     out = pathlib.Path(config.out)
     checkpoint = read_checkpoint(out / CHECKPOINT)
     return resumed_config(config, checkpoint["config"], out), out, checkpoint
@@ -247,12 +247,12 @@ def _check_sharding(config: TrainConfig, replicas: Replicas) -> None:
         return
     if config.method in ("expm", "cayley"):
         raise RunError(
-            f"`fsdp` trains the methods t, d and none; {config.method} (torch's parametrisation) "
-            "computes each weight whole: use DDP (leave out `fsdp`)"
+            f"--fsdp trains the methods t, d and none; {config.method} (torch's parametrisation) "
+            "computes each weight whole: use DDP (leave out --fsdp)"
         )
     if not replicas.distributed:
         raise RunError(
-            "`fsdp` splits the weights over the processes torchrun starts: run under "
+            "--fsdp splits the weights over the processes torchrun starts: run under "
             "`torchrun --nproc_per_node P` with P >= 2"
         )
 
@@ -372,11 +372,11 @@ def _summarise(run: _Run, outcome: _Outcome) -> dict[str, Any]:
         checkpoint = (
             f"the checkpoint of step {kept} in {run.out} is kept"
             if kept is not None
-            else f"{run.out} has no checkpoint, so a rerun with the same `out` starts afresh"
+            else f"{run.out} has no checkpoint, so a rerun with the same --out starts afresh"
         )
         raise RunDivergedError(
             f"stopped at step {state.step}: {state.failing} steps in a row had a non-finite loss or a skipped "
-            f"update (`max_nonfinite` {run.config.max_nonfinite}); {checkpoint} (try a smaller `lr`)"
+            f"update (--max-nonfinite {run.config.max_nonfinite}); {checkpoint} (try a smaller --lr)"
         )
     return summary
 
