@@ -32,6 +32,10 @@ RNN_DEFAULTS = dict(
     lr=1e-3, unitary_lr_divider=32, optimizer="rmsprop", init="henaff", nonlinearity="modrelu", eval_every=100
 )
 RNN_OPTIONS = frozenset({"hidden", "nonlinearity", "input_init", "complex"})
+#: For the memory check (see :meth:`Task.footprint`), measured on CPU runs: values per weight entry
+#: (the weight, its gradient, up to two optimiser moments, projUNN's temporaries), and values autograd
+#: keeps per (example, time step, hidden unit) of an RNN, 9-10 measured.
+WEIGHT_COPIES, RNN_SAVED_VALUES = 6, 10
 
 
 def stream(*parts: object) -> torch.Generator:
@@ -114,6 +118,17 @@ class Task:
 
     def setup(self) -> None:
         """Make the bound run's tensors (held-out sets, data sets, targets)."""
+
+    def footprint(self, config, batch: int) -> tuple[int, str]:
+        """Roughly the values one process of a run with these (resolved) settings holds at its peak
+        (weights with their gradients and optimiser state, what autograd keeps for a ``batch``), and
+        the flags that set it; within a factor of about 1.5, so that only a run that plainly cannot
+        fit is refused."""
+        raise NotImplementedError
+
+    def rnn_footprint(self, config, batch: int, length: int) -> int:
+        """:meth:`footprint` of a unitary RNN of ``config.hidden`` units over ``length`` time steps."""
+        return WEIGHT_COPIES * config.hidden**2 + RNN_SAVED_VALUES * batch * length * config.hidden
 
     def baseline(self, config) -> float | None:
         return None

@@ -45,6 +45,11 @@ class _SequenceTask(Task):
     def setup(self):
         self.validation = self.held_out(self.config.seq_len)  # on the CPU, scored in chunks on the device
 
+    def footprint(self, config, batch):
+        # The copy task's sequence is its delay plus 20 steps (the adding task's is shorter).
+        values = self.rnn_footprint(config, batch, config.seq_len + 2 * COPY_SYMBOLS)
+        return values, "--batch-size, --seq-len or --hidden"
+
     def build_model(self) -> torch.nn.Module:
         config = self.config
         return SequenceModel(

@@ -6,7 +6,7 @@ import torch
 
 from ...functional import unitary_init
 from ...nn import UnitaryLinear
-from ._base import Task, Unwatched, stream, weight_dtype
+from ._base import WEIGHT_COPIES, Task, Unwatched, stream, weight_dtype
 
 __all__ = ["UnitaryTargetTask"]
 
@@ -38,6 +38,10 @@ class UnitaryTargetTask(Task):
 
     def baseline(self, config):
         return 1.0  # E|T x|^2 per coordinate: the MSE of predicting 0, the best constant
+
+    def footprint(self, config, batch):
+        # The weight and the target it learns, and a few (batch, N) blocks.
+        return (WEIGHT_COPIES + 1) * config.hidden**2 + 4 * batch * config.hidden, "--hidden or --batch-size"
 
     def setup(self):
         config, device = self.config, self.device
