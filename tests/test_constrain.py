@@ -478,3 +478,18 @@ def test_queries_accept_the_dotted_names_unitary_accepts():
     assert set(constraints(nested)) == {"0.0.weight", "1.weight_hh_l0"}
     remove_unitary_(model, "0.weight")
     assert dict(constraints(model)) == {}
+
+
+def test_a_shallow_copy_outliving_its_original_saves_loads_and_is_found():
+    original = unitary_(torch.nn.Linear(6, 6, dtype=F64))
+    shallow = copy.copy(original)
+    del original
+    import gc
+
+    gc.collect()
+    assert is_constrained(shallow, "weight")  # looking at it makes the shared record its own
+    loaded = _pickled(shallow)
+    assert is_constrained(loaded, "weight")
+    opt = ProjUNN(torch.optim.SGD(loaded.parameters(), lr=0.5), seed=0)
+    _plain_steps(loaded, opt, torch.randn(4, 6, dtype=F64), steps=3)
+    assert unitarity_error(loaded.weight.detach()) < TOL

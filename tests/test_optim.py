@@ -852,3 +852,37 @@ def test_a_step_inside_autocast_is_the_full_precision_step(dtype):
         results.append(model.rotate.weight.detach().clone())
     assert torch.equal(*results)
     assert gram_defect(results[0]) < 1e-6
+
+
+def test_a_projunn_cannot_wrap_another_projunn():
+    _, opt = _student_and_projunn()
+    with pytest.raises(ValueError, match="already a ProjUNN; wrap the base optimizer once"):
+        ProjUNN(opt)
+    assert len(opt.optimizer._optimizer_step_pre_hooks) == 1  # nothing attached by the refused call
+
+
+def test_a_closure_runs_under_the_callers_autocast_and_the_update_in_full_precision():
+    torch.manual_seed(0)
+    model = Student(dtype=torch.float32)
+    opt = ProjUNN(torch.optim.Adam(param_groups(model), lr=1e-2), seed=5)
+    x, y = _batches(8, 1, dtype=torch.float32)[0]
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        out = model(x)
+        seen.append(out.dtype)
+        loss = torch.nn.functional.mse_loss(out.float(), y)
+        loss.backward()
+        return loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.step(closure)
+    assert seen == [torch.bfloat16]
+    assert gram_defect(model.rotate.weight.detach()) < 1e-6
+
+
+def test_a_set_of_parameters_is_refused_as_torch_refuses_it():
+    _, opt = _student_and_projunn()
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": {torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))}})

@@ -25,7 +25,9 @@ record is also registered in a weak set of modules (a module that is freed
 leaves it): :func:`unitary_` and the built-in layers register theirs, and the
 record, which knows its module through a weak reference, registers the copy
 whenever the module is copied (``copy.deepcopy``) or unpickled
-(``torch.load`` of a whole model). :func:`constrained_weights` reads the
+(``torch.load`` of a whole model). A shallow copy (``copy.copy``) shares the
+original's record unseen: it is registered when ``param_groups``,
+``constraints``, ``is_constrained`` or ``unitary_`` first looks at it. :func:`constrained_weights` reads the
 modules' current parameters at the time it is called, so a parameter
 replaced after the constraint (``module.weight = nn.Parameter(...)``, FSDP's
 sharded parameters) is the one found. Every change of a record advances
@@ -151,11 +153,25 @@ class _Record(dict):
 
     def __reduce__(self):
         # Pickled within its module's state: pickle has the module already and restores the reference.
-        return (_Record, (self._owner(), dict(self)))
+        # A record whose module is gone (one a shallow copy shared) is saved as its entries; the
+        # module holding it is registered when first looked at (own_constraints).
+        owner = self._owner()
+        return (dict, (dict(self),)) if owner is None else (_Record, (owner, dict(self)))
 
 
 def own_constraints(module: torch.nn.Module) -> Mapping[str, UnitaryConstraint]:
-    return module.__dict__.get(_RECORD, {})
+    """The constraints recorded on ``module`` itself, its record made its own and registered if needed.
+
+    ``copy.copy`` of a module (which no hook sees) shares the original's record, and a record
+    saved after its module was freed is loaded as plain entries: either is made ``module``'s own
+    here, so that the module is found (Note [Finding constrained weights]).
+    """
+    record = module.__dict__.get(_RECORD)
+    if record is None:
+        return {}
+    if not isinstance(record, _Record) or record._owner() is not module:
+        record = module.__dict__[_RECORD] = _Record(module, record)
+    return record
 
 
 def _record(module: torch.nn.Module, name: str, constraint: UnitaryConstraint | None) -> None:

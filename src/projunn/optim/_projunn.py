@@ -111,8 +111,10 @@ Hugging Face accelerate's ``AcceleratedOptimizer`` does: its
 objects (shared, not copied), ``step`` runs the base step with the projUNN
 updates, and ``state_dict`` is the base's with ProjUNN's state added. So the
 ProjUNN object is the one to hand to every tool (LR schedulers, GradScaler,
-Lightning's ``configure_optimizers``, ``accelerator.prepare``,
-``torch.distributed.checkpoint``), and the training loop calls its ``step``.
+Lightning's ``configure_optimizers``, ``accelerator.prepare``), and the
+training loop calls its ``step``. (``torch.distributed.checkpoint``'s
+``get_state_dict`` would drop ProjUNN's own entry: save and load with
+``distributed_state_dict`` and ``load_distributed_state_dict``.)
 The work itself happens in step hooks registered on the base optimiser
 (Note [Composition with the base optimiser]), so a tool that holds the base
 optimiser and steps it gets the same update; hooks registered on ProjUNN are
@@ -341,6 +343,8 @@ class ProjUNN(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, ProjUNN):  # its hooks would go to the same base: every weight updated twice
+            raise ValueError("optimizer is already a ProjUNN; wrap the base optimizer once")
         if optimizer in _ATTACHED:
             raise ValueError("this optimizer already has a ProjUNN attached; attach it once")
         # No Optimizer.__init__: the groups, state and defaults are the base's (Note [ProjUNN is the optimiser]).
@@ -410,13 +414,15 @@ class ProjUNN(torch.optim.Optimizer):
     def defaults(self, defaults: dict[str, Any]) -> None:
         self.optimizer.defaults = defaults
 
-    @_eager
+    @_compiled_eagerly  # not _eager: a closure computes the loss under the caller's autocast
     def step(self, closure=None):
         """Run the base optimiser's step; the hooks apply the projUNN updates.
 
         If the base step raises, unitary weights are restored to their values
-        before the step and hidden gradients are handed back, so nothing is
-        left half-updated.
+        before the step and hidden gradients are handed back. If a projUNN
+        update itself fails (an error in a small solve, an interrupt), the
+        weights not yet updated are restored and those already updated keep
+        their new value: each weight is either stepped or not, and unitary.
         """
         try:
             return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
@@ -508,6 +514,11 @@ class ProjUNN(torch.optim.Optimizer):
         ``constrained``: :func:`projunn.nn._constrain.constrained_weights`, if the caller has it.
         """
         params = group["params"]
+        if isinstance(params, set):  # as torch: a set's order, hence the sketches' order, varies between runs
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the ordering of "
+                "tensors in sets will change between runs; please use a list instead"
+            )
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         group["params"] = params  # a generator would be exhausted by this check
         if group.get("unitary", False):
