@@ -243,3 +243,16 @@ def test_an_empty_out_is_refused(tmp_path, monkeypatch, capsys):
     with pytest.raises(RunError, match="--out is empty"):
         train(TrainConfig(task="copy", steps=2, out=""))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_finished_run_whose_checkpoint_was_deleted_keeps_its_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "copy", "--hidden", "8", "--seq-len", "5", "--batch-size", "4", "--steps", "2", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    (out / "checkpoint.pt").unlink()  # to save disk space, say
+    before = (out / "summary.json").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "holds a run's results (summary.json) without its checkpoint; pass --overwrite" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == before
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0

@@ -258,6 +258,44 @@ def test_a_second_sigterm_stops_at_once_keeping_the_last_checkpoint(tmp_path, mo
     assert "stopped; the checkpoint of step 2" in capsys.readouterr().out
 
 
+def test_a_second_signal_names_the_checkpoint_on_disk_not_the_last_evaluation(tmp_path, monkeypatch, capsys):
+    """Stopped at step 2 before any evaluation (its checkpoint holds step 2, its history nothing), then
+    resumed and stopped at once: the kept checkpoint is step 2's, and the summary says so."""
+    argv = ["train", "copy", "--hidden", "8", "--batch-size", "4", "--steps", "9", "--eval-every", "5", "--quiet"]
+    out = tmp_path / "r"
+
+    def signal_in(step, times):
+        def on_call(calls):
+            if calls == step:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        return _CountedCopy(on_call)
+
+    monkeypatch.setitem(TASKS, "copy", signal_in(2, times=1))
+    assert main([*argv, "--seq-len", "5", "--out", str(out)]) == 143
+    monkeypatch.setitem(TASKS, "copy", signal_in(1, times=2))
+    capsys.readouterr()
+    assert main(["train", "copy", "--resume", "--quiet", "--out", str(out)]) == 143
+    assert "stopped; the checkpoint of step 2" in capsys.readouterr().out
+    assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 2
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_second_signal_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch, capsys):
+    def sigterm_twice_in_step_1(calls):
+        if calls == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setitem(TASKS, "copy", _CountedCopy(sigterm_twice_in_step_1))
+    out = tmp_path / "r"
+    argv = ["train", "copy", "--hidden", "8", "--batch-size", "4", "--steps", "9", "--seq-len", "5", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 143
+    assert "stopped before the first checkpoint" in capsys.readouterr().out
+    assert not (out / CHECKPOINT).exists()
+
+
 def test_interrupted_cli_exits_130(tmp_path, monkeypatch):
     def interrupt_in_step_3(calls):
         if calls == 3:  # steps 1 and 2 are done and evaluated

@@ -66,14 +66,18 @@ class Replicas:
         return tuple(reduced.tolist())
 
     def on_main(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on rank 0 only; an exception there is raised on every replica (none is left waiting)."""
+        """Run ``fn`` on rank 0 only; an exception there is raised on every replica (none is left waiting).
+
+        Interrupts included: a second stop signal while rank 0 writes the checkpoint stops every
+        replica, which would otherwise wait in the broadcast where their own handlers cannot run.
+        """
         if not self.distributed:
             return fn()
         result: list[Any] = [None, None]
         if self.is_main:
             try:
                 result[0] = fn()
-            except Exception as error:
+            except BaseException as error:
                 result[1] = error
         dist.broadcast_object_list(result, src=0)
         if result[1] is not None:

@@ -169,9 +169,25 @@ def check_out_dir(out: pathlib.Path, config) -> None:
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
     if not config.resume and not config.overwrite and out.is_dir():
-        problem = occupant(visible_entries(out))
+        problem = occupant(visible_entries(out)) or _results_without_checkpoint(out)
         if problem:
             raise RunError(f"{out} {problem}")
+
+
+def _results_without_checkpoint(out: pathlib.Path) -> str | None:
+    """A run's results whose checkpoint is gone (deleted to save space, say): not to be replaced unasked.
+
+    Only a run that diverged before its first checkpoint leaves a summary that a rerun may replace.
+    """
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        summary = {}
+    if isinstance(summary, dict) and summary.get("diverged"):
+        return None
+    return "holds a run's results (summary.json) without its checkpoint; pass --overwrite to replace them"
 
 
 @dataclass(frozen=True)

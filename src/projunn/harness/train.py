@@ -179,9 +179,13 @@ def _train_steps(run: _Run) -> _Outcome:
                     return _Outcome.INTERRUPTED
         except KeyboardInterrupt as stop:
             run.stop_signal = signal.Signals(getattr(stop, "signum", signal.SIGINT)).name
-            state.step = state.history[-1]["step"] if state.history else 0
             bar.close()
-            run.log(f"stopped; the checkpoint of step {state.step} in {run.out} is kept (continue with --resume)")
+            if state.saved_step is None:
+                state.step = 0
+                run.log(f"stopped before the first checkpoint; {run.out} has none (a rerun starts afresh)")
+            else:
+                state.step = state.saved_step  # what --resume continues from, whatever the history says
+                run.log(f"stopped; the checkpoint of step {state.step} in {run.out} is kept (continue with --resume)")
             return _Outcome.INTERRUPTED
     return _Outcome.DONE
 
