@@ -86,7 +86,8 @@ def _test(run: RunRecord) -> str:
 
 def _steps(run: RunRecord) -> str:
     """Steps trained (schedule), and the step of the last evaluation where the checkpoint is later."""
-    last_row, steps = int(run.rows[-1]["step"]), int(run.summary.get("steps", run.rows[-1]["step"]))
+    last_row = int(run.rows[-1]["step"])
+    steps = max(last_row, int(run.summary.get("steps", 0)))  # a running run's summary is its last stop's
     text = f"{steps:,} ({_schedule(run.config)}{'' if run.finished else ', in progress'})"
     return text if steps == last_row else text + f"; last evaluation at {last_row:,}"
 
@@ -115,8 +116,9 @@ def table(runs: list[RunRecord]) -> str:
 
 
 def _experiment(run: RunRecord) -> str:
-    """The experiment a run belongs to: its folder name without the method (copy-T1000-t -> copy-T1000)."""
-    return run.name.removesuffix(f"-{run.method}")
+    """The experiment a run belongs to: its folder name without the method's part
+    (copy-T1000-t -> copy-T1000, pmnist-h170-expm-cayley -> pmnist-h170-cayley)."""
+    return "-".join(part for part in run.name.split("-") if part != run.method)
 
 
 def equal_steps(runs: list[RunRecord], checkpoints: int = 4) -> str:
