@@ -75,8 +75,8 @@ def _validation(run: RunRecord) -> str:
 def _test(run: RunRecord) -> str:
     """The test set's figures of the weights the run stopped with, once; or why there are none."""
     summary = run.summary
-    if "test_loss" not in summary:
-        return "- (stopped by Ctrl-C: no test pass)"
+    if "test_loss" not in summary:  # stopped by a signal, the way a sitting of a long run ends
+        return "- (in progress: scored once, at the end)" if not run.finished else "-"
     baseline = summary.get("test_baseline")
     text = f"{summary['test_loss']:.4g}" + (f" ({summary['test_loss'] / baseline:.3g}x)" if baseline else "")
     if summary.get("test_accuracy") is not None:

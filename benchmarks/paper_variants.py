@@ -8,9 +8,14 @@ with ``--resume`` here or with ``projunn train TASK --resume --out FOLDER``), an
 ``python benchmarks/paper_table.py --root benchmarks/results/paper-variants
 benchmarks/results/paper/pmnist-h170-t`` tabulates and draws them beside the preset's run.
 
+A sitting of a long run ends with Ctrl-C or SIGTERM (``kill -INT``/``kill -TERM``): the run saves a
+checkpoint at a step boundary and scores nothing more, so the test set is scored once, on the
+weights at the end of the schedule. (``--max-minutes`` also stops at a step boundary, but then
+scores the test set.)
+
 Usage:
-    python benchmarks/paper_variants.py pmnist-h170-t-cayley --max-minutes 40
-    python benchmarks/paper_variants.py pmnist-h170-t-cayley --resume --max-minutes 60
+    python benchmarks/paper_variants.py pmnist-h170-t-cayley --resume     # Ctrl-C ends the sitting
+    python benchmarks/paper_variants.py pmnist-h170-expm-cayley --resume
 """
 
 from __future__ import annotations
