@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._allocator import reuse_freed_memory
+from .._build import pick_device
 from .._files import list_names, visible_entries
 from .._folder import RUN_ENTRIES
 from .._memory import available_bytes, format_bytes
@@ -94,14 +95,6 @@ class BenchConfig:
 
 #: ``--quick``: a reduced grid that runs in a few minutes on a laptop CPU.
 QUICK = dict(sizes=(256, 1024), ranks=(1, 4), repeats=7, budget_s=3.0)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device(name)
 
 
 def describe_machine(device: torch.device) -> str:
@@ -199,7 +192,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = print)
     that a training loop does not, inflating the unconstrained baseline most.
     """
     _validate(config)
-    device = _device(config.device)
+    device = pick_device(config.device)
     _check_memory(config, device)
     machine = describe_machine(device)
     if reuse_freed_memory():
