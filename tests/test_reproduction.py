@@ -176,3 +176,49 @@ def test_a_paper_variant_resumes_from_its_folder_with_its_settings(tmp_path):
         changed = variants.VARIANTS[name][2]
         assert resumed.unitary_lr == started.unitary_lr and resumed.max_minutes == 5
         assert all(getattr(resumed, key) == getattr(started, key) for key in changed if key != "unitary_lr_divider")
+
+
+def _paper_table():
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table.py"
+    spec = importlib.util.spec_from_file_location("paper_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(name, method, losses, summary):
+    from projunn.harness.runs import RunRecord
+
+    rows = [
+        {
+            "step": 100.0 * (i + 1),
+            "seconds": 60.0 * (i + 1),
+            "train_loss": loss,
+            "eval_loss": loss,
+            "eval_accuracy": 1 - loss,
+            "eval_baseline": 2.0,
+            "max_unitarity_error": 1e-6,
+        }
+        for i, loss in enumerate(losses)
+    ]
+    config = {"task": "pmnist", "method": method, "epochs": 200, "steps": None, "preset": None}
+    return RunRecord(pathlib.Path(name), config, rows, summary)
+
+
+def test_the_paper_table_chooses_on_validation_and_reports_the_test_set_apart():
+    table = _paper_table()
+    finished = _record(
+        "pmnist-h170-t-cayley",
+        "t",
+        [0.5, 0.2, 0.3],
+        {"steps": 300, "test_loss": 0.4, "test_accuracy": 0.6, "test_baseline": 2.0},
+    )
+    running = _record("pmnist-h170-expm-cayley", "expm", [0.6, 0.4], {"steps": 150, "interrupted": True})
+    row = table._describe(finished)
+    assert row["validation: last (/ baseline), best step"].endswith("best 0.2 at 200")  # chosen on validation
+    assert row["test, final weights (/ baseline)"] == "0.4 (0.2x), accuracy 60.0%"  # the summary's, apart
+    described = table._describe(running)
+    assert described["test, final weights (/ baseline)"] == "- (in progress: scored once, at the end)"
+    assert described["steps (schedule)"].startswith("200 (200 epochs, in progress)")  # metrics are newer
+    shared = table.equal_steps([finished, running])
+    assert "pmnist-h170-cayley, every method" in shared and "| 200 | 0.1x, 80.0% | 0.2x, 60.0% |" in shared
