@@ -97,6 +97,47 @@ def test_every_task_and_method_writes_all_files(tmp_path, quick_runs, task, extr
     assert config["hidden"] == 8 and config["method"] == method
 
 
+@pytest.mark.parametrize(
+    "task, extra",
+    [
+        ("copy", ["--seq-len", "5"]),
+        ("adding", ["--seq-len", "6"]),
+        ("copy", ["--complex"]),
+        ("unitary", ["--capacity", "full"]),
+    ],
+)
+def test_the_eunn_baseline_trains_each_task_and_stays_unitary(tmp_path, task, extra):
+    out = _run(tmp_path, task, "--method", "eunn", *extra)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "eunn" and summary["steps"] == 2 and summary["max_unitarity_error"] < 1e-5
+    resumed = main(["train", task, "--resume", "--steps", "3", "--quiet", "--out", str(out)])
+    assert resumed == 0 and json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["copy", "--method", "t", "--capacity", "3"],
+            "--capacity is the mesh's depth of --method eunn, not of --method t",
+        ),
+        (
+            ["unitary", "--method", "eunn"],
+            "starts only from a block-diagonal weight (--init identity, henaff or cayley)",
+        ),
+        (["copy", "--method", "eunn", "--capacity", "0"], "expected full or a positive integer"),
+    ],
+)
+def test_eunn_settings_that_cannot_work_are_refused_in_one_line(tmp_path, capsys, argv, message):
+    try:
+        status = main(["train", *argv, *TINY, "--out", str(tmp_path / "r")])
+    except SystemExit as exit:  # argparse's own refusals
+        status = exit.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
 def test_curves_png_is_written_with_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "plot_curves", _plot.plot_curves)
     out = _run(tmp_path, "copy", "--seq-len", "5")

@@ -11,6 +11,7 @@ import torch
 from torch.nn.utils import parametrizations
 
 from ..functional import unitarity_error
+from ..nn import eunn
 from ..optim import ProjUNN, param_groups, unitary_parameters
 from ._config import RunError, TrainConfig, flag
 from ._memory import available_bytes, estimate_bytes, format_bytes, size_options
@@ -21,6 +22,8 @@ __all__ = ["Built", "build", "build_optimizer", "check_fits", "constrain", "max_
 
 #: ``method`` -> the ``orthogonal_map`` of torch's orthogonal parametrisation.
 _TORCH_MAPS = {"expm": "matrix_exp", "cayley": "cayley"}
+#: ``capacity`` "full": as many layers of rotations as the matrix has rows.
+_FULL_CAPACITY = "full"
 _BASE_OPTIMIZERS = {
     "rmsprop": lambda groups, lr: torch.optim.RMSprop(groups, lr=lr),
     "adam": lambda groups, lr: torch.optim.Adam(groups, lr=lr),
@@ -69,11 +72,30 @@ def unitary_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     return slots
 
 
-def constrain(slots: list[tuple[torch.nn.Module, str]], method: str) -> None:
-    """For ``expm``/``cayley`` re-express the unitary weights with torch's orthogonal parametrisation."""
-    if method in _TORCH_MAPS:
-        for module, name in slots:
+def constrain(slots: list[tuple[torch.nn.Module, str]], method: str, capacity: int | str | None = None) -> None:
+    """For ``expm``/``cayley`` re-express the unitary weights with torch's orthogonal parametrisation,
+    for ``eunn`` with an EUNN mesh of ``capacity`` layers (each starting from the weight's value)."""
+    for module, name in slots:
+        if method in _TORCH_MAPS:
             parametrizations.orthogonal(module, name, orthogonal_map=_TORCH_MAPS[method])
+        elif method == "eunn":
+            _eunn_from_weight(module, name, capacity)
+
+
+def _eunn_from_weight(module: torch.nn.Module, name: str, capacity: int | str | None) -> None:
+    """An EUNN mesh on ``module.name`` starting from its value; one line saying what to change if it cannot."""
+    try:
+        if capacity is None:
+            eunn(module, name)  # its default capacity
+        else:
+            eunn(module, name, capacity=None if capacity == _FULL_CAPACITY else capacity)
+    except ValueError as error:
+        if "reaches only part of the group" not in str(error):
+            raise
+        raise RunError(
+            f"--method eunn with fewer layers than rows (--capacity {capacity or 'default'}) starts only from a "
+            "block-diagonal weight (--init identity, henaff or cayley): pass --capacity full or one of those inits"
+        ) from None
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> ProjUNN:
@@ -140,13 +162,13 @@ def build(config: TrainConfig, device: torch.device, shard: Callable[[torch.nn.M
         data = get_task(config.task).prepare(config, device)
         model = data.build_model()
         slots = unitary_slots(model)
-        constrain(slots, config.method)
+        constrain(slots, config.method, config.capacity)
         model.to(device)
         if shard is not None:
             shard(model)
         optimizer = build_optimizer(model, config)
         data.batch(0)  # batches are pure: this checks the settings, changes nothing
-    except DatasetMissingError:
+    except (DatasetMissingError, RunError):
         raise
     except (ValueError, TypeError, OSError, struct.error, pickle.UnpicklingError) as error:
         raise RunError(_described(error)) from error

@@ -23,6 +23,7 @@ __all__ = [
     "AUTOCAST",
     "METHODS",
     "OPTIMIZERS",
+    "PARAMETRISED_METHODS",
     "RunDivergedError",
     "RunError",
     "TrainConfig",
@@ -35,8 +36,11 @@ __all__ = [
     "stored_settings",
 ]
 
-#: Training methods: projUNN-T/-D, torch's orthogonal parametrisation (expm, cayley), unconstrained.
-METHODS = ("t", "d", "expm", "cayley", "none")
+#: Training methods: projUNN-T/-D, torch's orthogonal parametrisation (expm, cayley), EUNN's mesh of
+#: rotations (eunn), unconstrained.
+METHODS = ("t", "d", "expm", "cayley", "eunn", "none")
+#: Methods that compute each unitary weight from free parameters (torch.nn.utils.parametrize).
+PARAMETRISED_METHODS = ("expm", "cayley", "eunn")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 #: ``autocast`` choices: the precision of forward and backward (parameters stay in full precision).
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,6 +101,11 @@ def _drift_tolerance(text: str) -> float | str | None:
     return _number(float, "auto, off or a positive finite number", lambda v: 0 < v < math.inf)(text)
 
 
+def _capacity(text: str) -> int | str:
+    """``full`` (N layers: the whole group) or a positive number of layers."""
+    return text if text == "full" else _number(int, "full or a positive integer", lambda v: v >= 1)(text)
+
+
 def option(default: Any = None, help: str = "", *, resumable: bool = False, **flag: Any) -> Any:
     """A config field (:class:`TrainConfig`'s, ``projunn demo``'s) with its flag: ``help`` and argparse's
     ``type`` or ``choices`` (a False default makes a switch). The flag's default is the field's.
@@ -119,7 +128,10 @@ class TrainConfig:
 
     task: str
     method: str = option(
-        "t", "t/d: projUNN-T/-D; expm/cayley: torch's orthogonal parametrisation; none: unconstrained", choices=METHODS
+        "t",
+        "t/d: projUNN-T/-D; expm/cayley: torch's orthogonal parametrisation; eunn: EUNN's mesh of rotations; "
+        "none: unconstrained",
+        choices=METHODS,
     )
     rank: int = option(1, "rank k of the sketched step", type=positive_int)
     sketch: str | None = option(None, "low-rank sketch of the step (default lsi)", choices=get_args(Sketch))
@@ -173,6 +185,11 @@ class TrainConfig:
     )
     reorthogonalize_every: int = option(
         0, "snap unitary weights to the group every this many steps (0: never)", type=non_negative_int
+    )
+    capacity: int | str | None = option(
+        help="--method eunn: layers of rotations in the mesh (default 2, the EUNN authors' default; "
+        "full: N layers, which reach the whole group)",
+        type=_capacity,
     )
     autocast: str | None = option(
         help="compute forward/backward in this precision; weights (unitary ones too) stay float32",
@@ -233,6 +250,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """
     task = get_task(config.task)
     _check_choice("method", config.method, METHODS)
+    if config.capacity is not None and config.method != "eunn":
+        raise RunError(f"--capacity is the mesh's depth of --method eunn, not of --method {config.method}")
     _check_choice("sketch", config.sketch, (None, *get_args(Sketch)))
     _check_choice("preset", config.preset, (None, *PRESETS))
     _check_task_options(task, config)

@@ -38,6 +38,7 @@ from ._config import (
     AUTOCAST,
     METHODS,
     OPTIMIZERS,
+    PARAMETRISED_METHODS,
     RunDivergedError,
     RunError,
     TrainConfig,
@@ -111,8 +112,8 @@ class _Run:
         return self.config.quiet or not _is_terminal(sys.stderr)
 
     def cached(self):
-        """torch's parametrised weights computed once per forward (``expm``/``cayley``)."""
-        return parametrize.cached() if self.config.method in ("expm", "cayley") else contextlib.nullcontext()
+        """Parametrised weights computed once per forward (``expm``, ``cayley``, ``eunn``)."""
+        return parametrize.cached() if self.config.method in PARAMETRISED_METHODS else contextlib.nullcontext()
 
     def low_precision(self):
         """Half-precision compute; parameters, unitary ones included, stay in full precision (the master copy)."""
@@ -249,9 +250,9 @@ def _check_sharding(config: TrainConfig, replicas: Replicas) -> None:
     """``fsdp`` needs several processes, and weights that ProjUNN or a plain optimiser steps."""
     if not config.fsdp:
         return
-    if config.method in ("expm", "cayley"):
+    if config.method in PARAMETRISED_METHODS:
         raise RunError(
-            f"--fsdp trains the methods t, d and none; {config.method} (torch's parametrisation) "
+            f"--fsdp trains the methods t, d and none; {config.method} (a parametrisation) "
             "computes each weight whole: use DDP (leave out --fsdp)"
         )
     if not replicas.distributed:
