@@ -177,8 +177,9 @@ def test_fsdp_is_refused_without_several_processes_or_with_torch_parametrisation
     argv = ["train", "copy", "--steps", "1", "--hidden", "4", "--seq-len", "4", "--fsdp", "--device", "cpu"]
     assert main(argv) == 2
     assert "--fsdp splits the weights over the processes torchrun starts" in capsys.readouterr().err
-    assert main([*argv, "--method", "expm"]) == 2
-    assert "expm (torch's parametrisation) computes each weight whole" in capsys.readouterr().err
+    for method in ("expm", "eunn"):
+        assert main([*argv, "--method", method]) == 2
+        assert f"{method} (a parametrisation) computes each weight whole" in capsys.readouterr().err
 
 
 def test_fsdp_refuses_batched_unitary_weights_and_complex_vectors_by_name():
