@@ -190,6 +190,21 @@ def test_cli_writes_csv_markdown_and_plot(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_flags_override_quick_and_with_8192_adds_a_size(tmp_path, monkeypatch):
+    import projunn.harness.bench as bench
+
+    configs = []
+    monkeypatch.setattr(bench, "run_bench", lambda config, log: (configs.append(config), ([], "machine"))[1])
+    monkeypatch.setattr(bench, "write_reports", lambda out, rows, machine: [])
+    argv = ["--quick", "--ranks", "2", "--with-8192", "--only", "layer", "--dense-max", "8", "--out", str(tmp_path)]
+    assert main(["bench", *argv]) == 0
+    assert main(["bench", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path), "--overwrite"]) == 0
+    assert configs == [
+        BenchConfig(**{**bench.QUICK, "sizes": (256, 1024, 8192), "ranks": (2,)}, benches=("layer",), dense_max=8),
+        BenchConfig(batch_size=4, device="cpu"),
+    ]
+
+
 def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     out = tmp_path / "b"
     assert main(["bench", "--sizes", "1", "--out", str(out), "--quiet"]) == 2

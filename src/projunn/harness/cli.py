@@ -26,7 +26,7 @@ from .. import __version__
 from ..functional import Sketch
 from ..optim import Method
 from ._allocator import reuse_freed_memory
-from ._config import DEVICES, TASK_OPTIONS, flag, folder_name, option, positive_float, positive_int, seed_number
+from ._config import TASK_OPTIONS, flag, folder_name, option, positive_float, positive_int, seed_number
 from .tasks import TASKS, DatasetMissingError, describe_tasks, get_task
 from .train import RunDivergedError, RunError, TrainConfig, resolve, train
 
@@ -73,6 +73,8 @@ shows TASK's defaults."""
 
 
 def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(_shown, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -150,7 +152,7 @@ def _flag_settings(f) -> dict:
     if default is False:
         return {**settings, "action": "store_true"}
     if default is not None:
-        settings["help"] += f" (default {default})"
+        settings["help"] += f" (default {_shown(default)})"
     if f.name in TASK_OPTIONS:
         takers = [name for name, task in TASKS.items() if f.name in task.options]
         settings["help"] += f" [{', '.join(takers)}]"
@@ -196,7 +198,6 @@ def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
 def _add_bench_parser(commands) -> None:
     from .bench import BENCHES, QUICK, BenchConfig
 
-    defaults = BenchConfig()
     bench = commands.add_parser(
         "bench",
         help="time projUNN against the floor, dense exact steps, torch, geotorch and geoopt",
@@ -210,21 +211,14 @@ def _add_bench_parser(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = bench.add_argument
-    add("--quick", action="store_true", help=f"reduced grid: N {QUICK['sizes']}, k {QUICK['ranks']}, fewer repeats")
-    add("--sizes", type=positive_int, nargs="+", help=f"matrix sizes N (default {' '.join(map(str, defaults.sizes))})")
-    add(
-        "--with-8192",
-        action="store_true",
-        help="also N = 8192 (O(N^3) cases above --dense-max / --peer-max are skipped)",
-    )
-    add("--ranks", type=positive_int, nargs="+", help=f"ranks k (default {' '.join(map(str, defaults.ranks))})")
+    quick = ", ".join(f"{flag(key)} {_shown(value)}" for key, value in QUICK.items())
+    add("--quick", action="store_true", help=f"reduced grid, a few minutes on a laptop CPU: {quick}")
+    # Only the flags given are set, so that they override --quick's values.
+    for f in fields(BenchConfig):
+        if "help" in f.metadata:
+            add(flag(f.name), **{**_flag_settings(f), "default": argparse.SUPPRESS})
+    add("--with-8192", action="store_true", help="also N = 8192 (O(N^3) cases above --dense-max / --peer-max skipped)")
     add("--only", choices=BENCHES, help="run one benchmark (sharded: 2 processes, not part of the default run)")
-    add("--batch-size", type=positive_int, default=defaults.batch_size, help="layer benchmark batch (default 256)")
-    add("--repeats", type=positive_int, help=f"timed calls per case at most (default {defaults.repeats})")
-    add("--budget-s", type=positive_float, help=f"seconds per case before fewer repeats (default {defaults.budget_s})")
-    add("--dense-max", type=positive_int, default=defaults.dense_max, help="largest N of O(N^3) update steps")
-    add("--peer-max", type=positive_int, default=defaults.peer_max, help="largest N of O(N^3) layer peers")
-    add("--device", choices=DEVICES, default="auto", help="default auto: cuda if available")
     add("--threads", type=positive_int, help="torch.set_num_threads (default: torch's choice)")
     add("--out", type=folder_name, help="output folder (default runs/bench-TIME, made unique with -2, -3, ...)")
     add(
@@ -244,20 +238,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = dict(QUICK) if args.quick else {}
-    if args.sizes:
-        settings["sizes"] = tuple(args.sizes)
+    for f in fields(BenchConfig):
+        if hasattr(args, f.name):  # given (see _add_bench_parser)
+            value = getattr(args, f.name)
+            settings[f.name] = tuple(value) if isinstance(value, list) else value
     if args.with_8192:
         settings["sizes"] = (*settings.get("sizes", BenchConfig.sizes), 8192)
-    explicit = dict(ranks=args.ranks and tuple(args.ranks), repeats=args.repeats, budget_s=args.budget_s)
-    settings.update({key: value for key, value in explicit.items() if value})
-    config = BenchConfig(
-        **settings,
-        benches=(args.only,) if args.only else BenchConfig.benches,
-        batch_size=args.batch_size,
-        dense_max=args.dense_max,
-        peer_max=args.peer_max,
-        device=args.device,
-    )
+    if args.only:
+        settings["benches"] = (args.only,)
+    config = BenchConfig(**settings)
     try:
         if args.out:  # checked before the minutes of measuring, not when the results are ready
             check_out(pathlib.Path(args.out), overwrite=args.overwrite)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .._allocator import reuse_freed_memory
 from .._build import pick_device
+from .._config import DEVICES, option, positive_float, positive_int
 from .._files import list_names, visible_entries
 from .._folder import RUN_ENTRIES
 from .._memory import available_bytes, format_bytes
@@ -82,15 +83,18 @@ DEFAULT_BENCHES = ("update", "layer")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    sizes: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
-    ranks: tuple[int, ...] = (1, 4, 16)
+    """Settings of ``projunn bench``; each field but ``benches`` (``--only``) declares its flag."""
+
+    sizes: tuple[int, ...] = option((256, 512, 1024, 2048, 4096), "matrix sizes N", type=positive_int, nargs="+")
+    ranks: tuple[int, ...] = option((1, 4, 16), "ranks k", type=positive_int, nargs="+")
     benches: tuple[str, ...] = DEFAULT_BENCHES
-    batch_size: int = 256  # of the layer benchmark
-    repeats: int = 15
-    budget_s: float = 10.0  # per case: fewer timed calls (at least 3) for slow cases
-    dense_max: int = 4096  # largest N for the O(N^3) update steps
-    peer_max: int = 2048  # largest N for the O(N^3) layer peers (geotorch takes minutes per step at 4096)
-    device: str = "auto"
+    batch_size: int = option(256, "layer benchmark batch", type=positive_int)
+    repeats: int = option(15, "timed calls per case at most", type=positive_int)
+    budget_s: float = option(10.0, "seconds per case; slow cases get fewer calls, at least 3", type=positive_float)
+    dense_max: int = option(4096, "largest N of the O(N^3) update steps", type=positive_int)
+    # geotorch takes minutes per step at 4096
+    peer_max: int = option(2048, "largest N of the O(N^3) layer peers", type=positive_int)
+    device: str = option("auto", "auto: cuda if available", choices=DEVICES)
 
 
 #: ``--quick``: a reduced grid that runs in a few minutes on a laptop CPU.
