@@ -142,18 +142,18 @@ def train(config: TrainConfig, *, log=print, loggers=()) -> dict[str, Any]:
         DatasetMissingError: the task's data set is not installed.
     """
     replicas, device_name = start_replicas(config.device)
-    with contextlib.ExitStack() as cleanup, _handled(_stop_at_once):
+    with contextlib.ExitStack() as cleanup, _StopSignals() as stops:
         cleanup.callback(replicas.close)
         log = log if replicas.is_main else (lambda message: None)
         run = _open_run(config, replicas, device_name, log, cleanup, loggers)
-        return _summarise(run, _train_steps(run))
+        return _summarise(run, _train_steps(run, stops))
 
 
-def _train_steps(run: _Run) -> _Outcome:
+def _train_steps(run: _Run, stops: _StopSignals) -> _Outcome:
     """Train until the last step, the time budget, divergence or Ctrl-C; say which ended the run."""
     state, config, total = run.state, run.config, run.built.data.total_steps
     clock = _Clock(state.seconds, config.max_minutes)
-    with _stop_guard(run.log) as stop_requested, _progress_bar(run) as bar:
+    with stops.deferred(run.log), _progress_bar(run) as bar:
         try:
             while state.step < total:
                 _training_step(run)
@@ -162,7 +162,7 @@ def _train_steps(run: _Run) -> _Outcome:
                     return _Outcome.DIVERGED
                 # Replicas stop at the same step, whichever of them ran out of time or was signalled.
                 out_of_time, signum = run.replicas.largest(
-                    float(clock.out_of_time()), float(stop_requested[0] if stop_requested else 0), device=run.device
+                    float(clock.out_of_time()), float(stops.requested), device=run.device
                 )
                 if state.step % config.eval_every == 0 or state.step == total or out_of_time:
                     state.seconds = clock.seconds()
@@ -453,39 +453,38 @@ class Interrupted(KeyboardInterrupt):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def _handled(handler):
-    """Route the stop signals to ``handler`` while open (main thread only: elsewhere they are Python's)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
+class _StopSignals:
+    """While open (in the main thread: elsewhere the signals stay Python's), a stop signal raises
+    :class:`Interrupted` at once, except inside :meth:`deferred`: there the first one only asks to stop
+    after the current step (:attr:`requested` then holds its number) and a second one stops at once."""
+
+    def __init__(self):
+        self.requested, self.log, self.previous = 0, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, old in self.previous.items():
             signal.signal(signum, old)
 
-
-def _stop_at_once(signum, frame):
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _stop_guard(log):
-    """While open, the first stop signal asks to stop after the current step (the yielded list then
-    holds its number) and a second one stops at once (:class:`Interrupted`)."""
-    requested: list[int] = []
-
-    def request_stop(signum, frame):
-        if requested:
+    def _handle(self, signum, frame):
+        if self.log is None or self.requested:
             raise Interrupted(signum)
-        requested.append(signum)
+        self.requested = signum
         again = "Ctrl-C" if signum == signal.SIGINT else "a second signal"
-        log(f"{signal.Signals(signum).name}: stopping after this step ({again} stops at once)")
+        self.log(f"{signal.Signals(signum).name}: stopping after this step ({again} stops at once)")
 
-    with _handled(request_stop):
-        yield requested
+    @contextlib.contextmanager
+    def deferred(self, log):
+        """The training steps: a first stop signal is logged with ``log`` and waits for the step's end."""
+        self.log = log
+        try:
+            yield
+        finally:
+            self.log = None
 
 
 def _scoring_bar(run: _Run):
