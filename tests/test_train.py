@@ -172,6 +172,8 @@ def test_pixel_mnist_from_idx_files(tmp_path, tiny_mnist, task):
     # Scored on the 20 test images: a whole number of them right, reported as the run's accuracy.
     assert summary["accuracy"] == summary["test_accuracy"]
     assert summary["test_accuracy"] * 20 == pytest.approx(round(summary["test_accuracy"] * 20))
+    seed = json.loads((out / "config.json").read_text())["permutation_seed"]
+    assert seed == (0 if task == "pmnist" else None)  # only the permuted task has a permutation
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
@@ -254,6 +256,8 @@ def test_resume_needs_only_the_folder(tmp_path):
         (["train", "copy", "--unitary-lr", "1e-4", "--unitary-lr-divider", "4"], "not both"),
         (["train", "adding", "--seq-len", "1"], "length must be an int >= 2"),
         (["train", "copy", "--eval-limit", "10"], "--eval-limit does not apply to the copy task"),
+        (["train", "smnist", "--permutation-seed", "3"], "--permutation-seed does not apply to the smnist task"),
+        (["train", "copy", "--permutation-seed", "0"], "--permutation-seed does not apply to the copy task"),
     ],
 )
 def test_settings_that_do_not_fit_the_task_are_refused(argv, message, tmp_path, capsys):
@@ -399,10 +403,12 @@ def test_config_json_names_no_folder_of_this_machine(tmp_path):
 
 
 def test_runs_recorded_with_an_absolute_out_still_resume_and_load(tmp_path):
-    """Checkpoints and config.json files written before ``out`` was left out, the committed ones included."""
+    """Checkpoints and config.json files written before ``out`` was left out (and with a permutation seed
+    for every task), the committed ones included."""
     out = _run(tmp_path, "copy", "--seq-len", "5")
     checkpoint = torch.load(out / CHECKPOINT, weights_only=True)
     checkpoint["config"]["out"] = "/home/someone/elsewhere"
+    checkpoint["config"]["permutation_seed"] = 0  # recorded for every task before only pmnist took it
     torch.save(checkpoint, out / CHECKPOINT)
     assert main(["train", "copy", "--steps", "3", "--resume", "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3

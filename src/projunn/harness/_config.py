@@ -195,7 +195,7 @@ class TrainConfig:
         help="compute forward/backward in this precision; weights (unitary ones too) stay float32",
         choices=AUTOCAST_NAMES,
     )
-    permutation_seed: int = option(0, "pmnist: seed of the fixed pixel permutation", type=seed_number)
+    permutation_seed: int | None = option(help="seed of the fixed pixel permutation (default 0)", type=seed_number)
     seed: int = option(0, f"seed of data, initialisation and sketches, 0..{MAX_SEED}", type=seed_number)
     device: str = option("auto", "auto: cuda if available", choices=DEVICES, resumable=True)
     # How the weights are laid out over processes: the checkpoint is the same either way.
