@@ -886,3 +886,18 @@ def test_a_set_of_parameters_is_refused_as_torch_refuses_it():
     _, opt = _student_and_projunn()
     with pytest.raises(TypeError, match="ordered collections"):
         opt.add_param_group({"params": {torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))}})
+
+
+def test_the_seed_broadcast_goes_through_the_weights_device(monkeypatch):
+    """Under nccl the seed travels through a GPU: the rank's own (the weights'), not the current
+    CUDA device every rank shares unless the script called set_device."""
+    from projunn.optim import _projunn
+
+    sent = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objs, src, device=None: sent.append(device))
+    assert _projunn._replica_seed(None, torch.device("cuda", 3)) == torch.initial_seed()
+    assert _projunn._replica_seed(None, torch.device("cpu")) == torch.initial_seed()
+    assert sent == [torch.device("cuda", 3), None]  # gloo on the CPU: torch's own choice
+    ProjUNN(torch.optim.Adam(param_groups(Student()), lr=1e-2))  # seed None: broadcast from its CPU weights
+    assert sent == [torch.device("cuda", 3), None, None]

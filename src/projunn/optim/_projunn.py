@@ -360,7 +360,7 @@ class ProjUNN(torch.optim.Optimizer):
         if not isinstance(step_from_zero, bool):
             raise TypeError(f"step_from_zero must be a bool, got {type(step_from_zero).__name__}")
         self.step_from_zero = step_from_zero
-        self.seed = _replica_seed(seed)
+        self.seed = _replica_seed(seed, _weights_device(optimizer))
         self.steps = 0
         self.skipped_steps = 0
         self._generators: dict[str, torch.Generator] = {}
@@ -820,15 +820,25 @@ def _restore_generators(states: dict[str, torch.Tensor]) -> dict[str, torch.Gene
     return generators
 
 
-def _replica_seed(seed: int | None) -> int:
-    """The sketch seed, the same on every rank of a process group. See Note [Sketches under data parallelism]."""
+def _weights_device(optimizer: torch.optim.Optimizer) -> torch.device | None:
+    """The device of the optimiser's first parameter (None without parameters)."""
+    return next((p.device for group in optimizer.param_groups for p in group["params"]), None)
+
+
+def _replica_seed(seed: int | None, device: torch.device | None = None) -> int:
+    """The sketch seed, the same on every rank of a process group. See Note [Sketches under data parallelism].
+
+    The broadcast goes through ``device``, this rank's (nccl sends from a GPU; without it each rank
+    would use the current CUDA device, cuda:0 unless the script called ``set_device``).
+    """
     if seed is not None:
         return int(seed)
     # Follows torch.manual_seed without drawing from (and so shifting) the global stream.
     seed = torch.initial_seed()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         shared = [seed]
-        torch.distributed.broadcast_object_list(shared, src=0)
+        on_gpu = device is not None and device.type != "cpu"
+        torch.distributed.broadcast_object_list(shared, src=0, device=device if on_gpu else None)
         seed = shared[0]
     return int(seed)
 
