@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from projunn.harness.tasks import COPY_MARKER, adding_baseline, adding_batch, copy_baseline, copy_batch
+from projunn.harness.tasks import COPY_MARKER, TASKS, adding_baseline, adding_batch, copy_baseline, copy_batch
 
 
 def memoryless_cross_entropy(y: torch.Tensor, classes: int) -> float:
@@ -63,3 +63,37 @@ def test_bad_arguments():
         adding_batch(2, 1)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         adding_batch(0, 10)
+
+
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators that make a GPU's host wait (reading a tensor's value on the host)."""
+
+    SYNCING = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default})
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.SYNCING
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "task, settings",
+    [("copy", dict(seq_len=5)), ("adding", dict(seq_len=5)), ("unitary", {})],
+)
+def test_a_training_batchs_loss_reads_nothing_back_to_the_host(task, settings):
+    """The loss of a training step is a tensor: beyond the model's forward pass (whose own reads are
+    the recurrence's business), computing it never waits for the device (an accuracy read with
+    .item() at every step did)."""
+    from projunn.harness.train import TrainConfig, resolve
+
+    config = resolve(TrainConfig(task=task, hidden=8, batch_size=4, steps=2, **settings))
+    data = TASKS[task].prepare(config, torch.device("cpu"))
+    model, (x, y) = data.build_model(), data.batch(0)
+    with _HostSyncs() as forward:
+        model(x)
+    with _HostSyncs() as syncs:
+        loss = data.loss(model, x, y)
+    assert loss.dim() == 0 and syncs.count == forward.count

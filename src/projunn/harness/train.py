@@ -282,7 +282,7 @@ def _training_step(run: _Run) -> None:
     state, optimizer = run.state, run.built.optimizer
     x, y = run.built.data.batch(state.step)
     with run.cached(), run.low_precision():
-        loss, _ = run.built.data.loss(run.trained, run.replicas.shard(x), run.replicas.shard(y))
+        loss = run.built.data.loss(run.trained, run.replicas.shard(x), run.replicas.shard(y))
     global_loss = run.replicas.mean(loss.detach())
     finite = bool(torch.isfinite(global_loss))
     skipped_before = optimizer.skipped_steps

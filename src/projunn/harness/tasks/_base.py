@@ -140,8 +140,8 @@ class Task:
         """Inputs and targets of training step ``step``: a pure function of (seed, step)."""
         raise NotImplementedError
 
-    def loss(self, model, x, y) -> tuple[torch.Tensor, float | None]:
-        """Mean loss and, where the task has one, accuracy in [0, 1]."""
+    def loss(self, model, x, y) -> torch.Tensor:
+        """The mean training loss of a batch (a 0-d tensor: reading it would stop a GPU's queue)."""
         raise NotImplementedError
 
     def evaluate(self, model, *, progress=Unwatched) -> dict[str, float]:

@@ -143,9 +143,7 @@ class CopyTask(_SequenceTask):
 
     def loss(self, model, x, y):
         logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        recall = logits[:, -COPY_SYMBOLS:].argmax(-1) == y[:, -COPY_SYMBOLS:]
-        return loss, recall.float().mean().item()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def score_chunk(self, model, x, y):
         logits = model(x)
@@ -209,9 +207,7 @@ class AddingTask(_SequenceTask):
         return adding_baseline()
 
     def loss(self, model, x, y):
-        prediction = model(x).squeeze(-1)
-        close = (prediction - y).abs() < ADDING_TOLERANCE
-        return F.mse_loss(prediction, y), close.float().mean().item()
+        return F.mse_loss(model(x).squeeze(-1), y)
 
     def score_chunk(self, model, x, y):
         error = model(x).squeeze(-1) - y
