@@ -52,6 +52,8 @@ def _percent(share: float) -> str:
 def _paper_column(run: RunRecord) -> str:
     """The paper's figure for a preset projUNN run; what the run is otherwise."""
     if run.config.get("preset") != "paper":
+        if run.method not in ("t", "d"):
+            return "(baseline, with the variant's settings)"
         return "(variant: settings changed from the preset, see its config.json)"
     return PAPER.get(run.config["task"], "") if run.method in ("t", "d") else "(baseline, same preset)"
 
