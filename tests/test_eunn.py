@@ -262,3 +262,13 @@ def test_bad_arguments():
         eunn(layer)
     assert not parametrize.is_parametrized(layer)
     assert repr(mesh) == "EUNN(4, capacity=2, orthogonal, dtype=torch.float64)"
+
+
+def test_an_empty_batch_of_matrices_takes_a_mesh_of_any_capacity():
+    class Empty(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(0, 4, 4, dtype=torch.float64))
+
+    module = eunn(Empty(), "weight")
+    assert module.weight.shape == (0, 4, 4)

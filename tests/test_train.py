@@ -669,3 +669,21 @@ def test_sequence_runs_choose_on_a_validation_set_and_report_a_separate_test_set
     last_row = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))[-1]
     assert summary["final_loss"] == summary["test_loss"] != float(last_row["eval_loss"])
     assert summary["accuracy"] == summary["test_accuracy"] and "test_baseline" in summary
+
+
+def test_the_eunn_capacity_a_run_used_is_recorded_and_resumes(tmp_path):
+    out = _run(tmp_path, "copy", "--method", "eunn", "--seq-len", "5")
+    assert json.loads((out / "config.json").read_text())["capacity"] == 2
+    assert json.loads((out / "summary.json").read_text())["capacity"] == 2
+    assert main(["train", "copy", "--resume", "--capacity", "2", "--steps", "3", "--quiet", "--out", str(out)]) == 0
+
+
+def test_a_stop_signal_reaches_every_replica_as_itself():
+    """Rank 0's interrupt is sent to the other replicas by pickle (Replicas.on_main)."""
+    import pickle
+
+    from projunn.harness.train import Interrupted
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        again = pickle.loads(pickle.dumps(Interrupted(signum)))
+        assert isinstance(again, Interrupted) and again.signum == signum

@@ -101,6 +101,10 @@ def _drift_tolerance(text: str) -> float | str | None:
     return _number(float, "auto, off or a positive finite number", lambda v: 0 < v < math.inf)(text)
 
 
+#: ``--method eunn``'s layers of rotations when not given: the EUNN authors' default (projunn.nn.eunn's).
+EUNN_CAPACITY = 2
+
+
 def _capacity(text: str) -> int | str:
     """``full`` (N layers: the whole group) or a positive number of layers."""
     return text if text == "full" else _number(int, "full or a positive integer", lambda v: v >= 1)(text)
@@ -271,6 +275,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if values["unitary_lr"] is None:
         values["unitary_lr"] = values["lr"] / values["unitary_lr_divider"]
         values["unitary_lr_divider"] = None  # recorded as the resulting unitary_lr
+    if config.method == "eunn" and values["capacity"] is None:
+        values["capacity"] = EUNN_CAPACITY  # recorded, so the run resumes with it whatever the default becomes
     return TrainConfig(**values)
 
 

@@ -409,6 +409,7 @@ def _summary(run: _Run, outcome: _Outcome, final: dict[str, float]) -> dict[str,
         "stopped_by_time_budget": state.step < run.built.data.total_steps and not stopped,
         "diverged": outcome is _Outcome.DIVERGED,
         "rank": config.rank,
+        "capacity": config.capacity,
         "sketch": config.sketch,
         "hidden": config.hidden,
         "seq_len": config.seq_len,
@@ -447,6 +448,10 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+    def __reduce__(self):
+        # Rebuilt from the number (its args hold the name): replicas receive rank 0's by pickle.
+        return (type(self), (self.signum,))
 
 
 #: The signals that stop a run: Ctrl-C, and what SLURM, Kubernetes, systemd and ``timeout`` send.
