@@ -58,6 +58,8 @@ def variant_config(
     """
     task_name, method, changes, _ = VARIANTS[name]
     settings = {} if resume else {**get_task(task_name).paper, **changes}
+    if method not in ("t", "d"):  # the preset's projUNN step settings: a baseline takes no such step
+        settings = {key: value for key, value in settings.items() if key not in ("rank", "sketch")}
     return TrainConfig(
         task=task_name,
         method=method,

@@ -256,6 +256,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check_choice("method", config.method, METHODS)
     if config.capacity is not None and config.method != "eunn":
         raise RunError(f"--capacity is the mesh's depth of --method eunn, not of --method {config.method}")
+    _check_projunn_options(config)
     _check_choice("sketch", config.sketch, (None, *get_args(Sketch)))
     _check_choice("preset", config.preset, (None, *PRESETS))
     _check_task_options(task, config)
@@ -278,6 +279,21 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if config.method == "eunn" and values["capacity"] is None:
         values["capacity"] = EUNN_CAPACITY  # recorded, so the run resumes with it whatever the default becomes
     return TrainConfig(**values)
+
+
+def _check_projunn_options(config: TrainConfig) -> None:
+    """ProjUNN's own settings are refused with a method that takes no projUNN step, which would ignore them."""
+    if config.method in ("t", "d"):
+        return
+    given = {
+        "rank": config.rank != 1,
+        "sketch": config.sketch is not None,
+        "reorthogonalize_every": config.reorthogonalize_every != 0,
+        "drift_tolerance": config.drift_tolerance != "auto",
+    }
+    for name, set_here in given.items():
+        if set_here:
+            raise RunError(f"{flag(name)} sets projUNN's step (--method t or d), not --method {config.method}")
 
 
 def _check_task_options(task, config: TrainConfig) -> None:
