@@ -126,6 +126,12 @@ def test_the_eunn_baseline_trains_each_task_and_stays_unitary(tmp_path, task, ex
             "starts only from a block-diagonal weight (--init identity, henaff or cayley)",
         ),
         (["copy", "--method", "eunn", "--capacity", "0"], "expected full or a positive integer"),
+        (
+            ["copy", "--method", "expm", "--rank", "4"],
+            "--rank sets projUNN's step (--method t or d), not --method expm",
+        ),
+        (["copy", "--method", "none", "--sketch", "rsvd"], "--sketch sets projUNN's step"),
+        (["copy", "--method", "eunn", "--drift-tolerance", "off"], "--drift-tolerance sets projUNN's step"),
     ],
 )
 def test_eunn_settings_that_cannot_work_are_refused_in_one_line(tmp_path, capsys, argv, message):
