@@ -146,13 +146,16 @@ def default_out_dir(config) -> pathlib.Path:
     return pathlib.Path(config.out or f"runs/{config.task}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def occupant(names: list[str]) -> str | None:
-    """What in a folder holding ``names`` (its visible entries) a new run must not silently join, or None.
+def occupant(out: pathlib.Path) -> str | None:
+    """What in folder ``out`` a new run must not silently join, or None.
 
-    A checkpoint is a run that can be continued. A run's other files without one are what a run
-    that never reached its first checkpoint left (killed, interrupted or diverged first): nothing
-    to continue, so a new run replaces them. Anything else is not ours to write beside unasked.
+    A checkpoint is a run that can be continued, and a summary without one the results of a run
+    whose checkpoint is gone (deleted to save space, say). A run's other files are what a run that
+    never reached its first checkpoint left (killed, interrupted, or diverged first, as its summary
+    then says): nothing to continue or keep, so a new run replaces them. Anything else is not ours
+    to write beside unasked.
     """
+    names = visible_entries(out)
     if CHECKPOINT in names:
         return "already holds a run; pass --resume to continue it or --overwrite to replace it"
     foreign = [name for name in names if name not in RUN_ENTRIES]
@@ -161,7 +164,18 @@ def occupant(names: list[str]) -> str | None:
             f"holds files that are not a projunn run ({list_names(foreign)}); choose an empty or new folder, "
             "or pass --overwrite to write the run beside them"
         )
+    if "summary.json" in names and not _diverged(out / "summary.json"):
+        return "holds a run's results (summary.json) without its checkpoint; pass --overwrite to replace them"
     return None
+
+
+def _diverged(summary: pathlib.Path) -> bool:
+    """Whether a summary.json says its run diverged (an unreadable one is kept, as results)."""
+    try:
+        content = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and bool(content.get("diverged"))
 
 
 def check_out_dir(out: pathlib.Path, config) -> None:
@@ -169,25 +183,9 @@ def check_out_dir(out: pathlib.Path, config) -> None:
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
     if not config.resume and not config.overwrite and out.is_dir():
-        problem = occupant(visible_entries(out)) or _results_without_checkpoint(out)
+        problem = occupant(out)
         if problem:
             raise RunError(f"{out} {problem}")
-
-
-def _results_without_checkpoint(out: pathlib.Path) -> str | None:
-    """A run's results whose checkpoint is gone (deleted to save space, say): not to be replaced unasked.
-
-    Only a run that diverged before its first checkpoint leaves a summary that a rerun may replace.
-    """
-    try:
-        summary = json.loads((out / "summary.json").read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        summary = {}
-    if isinstance(summary, dict) and summary.get("diverged"):
-        return None
-    return "holds a run's results (summary.json) without its checkpoint; pass --overwrite to replace them"
 
 
 @dataclass(frozen=True)
