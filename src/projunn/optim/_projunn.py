@@ -604,13 +604,11 @@ class ProjUNN(torch.optim.Optimizer):
         if self._generation != constraint_generation():  # a weight was constrained, or a model copied, since
             self._generation = constraint_generation()
             self._checked.clear()
-        for group in optimizer.param_groups:  # groups may be added to, or changed in, the base directly
-            self._targets_of(group)
         # With a closure (e.g. LBFGS) gradients appear during the step, so
         # every unitary weight is saved and only the proposed step is checked
         # for NaN/Inf; otherwise only weights with a gradient take part.
         has_closure = bool(args[1:]) or kwargs.get("closure") is not None
-        unitary = list(self._unitary_params())
+        unitary = list(self._unitary_params())  # checks groups added to, or changed in, the base directly
         work = [(p, group) for p, group in unitary if has_closure or p.grad is not None]
         params = [p for p, _ in work]
         grads = [p.grad for p in params if p.grad is not None]
@@ -702,10 +700,10 @@ class ProjUNN(torch.optim.Optimizer):
         self._in_step = []
         self.steps += 1
         if self.reorthogonalize_every and self.steps % self.reorthogonalize_every == 0:
-            for p, group in self._unitary_params():
+            for p, group in unitary:
                 project(matrix_view(p, group))
         elif self.drift_control is not None and self.steps % DRIFT_CHECK_EVERY == 0:
-            self.drift_control(*(matrix_view(p, group) for p, group in self._unitary_params()))
+            self.drift_control(*(matrix_view(p, group) for p, group in unitary))
 
     def _skip_nonfinite_step(self) -> None:
         self._abort()
