@@ -157,9 +157,10 @@ def test_learning_rate_decays_in_steps_and_the_run_records_it(tmp_path):
     assert {g["initial_lr"] for g in groups} == {7e-4, 7e-4 / 32}
 
 
-def _paper_variants():
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "paper_variants.py"
-    spec = importlib.util.spec_from_file_location("paper_variants", path)
+def _benchmark_script(name: str):
+    """benchmarks/NAME.py imported as a module (the scripts are not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -167,7 +168,7 @@ def _paper_variants():
 
 def test_a_paper_variant_resumes_from_its_folder_with_its_settings(tmp_path):
     """The variant's settings as the folder stores them (the divider resolved into a unitary lr) resume."""
-    variants = _paper_variants()
+    variants = _benchmark_script("paper_variants")
     for name in variants.VARIANTS:
         started = resolve(variants.variant_config(name, resume=False, max_minutes=1, quiet=True, root=tmp_path))
         stored = stored_settings(started)
@@ -176,14 +177,6 @@ def test_a_paper_variant_resumes_from_its_folder_with_its_settings(tmp_path):
         changed = variants.VARIANTS[name][2]
         assert resumed.unitary_lr == started.unitary_lr and resumed.max_minutes == 5
         assert all(getattr(resumed, key) == getattr(started, key) for key in changed if key != "unitary_lr_divider")
-
-
-def _paper_table():
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table.py"
-    spec = importlib.util.spec_from_file_location("paper_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _record(name, method, losses, summary):
@@ -206,7 +199,7 @@ def _record(name, method, losses, summary):
 
 
 def test_the_paper_table_chooses_on_validation_and_reports_the_test_set_apart():
-    table = _paper_table()
+    table = _benchmark_script("paper_table")
     finished = _record(
         "pmnist-h170-t-cayley",
         "t",
