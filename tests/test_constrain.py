@@ -392,7 +392,7 @@ def test_a_constrained_weight_stays_unitary_in_an_optimiser_built_from_model_par
     _plain_steps(model, opt, torch.randn(16, 8, dtype=F64))
     assert not torch.allclose(model[0].weight.detach(), start)  # it trained
     assert unitarity_error(model[0].weight.detach()) < TOL
-    assert unitarity_error(model[2].weight.detach()[:, :3].T) > 0.1  # the other weights are left alone
+    assert unitarity_error(model[2].weight.detach().T) > 0.1  # the 3 x 8 head is left alone: rows not orthonormal
 
 
 def test_in_an_ordinary_group_a_constrained_weight_steps_as_in_a_unitary_group_of_the_same_settings():
