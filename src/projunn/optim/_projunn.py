@@ -373,9 +373,8 @@ class ProjUNN(torch.optim.Optimizer):
         self._checked: dict[int, tuple] = {}  # id(group) -> signature it was validated with
         self._targets: dict[int, list[tuple[torch.Tensor, Mapping[str, Any]]]] = {}  # id(group) -> what it keeps
         self._generation = constraint_generation()
-        constrained = constrained_weights()
         for group in self.optimizer.param_groups:
-            self._check_group(group, constrained)
+            self._check_group(group)
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -508,11 +507,8 @@ class ProjUNN(torch.optim.Optimizer):
         keys = ("unitary", "method", "rank", "sketch", MATRIX_SHAPE)
         return (*(group.get(key) for key in keys), id(group["params"]), len(group["params"]))
 
-    def _check_group(self, group: dict[str, Any], constrained: dict | None = None) -> None:
-        """Validate ``group`` and record the weights it keeps unitary, each with its settings.
-
-        ``constrained``: :func:`projunn.nn._constrain.constrained_weights`, if the caller has it.
-        """
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate ``group`` and record the weights it keeps unitary, each with its settings."""
         params = group["params"]
         if isinstance(params, set):  # as torch: a set's order, hence the sketches' order, varies between runs
             raise TypeError(
@@ -525,7 +521,7 @@ class ProjUNN(torch.optim.Optimizer):
             check_choice("method", self._setting(group, "method"), METHODS)
             check_int("rank", self._setting(group, "rank"))
             check_choice("sketch", self._setting(group, "sketch"), SKETCHES)
-        constrained = constrained_weights() if constrained is None else constrained
+        constrained = constrained_weights()
         targets = []
         for p in params:
             settings = _target_settings(p, group, constrained.get(id(p)))
