@@ -123,7 +123,7 @@ def test_the_eunn_baseline_trains_each_task_and_stays_unitary(tmp_path, task, ex
         ),
         (
             ["unitary", "--method", "eunn"],
-            "starts only from a block-diagonal weight (--init identity, henaff or cayley)",
+            "--method eunn --capacity 2: an EUNN of capacity 2 < N = 8 reaches only part of the group",
         ),
         (["copy", "--method", "eunn", "--capacity", "0"], "expected full or a positive integer"),
         (

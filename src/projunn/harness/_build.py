@@ -74,7 +74,8 @@ def unitary_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
 
 def constrain(slots: list[tuple[torch.nn.Module, str]], method: str, capacity: int | str | None = None) -> None:
     """For ``expm``/``cayley`` re-express the unitary weights with torch's orthogonal parametrisation,
-    for ``eunn`` with an EUNN mesh of ``capacity`` layers (each starting from the weight's value)."""
+    for ``eunn`` with an EUNN mesh of ``capacity`` layers, as resolved (a number, or "full"), each
+    starting from the weight's value."""
     for module, name in slots:
         if method in _TORCH_MAPS:
             parametrizations.orthogonal(module, name, orthogonal_map=_TORCH_MAPS[method])
@@ -82,20 +83,12 @@ def constrain(slots: list[tuple[torch.nn.Module, str]], method: str, capacity: i
             _eunn_from_weight(module, name, capacity)
 
 
-def _eunn_from_weight(module: torch.nn.Module, name: str, capacity: int | str | None) -> None:
-    """An EUNN mesh on ``module.name`` starting from its value; one line saying what to change if it cannot."""
+def _eunn_from_weight(module: torch.nn.Module, name: str, capacity: int | str) -> None:
+    """An EUNN mesh of ``capacity`` layers (as resolved) on ``module.name``, starting from its value."""
     try:
-        if capacity is None:
-            eunn(module, name)  # its default capacity
-        else:
-            eunn(module, name, capacity=None if capacity == _FULL_CAPACITY else capacity)
-    except ValueError as error:
-        if "reaches only part of the group" not in str(error):
-            raise
-        raise RunError(
-            f"--method eunn with fewer layers than rows (--capacity {capacity or 'default'}) starts only from a "
-            "block-diagonal weight (--init identity, henaff or cayley): pass --capacity full or one of those inits"
-        ) from None
+        eunn(module, name, capacity=None if capacity == _FULL_CAPACITY else capacity)
+    except ValueError as error:  # the library names the weights it can start from
+        raise RunError(f"--method eunn --capacity {capacity}: {error} (here: --capacity full)") from None
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> ProjUNN:
