@@ -8,6 +8,7 @@ command line or from Python (a field's flag is its name with hyphens).
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import pathlib
 from dataclasses import asdict, dataclass, field, fields
@@ -16,7 +17,7 @@ from typing import Any, get_args
 import torch
 
 from ..functional import Init, Sketch
-from ..nn import InputInit, Nonlinearity
+from ..nn import InputInit, Nonlinearity, eunn
 from .tasks import TASKS, get_task
 
 __all__ = [
@@ -101,8 +102,8 @@ def _drift_tolerance(text: str) -> float | str | None:
     return _number(float, "auto, off or a positive finite number", lambda v: 0 < v < math.inf)(text)
 
 
-#: ``--method eunn``'s layers of rotations when not given: the EUNN authors' default (projunn.nn.eunn's).
-EUNN_CAPACITY = 2
+#: ``--method eunn``'s layers of rotations when not given: :func:`projunn.nn.eunn`'s own default.
+EUNN_CAPACITY = inspect.signature(eunn).parameters["capacity"].default
 
 
 def _capacity(text: str) -> int | str:
