@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import projunn
+import projunn.robust
 from harness_runs import small_held_out_sets  # noqa: F401  (fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,6 +66,9 @@ def test_docstring_examples_cover_every_layer_model_and_task_module():
         "projunn.nn._linear",
         "projunn.nn._rnn",
         "projunn.nn._shape",
+        "projunn.nn._activation",
+        "projunn.models._lipschitz",
+        "projunn.robust",
         "projunn.models._cnn",
         "projunn.models._resnet",
         "projunn.models._sequence",
@@ -223,7 +227,7 @@ def test_api_reference_is_current(tmp_path):
 
 def test_api_reference_covers_the_public_api_and_its_notes():
     text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
-    for module in (projunn.functional, projunn.optim, projunn.nn, projunn.models):
+    for module in (projunn.functional, projunn.optim, projunn.nn, projunn.models, projunn.robust):
         for name in module.__all__:
             assert f"\n### {module.__name__}.{name}\n" in text, f"{module.__name__}.{name} missing from docs/api.md"
     # Every Note a docstring (or another Note) refers to is on the page, e.g. those help(ProjUNN) names.

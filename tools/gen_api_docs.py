@@ -1,7 +1,7 @@
 """Write docs/api.md, the API reference, from the docstrings of projunn's public names.
 
 The reference covers every name in the ``__all__`` of ``projunn.functional``,
-``projunn.optim``, ``projunn.nn`` and ``projunn.models`` (the public API, see
+``projunn.optim``, ``projunn.nn``, ``projunn.models`` and ``projunn.robust`` (the public API, see
 CHANGELOG.md), and the
 "Note [...]" sections of the modules behind them, which the docstrings refer to.
 It uses only the standard library and the package's own docstrings, so the
@@ -36,7 +36,7 @@ import typing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "docs" / "api.md"
-MODULES = ("projunn.functional", "projunn.optim", "projunn.nn", "projunn.models")
+MODULES = ("projunn.functional", "projunn.optim", "projunn.nn", "projunn.models", "projunn.robust")
 # "Note [Title]" followed by a line of dashes, in a module docstring (see STYLE: named invariants).
 _NOTE = re.compile(r"^Note \[(?P<title>[^\]]+)\]\n-+\n", flags=re.MULTILINE)
 _NOTE_REFERENCE = re.compile(r"Note \[(?P<title>[^\]]+)\]")
@@ -164,7 +164,8 @@ def render() -> str:
         "",
         "# API reference",
         "",
-        "Every public name of `projunn.functional`, `projunn.optim`, `projunn.nn` and `projunn.models`",
+        "Every public name of `projunn.functional`, `projunn.optim`, `projunn.nn`, `projunn.models` and",
+        "`projunn.robust`",
         "(their `__all__`), with its signature and docstring, followed by the Notes the docstrings refer",
         "to. These names are the public Python API of the version policy in [CHANGELOG.md](../CHANGELOG.md).",
         "The README shows how they fit together; `help(name)` shows the same text.",

@@ -6,6 +6,7 @@ models, built from these layers, are in :mod:`projunn.models`. :func:`eunn`
 ``torch.nn.utils.parametrize`` parametrisation: a baseline to compare against.
 """
 
+from ._activation import MaxMin
 from ._constrain import ConstraintKind, UnitaryConstraint, constraints, is_constrained, remove_unitary_, unitary_
 from ._conv import UnitaryConv2d
 from ._eunn import EUNN, eunn, eunn_matrix
@@ -20,6 +21,7 @@ __all__ = [
     "ComplexToReal",
     "ConstraintKind",
     "InputInit",
+    "MaxMin",
     "ModReLU",
     "Nonlinearity",
     "OrthogonalLinear",

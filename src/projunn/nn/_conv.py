@@ -89,6 +89,9 @@ class UnitaryConv2d(torch.nn.Module):
         size: (n, m), the spatial size of every input.
         init: ``"identity"`` (the identity map) or ``"haar"`` (an independent
             Haar-random matrix per frequency).
+        bias: add a learned bias per output channel (off by default); it moves
+            outputs, so norms are then preserved only up to it, and Lipschitz
+            constants not at all (still 1).
         dtype: float32 or float64 for an orthogonal convolution of real
             images; complex64 or complex128 for a unitary convolution of
             complex images (all n x m frequencies independent). Frequencies
@@ -113,6 +116,7 @@ class UnitaryConv2d(torch.nn.Module):
         size: tuple[int, int],
         *,
         init: str = "identity",
+        bias: bool = False,
         dtype: torch.dtype | None = None,
         device=None,
         generator: torch.Generator | None = None,
@@ -140,6 +144,7 @@ class UnitaryConv2d(torch.nn.Module):
             order = torch.cat([free, self_mirrored, mirrored])
             self.register_buffer("_gather", torch.argsort(order).to(device), persistent=False)
             self.register_buffer("_source", source.to(device), persistent=False)
+        self.bias = torch.nn.Parameter(torch.zeros(channels, dtype=dtype, device=device)) if bias else None
         declare_unitary(self, "weight_free", "weight_self")
 
     @property
@@ -177,9 +182,11 @@ class UnitaryConv2d(torch.nn.Module):
         W = self.frequency_weights()
         if self.complex:
             X = torch.fft.fft2(x, norm="ortho")
-            return torch.fft.ifft2(torch.einsum("uvoi,biuv->bouv", W, X), norm="ortho")
+            y = torch.fft.ifft2(torch.einsum("uvoi,biuv->bouv", W, X), norm="ortho")
+            return y if self.bias is None else y + self.bias[:, None, None]
         X = torch.fft.rfft2(x, norm="ortho")
-        return torch.fft.irfft2(torch.einsum("uvoi,biuv->bouv", W, X), s=(n, m), norm="ortho")
+        y = torch.fft.irfft2(torch.einsum("uvoi,biuv->bouv", W, X), s=(n, m), norm="ortho")
+        return y if self.bias is None else y + self.bias[:, None, None]
 
     def spatial_kernel(self) -> torch.Tensor:
         """The equivalent circular-convolution kernel k with y = sum_q k(q) x(. - q), shape (C, C, n, m).
@@ -192,6 +199,39 @@ class UnitaryConv2d(torch.nn.Module):
             if self.complex:
                 return torch.fft.ifft2(W)
             return torch.fft.irfft2(W, s=(n, m))
+
+    def to_conv2d(self) -> torch.nn.Conv2d:
+        """The same map as a plain ``torch.nn.Conv2d`` (circular padding, the whole image as its kernel).
+
+        For shipping a trained model without projunn. ``Conv2d`` computes a
+        cross-correlation over the input padded by ``left = (k - 1) // 2`` on the
+        leading side ("same" padding), y(p) = sum_j w(j) x(p + j - left), so its
+        weight is the spatial kernel reversed and rolled: w(j) = k((left - j) mod n).
+        Outputs equal the layer's to rounding (its FFT against a direct sum).
+
+        Returns:
+            ``Conv2d(C, C, (n, m), padding="same", padding_mode="circular")`` in the layer's dtype
+            and device (complex for a unitary layer), with the layer's bias if it has one.
+        """
+        n, m = self.size
+        kernel = self.spatial_kernel()
+        shift = ((n - 1) // 2 + 1, (m - 1) // 2 + 1)
+        weight = torch.roll(torch.flip(kernel, dims=(-2, -1)), shifts=shift, dims=(-2, -1))
+        conv = torch.nn.Conv2d(
+            self.channels,
+            self.channels,
+            (n, m),
+            padding="same",
+            padding_mode="circular",
+            bias=self.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
 
     @classmethod
     def from_spatial_kernel(cls, kernel: torch.Tensor, *, dtype: torch.dtype | None = None, atol: float | None = None):
@@ -236,4 +276,4 @@ class UnitaryConv2d(torch.nn.Module):
 
     def extra_repr(self) -> str:
         kind = "unitary" if self.complex else "orthogonal"
-        return f"{self.channels}, size={self.size}, {kind}, init={self.init!r}"
+        return f"{self.channels}, size={self.size}, {kind}, init={self.init!r}, bias={self.bias is not None}"

@@ -1,0 +1,193 @@
+"""Certified robustness: MaxMin, the Lipschitz classifier, radii, the composed bound, the plain-Conv2d export,
+and the two soundness checks (the Jacobian from below, an attack inside certified radii) where they can fail."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from projunn.models import LipschitzCNN
+from projunn.nn import MaxMin, UnitaryConv2d
+from projunn.optim import ProjUNN
+from projunn.robust import (
+    certified_accuracy,
+    certified_radius,
+    jacobian_norm,
+    lipschitz_bound,
+    offset_cross_entropy,
+    pgd_l2,
+)
+
+F64 = torch.float64
+
+
+# -- the layers ----------------------------------------------------------------------------------
+
+
+def test_maxmin_sorts_pairs_of_channel_halves_and_keeps_norms():
+    x = torch.randn(5, 6, 3, 4, dtype=F64)
+    y = MaxMin()(x)
+    a, b = x[:, :3], x[:, 3:]
+    assert torch.equal(y, torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1))
+    assert torch.allclose(y.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1), rtol=1e-15)
+
+
+def test_maxmin_is_one_lipschitz():
+    x, z = torch.randn(200, 8, dtype=F64), torch.randn(200, 8, dtype=F64)
+    layer = MaxMin(dim=-1)
+    assert ((layer(x) - layer(z)).norm(dim=1) <= (x - z).norm(dim=1) * (1 + 1e-15)).all()
+
+
+def test_maxmin_refuses_an_odd_channel_count():
+    with pytest.raises(ValueError, match="even size along dim 1"):
+        MaxMin()(torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("size", [(8, 6), (7, 5), (6, 9), (1, 4)])
+@pytest.mark.parametrize("dtype", [F64, torch.complex128])
+@pytest.mark.parametrize("bias", [False, True])
+def test_orthogonal_conv_exports_as_a_plain_conv2d_with_the_same_outputs(size, dtype, bias):
+    conv = UnitaryConv2d(3, size, init="haar", bias=bias, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    if bias:
+        with torch.no_grad():
+            conv.bias.copy_(torch.randn(3, dtype=dtype))
+    plain = conv.to_conv2d()
+    assert type(plain) is torch.nn.Conv2d and plain.padding_mode == "circular"
+    x = torch.randn(2, 3, *size, dtype=dtype)
+    assert (plain(x) - conv(x)).abs().max() < 1e-13
+
+
+def test_exported_conv2d_in_float32_agrees_to_float32_rounding():
+    conv = UnitaryConv2d(8, (14, 14), init="haar", bias=True, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 8, 14, 14)
+    # An FFT against a direct sum of 196 products per output: both round at ~1e-7 relative.
+    assert (conv.to_conv2d()(x) - conv(x)).abs().max() < 1e-5 * x.abs().max()
+
+
+# -- radii and the bound -------------------------------------------------------------------------
+
+
+def test_certified_radius_is_the_margin_over_sqrt2_l():
+    logits = torch.tensor([[3.0, 1.0, 2.5], [0.0, 4.0, 1.0], [1.0, 1.0, 0.0]], dtype=F64)
+    labels = torch.tensor([0, 0, 1])
+    radius = certified_radius(logits, labels, lipschitz=2.0)
+    assert torch.allclose(radius, torch.tensor([0.5, -4.0, 0.0], dtype=F64) / (2 * math.sqrt(2)))
+    accuracy = certified_accuracy(logits, labels, [0.0, 0.1, 1.0], lipschitz=2.0)
+    assert accuracy == {0.0: pytest.approx(1 / 3), 0.1: pytest.approx(1 / 3), 1.0: 0.0}  # a tie is not certified
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: certified_radius(torch.zeros(3), torch.zeros(3, dtype=torch.int64)), "logits must have shape"),
+        (lambda: certified_radius(torch.zeros(3, 2), torch.zeros(2, dtype=torch.int64)), "labels must be int64"),
+        (lambda: certified_radius(torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64), 0.0), "lipschitz must be"),
+        (lambda: offset_cross_entropy(torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64), offset=-1), "offset"),
+    ],
+)
+def test_bad_inputs_are_refused_with_a_message_naming_them(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_offset_cross_entropy_is_cross_entropy_of_the_lowered_true_logit():
+    logits, labels = torch.randn(6, 4, dtype=F64), torch.randint(0, 4, (6,))
+    assert offset_cross_entropy(logits, labels, offset=0.0) == pytest.approx(F.cross_entropy(logits, labels).item())
+    lowered = logits - 0.7 * F.one_hot(labels, 4)
+    expected = 0.25 * F.cross_entropy(lowered / 0.25, labels)
+    assert offset_cross_entropy(logits, labels, offset=0.7, temperature=0.25).item() == pytest.approx(expected.item())
+
+
+def test_lipschitz_bound_of_the_classifier_is_one_to_rounding_and_names_a_layer_it_cannot_bound():
+    model = LipschitzCNN(channels=4, size=(8, 8), blocks=2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert abs(lipschitz_bound(model) - 1) < 1e-13
+    with pytest.raises(TypeError, match="BatchNorm2d"):
+        lipschitz_bound(torch.nn.Sequential(*list(model)[:2], torch.nn.BatchNorm2d(4)))
+
+
+def test_lipschitz_classifier_refuses_shapes_it_cannot_build():
+    with pytest.raises(ValueError, match="even"):
+        LipschitzCNN(channels=3, size=(8, 8))
+    with pytest.raises(ValueError, match="divisible"):
+        LipschitzCNN(channels=4, size=(6, 6), stages=3)
+
+
+def test_jacobian_norm_matches_the_dense_jacobian():
+    torch.manual_seed(0)
+    model = LipschitzCNN(channels=2, size=(4, 4), blocks=1, classes=3, dtype=F64)
+    x = torch.randn(3, 1, 4, 4, dtype=F64)
+    estimate = jacobian_norm(model, x)
+    for b in range(3):
+        dense = torch.autograd.functional.jacobian(lambda v: model(v[None])[0], x[b]).reshape(3, -1)
+        assert estimate[b] == pytest.approx(torch.linalg.matrix_norm(dense, ord=2).item(), rel=1e-12)
+
+
+# -- soundness on a trained model ----------------------------------------------------------------
+
+
+def _two_class_images(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """8 x 8 images: a class's template plus noise; separable with margin, so many get certified."""
+    templates = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(7), dtype=F64)
+    labels = torch.randint(0, 2, (count,), generator=generator)
+    return templates[labels] + 0.3 * torch.randn(count, 1, 8, 8, generator=generator, dtype=F64), labels
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small Lipschitz classifier trained with projUNN-T + Adam on the offset loss (float64)."""
+    torch.manual_seed(0)
+    model = LipschitzCNN(channels=4, size=(8, 8), blocks=1, classes=2, dtype=F64)
+    optimizer = ProjUNN(torch.optim.Adam(model.parameters(), lr=0.01), method="t", rank=2)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        x, y = _two_class_images(64, data)
+        offset_cross_entropy(model(x), y, offset=1.0, temperature=0.25).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    x, y = _two_class_images(120, torch.Generator().manual_seed(2))
+    return model, x, y
+
+
+def test_trained_classifier_stays_one_lipschitz_from_above_and_below(trained):
+    model, x, _ = trained
+    bound = lipschitz_bound(model)
+    assert abs(bound - 1) < 1e-12  # the weights stayed on the group through training
+    assert (jacobian_norm(model, x[:20]) <= bound * (1 + 1e-12)).all()
+
+
+def test_no_attack_succeeds_inside_a_certified_radius(trained):
+    model, x, y = trained
+    with torch.no_grad():
+        radius = certified_radius(model(x), y, lipschitz_bound(model))
+    certified = radius > 0.05
+    assert certified.sum() >= 30  # the check means something only where there are certificates
+    attack = dict(steps=20, restarts=1, generator=torch.Generator().manual_seed(3))
+    _, fooled = pgd_l2(model, x[certified], y[certified], 0.999 * radius[certified], **attack)
+    assert not fooled.any()
+    # The attack is strong enough to matter: at 1.5 times the radius it breaks most of the same points
+    # (so the certificates are also nearly tight).
+    _, beyond = pgd_l2(model, x[certified], y[certified], 1.5 * radius[certified], **attack)
+    assert beyond.double().mean() > 0.5
+
+
+def test_the_checks_catch_a_model_whose_conv_left_the_group(trained):
+    """A conv stretched by 4 (what an unconstrained conv may become) voids radii computed with L = 1:
+    the bound shows it, the Jacobian exceeds 1, and the attack finds examples inside those radii."""
+    model, x, y = trained
+    broken = LipschitzCNN(channels=4, size=(8, 8), blocks=1, classes=2, dtype=F64)
+    broken.load_state_dict(model.state_dict())
+    conv = next(m for m in broken if isinstance(m, UnitaryConv2d))
+    with torch.no_grad():
+        conv.weight_free.mul_(4)
+        conv.weight_self.mul_(4)
+    assert lipschitz_bound(broken) == pytest.approx(4.0, rel=1e-12)
+    assert jacobian_norm(broken, x[:20]).max() > 1.5
+    with torch.no_grad():
+        claimed = certified_radius(broken(x), y, lipschitz=1.0)
+    inside = claimed > 0.05
+    attack = dict(steps=20, restarts=1, generator=torch.Generator().manual_seed(3))
+    _, fooled = pgd_l2(broken, x[inside], y[inside], 0.999 * claimed[inside], **attack)
+    assert fooled.any()
