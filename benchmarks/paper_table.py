@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import pathlib
 
-from projunn.harness.runs import METHOD_ORDER, RunRecord, plot_runs, read_runs
+from runs import METHOD_ORDER, RunRecord, markdown_table, plot_runs, read_runs
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "paper"
 
@@ -36,6 +36,7 @@ PAPER = {
     "adding": "learned at T = 200 and 750 with k = 1 (figure)",
     "pmnist": "test accuracy 94.1-94.7% at hidden 170 after 200 epochs",
 }
+_ACCURACY_NAMES = {"copy": "recall", "adding": "within 0.04"}
 
 
 def _schedule(config: dict) -> str:
@@ -58,20 +59,20 @@ def _paper_column(run: RunRecord) -> str:
     return PAPER.get(run.config["task"], "") if run.method in ("t", "d") else "(baseline, same preset)"
 
 
-def _accuracy_name(task: str) -> str:
-    return {"copy": "recall", "adding": "within 0.04"}.get(task, "accuracy")
+def _score(run: RunRecord, loss: float, baseline: float | None, accuracy: float | None) -> str:
+    """A loss (and its ratio to the baseline where there is one), then the accuracy under the task's name for it."""
+    text = f"{loss:.4g}" + (f" ({loss / baseline:.3g}x)" if baseline else "")
+    if accuracy is not None:
+        text += f", {_ACCURACY_NAMES.get(run.config['task'], 'accuracy')} {_percent(accuracy)}"
+    return text
 
 
 def _validation(run: RunRecord) -> str:
     """The last validation row, and the best step chosen on the validation set (never on the test set)."""
-    rows = run.rows
-    last = rows[-1]
-    best = min((r for r in rows if r["eval_loss"] is not None), key=lambda r: r["eval_loss"])
-    baseline = run.baseline(last)
-    text = f"{last['eval_loss']:.4g}" + (f" ({last['eval_loss'] / baseline:.3g}x)" if baseline else "")
-    if last["eval_accuracy"] is not None:
-        text += f", {_accuracy_name(run.config['task'])} {_percent(last['eval_accuracy'])}"
-    return text + f"; best {best['eval_loss']:.4g} at {int(best['step']):,}"
+    last = run.rows[-1]
+    best = min((r for r in run.rows if r["eval_loss"] is not None), key=lambda r: r["eval_loss"])
+    score = _score(run, last["eval_loss"], run.baseline(last), last["eval_accuracy"])
+    return score + f"; best {best['eval_loss']:.4g} at {int(best['step']):,}"
 
 
 def _test(run: RunRecord) -> str:
@@ -79,11 +80,7 @@ def _test(run: RunRecord) -> str:
     summary = run.summary
     if "test_loss" not in summary:  # stopped by a signal, the way a sitting of a long run ends
         return "- (in progress: scored once, at the end)" if not run.finished else "-"
-    baseline = summary.get("test_baseline")
-    text = f"{summary['test_loss']:.4g}" + (f" ({summary['test_loss'] / baseline:.3g}x)" if baseline else "")
-    if summary.get("test_accuracy") is not None:
-        text += f", {_accuracy_name(run.config['task'])} {_percent(summary['test_accuracy'])}"
-    return text
+    return _score(run, summary["test_loss"], summary.get("test_baseline"), summary.get("test_accuracy"))
 
 
 def _steps(run: RunRecord) -> str:
@@ -111,10 +108,7 @@ def _describe(run: RunRecord) -> dict[str, str]:
 
 def table(runs: list[RunRecord]) -> str:
     described = [_describe(run) for run in runs]
-    header = list(described[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row[key] for key in header) + " |" for row in described]
-    return "\n".join(lines)
+    return markdown_table(list(described[0]), [list(row.values()) for row in described])
 
 
 def _experiment(run: RunRecord) -> str:
@@ -141,17 +135,17 @@ def equal_steps(runs: list[RunRecord], checkpoints: int = 4) -> str:
         if not shared:
             continue
         chosen = sorted({shared[round(i * (len(shared) - 1) / max(checkpoints - 1, 1))] for i in range(checkpoints)})
+        cells = [[f"{int(step):,}", *(_at(run, step) for run in members)] for step in chosen]
         lines += [f"\n{experiment}, every method at the same steps (loss / baseline, accuracy):\n"]
-        lines += ["| step | " + " | ".join(run.method for run in members) + " |", "|---" * (len(members) + 1) + "|"]
-        for step in chosen:
-            cells = []
-            for run in members:
-                row = next(row for row in run.rows if row["step"] == step)
-                ratio = row["eval_loss"] / run.baseline(row) if row["eval_loss"] is not None else math.nan
-                accuracy = f", {100 * row['eval_accuracy']:.1f}%" if row["eval_accuracy"] is not None else ""
-                cells.append(f"{ratio:.3g}x{accuracy}")
-            lines.append(f"| {int(step):,} | " + " | ".join(cells) + " |")
+        lines.append(markdown_table(["step", *(run.method for run in members)], cells))
     return "\n".join(lines)
+
+
+def _at(run: RunRecord, step: float) -> str:
+    """Held-out loss over the baseline, and accuracy, at ``step``."""
+    row = next(row for row in run.rows if row["step"] == step)
+    ratio = row["eval_loss"] / run.baseline(row) if row["eval_loss"] is not None else math.nan
+    return f"{ratio:.3g}x" + (f", {100 * row['eval_accuracy']:.1f}%" if row["eval_accuracy"] is not None else "")
 
 
 def _run_folders(roots: list[pathlib.Path]) -> list[pathlib.Path]:

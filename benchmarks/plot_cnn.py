@@ -12,33 +12,29 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from projunn.harness.runs import METHOD_ORDER, RunRecord, plot_runs, read_runs
+from runs import experiment_runs, markdown_table, plot_runs, summary_cells
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "cnn"
 
 
-def _runs(experiment: str) -> list[RunRecord]:
-    """The finished or stopped runs of ``experiment``, in the harness's method order."""
-    return [run for run in read_runs(ROOT / f"{experiment}-{m}" for m in METHOD_ORDER) if run.summary]
+#: The table's columns after the method: name -> (summary.json's key, format).
+COLUMNS = {
+    "steps": ("steps", "d"),
+    "training s": ("seconds", ".0f"),
+    "test accuracy": ("accuracy", ".1%"),
+    "accuracy on training images": ("train_accuracy", ".1%"),
+    "max unitarity error": ("max_unitarity_error", ".1e"),
+}
 
 
 def plot(experiment: str) -> pathlib.Path:
-    return plot_runs(_runs(experiment), ROOT / f"{experiment}.png", panels=("accuracy",), title=experiment)
+    runs = experiment_runs(ROOT, experiment)
+    return plot_runs(runs, ROOT / f"{experiment}.png", panels=("accuracy",), title=experiment)
 
 
 def table(experiment: str) -> str:
-    lines = [
-        "| method | steps | training s | test accuracy | accuracy on training images | max unitarity error |",
-        "|---|---|---|---|---|---|",
-    ]
-    for run in _runs(experiment):
-        method, s = run.method, run.summary
-        train = f"{s['train_accuracy']:.1%}" if s.get("train_accuracy") is not None else "-"
-        lines.append(
-            f"| {method} | {s['steps']} | {s['seconds']:.0f} | {s['accuracy']:.1%} | {train} | "
-            f"{s['max_unitarity_error']:.1e} |"
-        )
-    return "\n".join(lines)
+    rows = [[run.method, *summary_cells(run, COLUMNS)] for run in experiment_runs(ROOT, experiment)]
+    return markdown_table(["method", *COLUMNS], rows)
 
 
 def main(argv=None) -> None:

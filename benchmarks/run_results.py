@@ -21,8 +21,8 @@ import traceback
 
 import torch
 
-from projunn.harness.runs import METHOD_ORDER, RunRecord, plot_runs, read_runs
 from projunn.harness.train import TrainConfig, train
+from runs import METHOD_ORDER, experiment_runs, markdown_table, plot_runs, summary_cells
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "rnn"
 
@@ -41,6 +41,17 @@ EXPERIMENTS = {
         4.0,
         "94.1-94.7% test accuracy after 200 epochs",
     ),
+}
+
+
+#: The table's columns after the method: name -> (summary.json's key, format).
+COLUMNS = {
+    "steps": ("steps", "d"),
+    "held-out loss (final)": ("final_loss", ".4g"),
+    "best": ("best_loss", ".4g"),
+    "baseline": ("baseline_loss", ".4g"),
+    "accuracy": ("accuracy", ".1%"),
+    "max unitarity error": ("max_unitarity_error", ".1e"),
 }
 
 
@@ -65,40 +76,21 @@ def run(names: list[str], minutes_scale: float) -> None:
                 traceback.print_exc()
 
 
-def _runs(name: str) -> list[RunRecord]:
-    """The finished or stopped runs of experiment ``name``, in the harness's method order."""
-    return [run for run in read_runs(ROOT / f"{name}-{method}" for method in METHOD_ORDER) if run.summary]
-
-
 def plot(name: str) -> pathlib.Path | None:
     """Held-out loss over the baseline and unitarity error against wall-clock seconds, every method."""
-    runs = _runs(name)
+    runs = experiment_runs(ROOT, name)
     if not runs:
         return None
     return plot_runs(runs, ROOT / f"{name}.png", panels=("loss", "unitarity"), x="seconds", title=name)
 
 
 def table() -> str:
-    lines = [
-        "| experiment | budget / method | method | steps | held-out loss (final) | best | baseline | accuracy "
-        "| max unitarity error | paper (projUNN) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for name, (_, _minutes, paper) in EXPERIMENTS.items():
-        for run in _runs(name):
-            summary, method = run.summary, run.method
-
-            def fmt(key, spec=".4g", summary=summary):
-                value = summary.get(key)
-                return "-" if value is None else format(value, spec)
-
-            accuracy = "-" if summary.get("accuracy") is None else f"{100 * summary['accuracy']:.1f}%"
-            lines.append(
-                f"| {name} | {summary['seconds'] / 60:.1f} min | {method} | {summary['steps']} | {fmt('final_loss')} "
-                f"| {fmt('best_loss')} | {fmt('baseline_loss')} | {accuracy} | {fmt('max_unitarity_error', '.1e')} "
-                f"| {paper if method == 't' and paper else ''} |"
-            )
-    return "\n".join(lines)
+        for run in experiment_runs(ROOT, name):
+            cells = [name, f"{run.summary['seconds'] / 60:.1f} min", run.method, *summary_cells(run, COLUMNS)]
+            rows.append([*cells, paper if run.method == "t" and paper else ""])
+    return markdown_table(["experiment", "budget / method", "method", *COLUMNS, "paper (projUNN)"], rows)
 
 
 def main(argv=None) -> None:

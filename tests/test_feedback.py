@@ -16,10 +16,13 @@ from tqdm.std import tqdm as std_tqdm
 
 from projunn.harness import _plot, cli
 from projunn.harness import train as train_module
-from projunn.harness.runs import RunRecord, plot_runs
 from projunn.harness.tasks import TASKS, CopyTask
 from projunn.harness.tasks._sequence import EVAL_SIZE
 from projunn.harness.train import TrainConfig, train
+from test_reproduction import _benchmark_script
+
+_runs = _benchmark_script("runs")  # benchmarks/runs.py, shared by the scripts that compare run folders
+RunRecord, plot_runs = _runs.RunRecord, _runs.plot_runs
 
 TINY_COPY = dict(task="copy", hidden=8, seq_len=5, batch_size=4)
 

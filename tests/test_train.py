@@ -21,9 +21,12 @@ from projunn.harness import _plot
 from projunn.harness import train as train_module
 from projunn.harness.cli import build_parser, main
 from projunn.harness.datasets import read_mnist_pickle
-from projunn.harness.runs import plot_runs, read_runs
 from projunn.harness.tasks import TASKS, AddingTask, CopyTask, DatasetMissingError, load_images, read_idx
 from projunn.harness.train import CHECKPOINT, TrainConfig, train
+from test_reproduction import _benchmark_script
+
+_runs = _benchmark_script("runs")  # benchmarks/runs.py, shared by the scripts that compare run folders
+plot_runs, read_runs = _runs.plot_runs, _runs.read_runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {

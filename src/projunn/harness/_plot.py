@@ -19,11 +19,8 @@ _TICKS = 5  # at most this many labelled steps per axis: "100,000" six times fit
 
 def plot_curves(path: pathlib.Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """Write curves.png: loss (with the baseline), unitarity error and, where there is one, accuracy."""
-    import matplotlib.pyplot as plt
-
     fig = figure(history, summary)
     write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
 
 
 def step_axis(axis) -> None:
@@ -35,20 +32,22 @@ def step_axis(axis) -> None:
 
 
 def figure(history: list[dict[str, Any]], summary: dict[str, Any]):
-    import matplotlib
+    """The figure of :func:`plot_curves`, drawn on its own Agg canvas.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Built without pyplot, so training neither switches the caller's backend nor leaves a figure
+    open in pyplot's registry.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    task = TASKS.get(summary["task"])
+    task = TASKS[summary["task"]]
     steps = [row["step"] for row in history]
     # Markers while there are few points: a one-point line is invisible without one.
     points = {"marker": "o", "markersize": 3} if len(history) <= _MARKED_POINTS else {}
     has_accuracy = any(row.get("eval_accuracy") is not None for row in history)
-    fig, axes = plt.subplots(
-        1, 3 if has_accuracy else 2, figsize=(13 if has_accuracy else 9, 4.0), layout="constrained", squeeze=False
-    )
-    axes = axes[0]
+    fig = Figure(figsize=(13 if has_accuracy else 9, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3 if has_accuracy else 2)
     ax = axes[0]
     ax.plot(steps, [row["train_loss"] for row in history], label="train (mean since the last point)", **points)
     ax.plot(steps, [row["eval_loss"] for row in history], label="held out", **points)
@@ -58,7 +57,7 @@ def figure(history: list[dict[str, Any]], summary: dict[str, Any]):
     if baseline is not None:
         ax.axhline(baseline, color="k", linestyle="--", linewidth=1, label="baseline predictor (same set)")
     ax.set_yscale("log")
-    ax.set_ylabel(task.loss_label if task else "loss")
+    ax.set_ylabel(task.loss_label)
     ax.set_title("loss")
     ax = axes[1]
     errors = [max(row["max_unitarity_error"], 1e-16) for row in history]
@@ -76,7 +75,7 @@ def figure(history: list[dict[str, Any]], summary: dict[str, Any]):
         ax = axes[2]
         ax.plot(steps, [row.get("eval_accuracy") for row in history], color="tab:green", **points)
         ax.set_ylim(-0.02, 1.04)  # a curve at 0 or 1 stays visible inside the frame
-        ax.set_title(f"held-out {task.accuracy_label if task else 'accuracy'}")
+        ax.set_title(f"held-out {task.accuracy_label}")
     shown = [("T", "seq_len"), ("hidden", "hidden"), ("model", "model"), ("depth", "depth"), ("channels", "channels")]
     details = "".join(f", {label} {summary[key]}" for label, key in shown if summary.get(key) is not None)
     fig.suptitle(f"{summary['task']}{details}, method {summary['method']}", fontsize=10)

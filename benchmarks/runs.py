@@ -1,12 +1,12 @@
-"""Run folders read back, and several runs compared in one figure.
+"""Run folders read back, compared in one figure and tabulated: what docs/results.md's scripts share.
 
-A run folder is what ``projunn train`` writes (config.json, metrics.csv,
-summary.json once it stops, checkpoint.pt). The scripts under benchmarks/
-that draw docs/results.md's comparisons read the folders with
-:func:`read_run` and draw them with :func:`plot_runs`, so every comparison
-lists the methods in one order (:data:`METHOD_ORDER`) and scales losses the
-same way: by the constant or memoryless predictor's loss on the same held-out
-set. A run still in progress (no summary.json yet) is read as far as it got.
+A run folder is what ``projunn train`` writes (config.json, metrics.csv, summary.json once it
+stops, checkpoint.pt). paper_table.py, run_results.py and plot_cnn.py, beside this module, import
+it: they read the folders with :func:`read_runs` or :func:`experiment_runs`, draw them with
+:func:`plot_runs` and print them with :func:`markdown_table` and :func:`summary_cells`, so every
+comparison lists the methods in one order (:data:`METHOD_ORDER`) and scales losses the same way:
+by the constant or memoryless predictor's loss on the same held-out set. A run still in progress
+(no summary.json yet) is read as far as it got.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._config import METHODS
-from ._plot import step_axis
-from .tasks import TASKS
-
-__all__ = ["METHOD_ORDER", "PANELS", "RunRecord", "plot_runs", "read_run", "read_runs"]
+from projunn.harness._plot import step_axis
+from projunn.harness.tasks import TASKS
+from projunn.harness.train import METHODS
 
 #: The order in which comparisons list methods: projUNN's two, torch's parametrisations, unconstrained.
 METHOD_ORDER = METHODS
@@ -62,26 +60,36 @@ class RunRecord:
         return row.get("eval_baseline") or self.summary.get("baseline_loss")
 
 
-def read_run(folder: str | pathlib.Path) -> RunRecord | None:
-    """The run in ``folder``, or None when it has no metrics yet."""
-    folder = pathlib.Path(folder)
-    metrics = folder / "metrics.csv"
-    if not metrics.is_file():
-        return None
-    rows = [
-        {key: float(value) if value not in ("", None) else None for key, value in row.items()}
-        for row in csv.DictReader(metrics.read_text().splitlines())
-    ]
-    summary_path = folder / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return RunRecord(folder, json.loads((folder / "config.json").read_text()), rows, summary)
-
-
 def read_runs(folders: Iterable[str | pathlib.Path]) -> list[RunRecord]:
     """The runs among ``folders`` that have metrics, in :data:`METHOD_ORDER` (then by name)."""
-    runs = [run for folder in folders if (run := read_run(folder)) is not None]
+    runs = []
+    for folder in map(pathlib.Path, folders):
+        if not (folder / "metrics.csv").is_file():
+            continue
+        rows = [
+            {key: float(value) if value not in ("", None) else None for key, value in row.items()}
+            for row in csv.DictReader((folder / "metrics.csv").read_text().splitlines())
+        ]
+        summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+        runs.append(RunRecord(folder, json.loads((folder / "config.json").read_text()), rows, summary))
     order = {method: i for i, method in enumerate(METHOD_ORDER)}
     return sorted(runs, key=lambda run: (order.get(run.method, len(order)), run.name))
+
+
+def experiment_runs(root: pathlib.Path, experiment: str) -> list[RunRecord]:
+    """The finished or stopped runs of ``experiment``: the folders ``root/<experiment>-<method>``."""
+    return [run for run in read_runs(root / f"{experiment}-{method}" for method in METHOD_ORDER) if run.summary]
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A markdown table of ``rows`` (cells already formatted) under the column names ``header``."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def summary_cells(run: RunRecord, columns: dict[str, tuple[str, str]]) -> list[str]:
+    """The figures of ``run``'s summary.json that ``columns`` name (column -> (key, format)); "-" where none."""
+    return ["-" if (value := run.summary.get(key)) is None else format(value, spec) for key, spec in columns.values()]
 
 
 def plot_runs(
