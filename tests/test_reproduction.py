@@ -3,9 +3,10 @@ measured on them, the authors' settings as presets, and the learning-rate schedu
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -158,12 +159,12 @@ def test_learning_rate_decays_in_steps_and_the_run_records_it(tmp_path):
 
 
 def _benchmark_script(name: str):
-    """benchmarks/NAME.py imported as a module (the scripts are not a package)."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/NAME.py imported as a module (the scripts are not a package: they import the
+    runs.py beside them by name, as running one from its folder lets them)."""
+    folder = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    return importlib.import_module(name)
 
 
 def test_a_paper_variant_resumes_from_its_folder_with_its_settings(tmp_path):
@@ -180,8 +181,7 @@ def test_a_paper_variant_resumes_from_its_folder_with_its_settings(tmp_path):
 
 
 def _record(name, method, losses, summary):
-    from projunn.harness.runs import RunRecord
-
+    RunRecord = _benchmark_script("runs").RunRecord
     rows = [
         {
             "step": 100.0 * (i + 1),

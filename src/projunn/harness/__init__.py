@@ -9,7 +9,6 @@ submodules load on first use and ``import projunn.harness`` alone stays light::
     tasks      the paper's tasks: data, models, losses, baselines, presets
     datasets   MNIST / Fashion-MNIST / CIFAR-10 readers
     bench      the timings behind ``projunn bench``
-    runs       run folders read back and compared in one figure
     cli        the argument parser and ``main``
 """
 
@@ -23,7 +22,7 @@ __all__ = ["EXTRA_MODULES", "console_main", "missing_extra"]
 
 # What the harness imports beyond torch; pyproject.toml's "harness" extra installs them.
 EXTRA_MODULES = ("numpy", "tqdm", "matplotlib")
-_SUBMODULES = ("bench", "cli", "datasets", "runs", "tasks", "train")
+_SUBMODULES = ("bench", "cli", "datasets", "tasks", "train")
 
 
 def missing_extra() -> list[str]:
