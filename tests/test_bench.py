@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import pathlib
+import subprocess
+import sys
 import time
 
 import matplotlib.colors
@@ -12,12 +15,36 @@ import torch
 
 from projunn.harness.bench import BenchConfig, _report, run_bench
 from projunn.harness.bench import _cases as cases
-from projunn.harness.bench._measure import _peak_mib, measure, measure_interleaved, running_peak
-from projunn.harness.bench._sharded import SHARDED_CASES
+from projunn.harness.bench._measure import _peak_mib, measure, measure_interleaved
 from projunn.harness.cli import main
 
 TINY = BenchConfig(sizes=(8, 16), ranks=(1, 2), repeats=3, budget_s=0.05, dense_max=8, peer_max=8)
-UPDATE_CASES, LAYER_CASES = set(cases.CASE_NAMES["update"]), set(cases.CASE_NAMES["layer"])
+SKETCHES = ("lsi", "column", "rsvd", "exact")
+UPDATE_CASES = {
+    "floor",
+    *(f"projunn-{method} {sketch}" for sketch in SKETCHES for method in "td"),
+    "ProjUNN(SGD) step",
+    "ProjUNN(SGD) step, generic step",
+    "plain SGD step",
+    "expm step",
+    "cayley step",
+    "polar (SVD) step",
+    "geoopt RiemannianSGD",
+    "geoopt RiemannianAdam",
+}
+LAYER_CASES = {
+    "adam",
+    "adam + update floor",
+    "projunn-t + adam",
+    "projunn-t + adam, generic step",
+    "projunn-d + adam",
+    "torch orthogonal matrix_exp",
+    "torch orthogonal cayley",
+    "geotorch expm",
+    "geotorch cayley",
+}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is read on CUDA only")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +55,7 @@ def tiny_rows():
 
 def test_every_case_at_every_size_and_rank(tiny_rows):
     rows, machine = tiny_rows
+    assert BenchConfig().benches == ("update", "layer")
     assert "float32" in machine and "torch" in machine
     for n in TINY.sizes:
         for k in TINY.ranks:
@@ -107,39 +135,50 @@ def test_interleaved_rounds_keep_ratios_while_the_machine_slows_down():
     assert timed[:4] == ["short", "long", "long", "short"] and timed.count("short") == 20
 
 
+def test_peak_memory_is_not_reported_on_cpu(tiny_rows):
+    """The CPU has no allocator statistics to read it from (see _measure._peak_mib): the column says '-'."""
+    rows, machine = tiny_rows
+    assert all(r.peak_mib is None for r in rows)
+    markdown = _report.markdown(rows, machine)
+    assert "read on CUDA only" in markdown and "| 8 | floor |" in markdown
+
+
+@CUDA
 def test_peak_memory_counts_temporaries_freed_within_the_call():
     """A 64 MiB temporary, allocated and freed inside the call, after warm-up calls that did the same."""
+    device = torch.device("cuda")
 
     def allocate():
-        torch.ones(16 * 2**20, dtype=torch.float32).sum()
+        torch.ones(16 * 2**20, dtype=torch.float32, device=device).sum()
 
-    result = measure(allocate, torch.device("cpu"), repeats=3, budget_s=1.0)
-    assert result.peak_mib == pytest.approx(64, abs=0.01)
-    assert running_peak([4, -4, 8, -2, -6]) == 8 and running_peak([]) == 0 and running_peak([-3, 1]) == 0
+    result = measure(allocate, device, repeats=3, budget_s=1.0)
+    assert result.peak_mib == pytest.approx(64, abs=0.1)  # the sum's own scratch (a few KiB) aside
 
 
+@CUDA
 def test_peak_memory_counts_a_step_that_frees_what_the_previous_one_allocated():
     """A gradient replaced every step: the old one is freed, the new one allocated; the call's own need is ~0."""
-    held = [torch.zeros(2**20)]
+    device = torch.device("cuda")
+    held = [torch.zeros(2**20, device=device)]
 
     def replace():
         held[0] = None  # free the previous call's 4 MiB first,
-        held[0] = torch.zeros(2**20)  # then allocate as much again
+        held[0] = torch.zeros(2**20, device=device)  # then allocate as much again
 
-    assert measure(replace, torch.device("cpu"), repeats=3, budget_s=1.0).peak_mib < 0.01
+    assert measure(replace, device, repeats=3, budget_s=1.0).peak_mib < 0.01
 
 
-@pytest.mark.slow  # four O(N^3) steps at N = 1024, about 5 s
+@CUDA
 def test_dense_steps_at_1024_show_their_n_by_n_temporaries():
     """The 0.0 MiB the resident-set reading gave for these at N = 1024, against the N x N (4 MiB) they need."""
-    n, device, n_by_n_mib = 1024, torch.device("cpu"), 1024 * 1024 * 4 / 2**20
+    n, device, n_by_n_mib = 1024, torch.device("cuda"), 1024 * 1024 * 4 / 2**20
+    config = BenchConfig(dense_max=n)
     dense = {"expm step", "cayley step", "polar (SVD) step"}
-    steps = {c.name: c.fn for c in cases.update_cases_full_rank(n, device, dense_max=n) if c.name in dense}
-    projunn = {c.name: c.fn for c in cases.update_cases(n, 1, device, dense_max=n) if isinstance(c, cases.Case)}
-    steps["projunn-t lsi"] = projunn["projunn-t lsi"]
+    steps = {c.name: c.fn for c in cases.update_cases_full_rank(n, config, device) if c.name in dense}
+    steps["projunn-t lsi"] = next(c.fn for c in cases.update_cases(n, 1, config, device) if c.name == "projunn-t lsi")
     measured = {}
     for name, step in steps.items():
-        step()  # warm, as measure() does before reading the peak
+        step()  # warm, as measure_interleaved() does before reading the peak
         measured[name] = _peak_mib(step, device)
     assert all(measured[name] >= n_by_n_mib for name in dense), measured
     assert measured["projunn-t lsi"] < n_by_n_mib / 4, measured  # its N x k factors and small matrices only
@@ -148,6 +187,7 @@ def test_dense_steps_at_1024_show_their_n_by_n_temporaries():
 def test_plot_gives_every_series_its_own_style_and_keeps_the_legend_off_the_data(tiny_rows):
     rows, machine = tiny_rows
     fig = _report.figure(rows, machine)
+    assert not matplotlib.pyplot.get_fignums()  # drawn without pyplot: nothing left open in its registry
     try:
         fig.canvas.draw()
         for ax in fig.axes:
@@ -210,7 +250,10 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert main(["bench", "--sizes", "1", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "sizes must be integers >= 2" in err and err.count("\n") == 1
-    for argv, message in ((["--sizes", "0"], "expected a positive integer"), (["--only", "x"], "invalid choice")):
+    refused = [(["--sizes", "0"], "expected a positive integer"), (["--only", "x"], "invalid choice")]
+    # The sharded step is timed by benchmarks/sharded_bytes.py, which starts its processes itself.
+    refused.append((["--only", "sharded"], "invalid choice: 'sharded'"))
+    for argv, message in refused:
         with pytest.raises(SystemExit) as caught:
             main(["bench", *argv, "--out", str(out)])
         err = capsys.readouterr().err
@@ -219,16 +262,24 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow  # starts two processes
-def test_sharded_bench_reports_time_and_bytes_per_step(tmp_path):
-    # One size: how the bytes grow with N is counted in test_sharded.py, without the bench's timing.
+def test_sharded_script_reports_time_and_bytes_per_step():
+    # One size: how the bytes grow with N is counted in test_sharded.py, without the script's timing.
     n = 32
-    config = BenchConfig(sizes=(n,), ranks=(1,), benches=("sharded",), repeats=1)
-    rows, _ = run_bench(config, log=None)
-    assert {(r.N, r.case) for r in rows} == {(n, c) for c, _ in SHARDED_CASES}
-    sent = {r.case: int(r.note.split(" bytes")[0].replace(",", "")) for r in rows}
-    adam = next(r.ms for r in rows if r.case == "adam")
-    assert all(r.ms > 0 and r.x_baseline == pytest.approx(r.ms / adam) for r in rows)
+    script = ROOT / "benchmarks" / "sharded_bytes.py"
+    argv = [sys.executable, str(script), "--sizes", str(n), "--ranks", "1", "--repeats", "1"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(f"| {n} | 1 |")]
+    ms = {cells[2].strip(): float(cells[3]) for cells in rows}
+    x_adam = {cells[2].strip(): float(cells[4].strip(" x")) for cells in rows}
+    sent = {cells[2].strip(): int(cells[5].replace(",", "")) for cells in rows}
+    assert list(ms) == [
+        "adam",
+        "projunn-t + adam",
+        "projunn-d + adam",
+        *(f"projunn-t + adam, {s} sketch" for s in ("column", "rsvd")),
+    ]
+    assert all(t > 0 and x_adam[case] == pytest.approx(t / ms["adam"], rel=0.01, abs=0.01) for case, t in ms.items())
     assert sent["adam"] == 0  # the base step of row-split weights needs no communication
     for case in ("projunn-t + adam", "projunn-d + adam"):  # thin blocks, far below one gather of the weight
         assert 0 < sent[case] < n * n * 4 / 2, (case, sent)
-    assert BenchConfig().benches == ("update", "layer")  # processes are started only when asked for

@@ -25,8 +25,9 @@ import torch
 from .. import __version__
 from ..functional import Sketch
 from ..optim import Method
+from . import bench
 from ._allocator import reuse_freed_memory
-from ._config import TASK_OPTIONS, flag, folder_name, option, positive_float, positive_int, seed_number
+from ._config import TASK_OPTIONS, flag, option, positive_float, positive_int, seed_number
 from .tasks import TASKS, DatasetMissingError, describe_tasks, get_task
 from .train import RunDivergedError, RunError, TrainConfig, resolve, train
 
@@ -191,79 +192,8 @@ def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
         ),
     )
     _add_flags(demo, fields(DemoConfig))
-    _add_bench_parser(commands)
+    bench.add_parser(commands, _shown)
     return parser
-
-
-def _add_bench_parser(commands) -> None:
-    from .bench import BENCHES, QUICK, BenchConfig
-
-    bench = commands.add_parser(
-        "bench",
-        help="time projUNN against the floor, dense exact steps, torch, geotorch and geoopt",
-        description=(
-            "Time, in one run on one device, the projUNN update step against the floor (the least work of\n"
-            "any rank-k method), the dense exact steps and geoopt; and a whole training step of an orthogonal\n"
-            "linear layer against unconstrained Adam, torch's parametrizations.orthogonal and geotorch.\n"
-            "Writes results.csv, results.md and results.png into --out. Peers are optional:\n"
-            "pip install 'projunn[bench]'."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add = bench.add_argument
-    quick = ", ".join(f"{flag(key)} {_shown(value)}" for key, value in QUICK.items())
-    add("--quick", action="store_true", help=f"reduced grid, a few minutes on a laptop CPU: {quick}")
-    # Only the flags given are set, so that they override --quick's values.
-    for f in fields(BenchConfig):
-        if "help" in f.metadata:
-            add(flag(f.name), **{**_flag_settings(f), "default": argparse.SUPPRESS})
-    add("--with-8192", action="store_true", help="also N = 8192 (O(N^3) cases above --dense-max / --peer-max skipped)")
-    add("--only", choices=BENCHES, help="run one benchmark (sharded: 2 processes, not part of the default run)")
-    add("--threads", type=positive_int, help="torch.set_num_threads (default: torch's choice)")
-    add("--out", type=folder_name, help="output folder (default runs/bench-TIME, made unique with -2, -3, ...)")
-    add(
-        "--overwrite",
-        action="store_true",
-        help="replace an earlier bench's results in --out, or write beside other files (never into a training run)",
-    )
-    add("--quiet", action="store_true", help="no progress bar or per-case lines")
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    import pathlib
-
-    from ._files import describe_os_error, make_new_folder
-    from .bench import QUICK, BenchConfig, check_out, default_out, run_bench, write_reports
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = dict(QUICK) if args.quick else {}
-    for f in fields(BenchConfig):
-        if hasattr(args, f.name):  # given (see _add_bench_parser)
-            value = getattr(args, f.name)
-            settings[f.name] = tuple(value) if isinstance(value, list) else value
-    if args.with_8192:
-        settings["sizes"] = (*settings.get("sizes", BenchConfig.sizes), 8192)
-    if args.only:
-        settings["benches"] = (args.only,)
-    config = BenchConfig(**settings)
-    try:
-        if args.out:  # checked before the minutes of measuring, not when the results are ready
-            check_out(pathlib.Path(args.out), overwrite=args.overwrite)
-        rows, machine = run_bench(config, log=None if args.quiet else print)
-    except ValueError as error:
-        print(f"projunn bench: error: {error}", file=sys.stderr)
-        return 2
-    target = pathlib.Path(args.out) if args.out else default_out()
-    try:  # a default name is made unique as train's are: two benches started in one second
-        paths = write_reports(target if args.out else make_new_folder(target), rows, machine)
-    except OSError as error:
-        where = error.filename or target
-        print(f"projunn bench: error: cannot write {where}: {describe_os_error(error)}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
 
 
 def demo_run(config: DemoConfig, *, out: str) -> TrainConfig:
@@ -340,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         return _run_train(TrainConfig(**options))
     if args.command == "bench":
-        return _run_bench(args)
+        return bench.main(args)
     config = DemoConfig(**options)
     settings = ", ".join(f"{k}={v}" for k, v in asdict(config).items() if k != "quiet")
     print(f"projunn demo ({settings})", flush=True)  # before the progress bar, which goes to stderr
