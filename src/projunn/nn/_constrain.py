@@ -345,6 +345,29 @@ def unitary_(
         blocks = check_int("blocks", blocks)
     except (TypeError, ValueError) as error:
         raise refuse(str(error), type(error)) from None
+    param = _free_parameter(owner, attr, refuse)
+    constraint = UnitaryConstraint(kind, blocks)
+    view = _matrix_view(param, constraint, refuse)
+    others = [
+        f"{prefix}.{other}" if prefix else other
+        for prefix, sub in module.named_modules()
+        for other, p in sub._parameters.items()
+        if p is param and (sub is not owner or other != attr)
+    ]
+    if others:
+        raise refuse(f"it is tied to {others[0]!r} (shared weights are refused: share the module instead)")
+    value = closest_unitary(view) if project else _check_unitary(view, refuse)
+    # Everything is checked; only now is anything modified.
+    if value is not None:
+        with torch.no_grad():
+            view.copy_(value)
+    _record(owner, attr, constraint)
+    return module
+
+
+def _free_parameter(owner: torch.nn.Module, attr: str, refuse) -> torch.nn.Parameter:
+    """``owner``'s parameter ``attr``, if it exists, is neither parametrised nor constrained, and has a
+    supported dtype; otherwise ``refuse(reason)`` is raised (see :func:`unitary_`)."""
     if parametrize.is_parametrized(owner, attr):
         raise refuse("it is already parametrised (torch.nn.utils.parametrize); remove that parametrisation first")
     param = owner._parameters.get(attr)
@@ -364,43 +387,32 @@ def unitary_(
         )
         names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
         raise refuse(f"dtype {param.dtype} is not one of {names}{hint}", TypeError)
-    constraint = UnitaryConstraint(kind, blocks)
+    return param
+
+
+def _matrix_view(param: torch.Tensor, constraint: UnitaryConstraint, refuse) -> torch.Tensor:
+    """The constraint's matrices as a view of ``param``'s data (Note [Matrix views]), or ``refuse``."""
     try:
         shape = constraint.matrix_shape(param.shape)
         if 0 in shape:
             raise ValueError(f"shape {tuple(param.shape)} has an empty dimension")
     except ValueError as error:
-        raise refuse(f"{error} (kind={kind!r}, blocks={blocks})") from None
+        raise refuse(f"{error} (kind={constraint.kind!r}, blocks={constraint.blocks})") from None
     try:
-        view = param.detach().view(shape)
+        return param.detach().view(shape)
     except RuntimeError:
         raise refuse(f"its strides {param.stride()} do not allow a matrix view; make it contiguous first") from None
-    others = [
-        f"{prefix}.{other}" if prefix else other
-        for prefix, sub in module.named_modules()
-        for other, p in sub._parameters.items()
-        if p is param and (sub is not owner or other != attr)
-    ]
-    if others:
-        raise refuse(f"it is tied to {others[0]!r} (shared weights are refused: share the module instead)")
-    n = min(shape[-2:])
-    if project:
-        value = closest_unitary(view)
-    else:
-        error = float(unitarity_error(view).max())
-        tolerance = 10 * torch.finfo(param.dtype).eps * n
-        if not error <= tolerance:
-            raise refuse(
-                f"||W^H W - I||_F = {error:.3g} exceeds {tolerance:.3g} and project=False keeps the value; "
-                "pass project=True to start from the closest unitary matrix"
-            )
-        value = None
-    # Everything is checked; only now is anything modified.
-    if value is not None:
-        with torch.no_grad():
-            view.copy_(value)
-    _record(owner, attr, constraint)
-    return module
+
+
+def _check_unitary(view: torch.Tensor, refuse) -> None:
+    """``project=False``: the value is kept, so it must be (semi-)unitary to ``10 eps N`` already."""
+    error = float(unitarity_error(view).max())
+    tolerance = 10 * torch.finfo(view.dtype).eps * min(view.shape[-2:])
+    if not error <= tolerance:
+        raise refuse(
+            f"||W^H W - I||_F = {error:.3g} exceeds {tolerance:.3g} and project=False keeps the value; "
+            "pass project=True to start from the closest unitary matrix"
+        )
 
 
 def remove_unitary_(module: torch.nn.Module, name: str = "weight") -> torch.nn.Module:
