@@ -52,7 +52,7 @@ def test_no_command_is_a_one_line_error_with_exit_status_2(capsys):
     assert stop.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "a command is required: train, demo or bench" in captured.err and captured.err.count("\n") == 1
+    assert "a command is required: train, demo, bench or certify" in captured.err and captured.err.count("\n") == 1
 
 
 @pytest.mark.parametrize("task", ["copy", "pmnist", "mnist"])

@@ -124,6 +124,56 @@ def test_model_options(tmp_path, argv, message):
             resolve(config)
 
 
+def test_lipschitz_model_trains_on_the_image_task_and_reports_certified_accuracy(tmp_path, tiny_mnist):  # noqa: F811
+    out = tmp_path / "run"
+    argv = ["train", "mnist", *TINY, "--model", "lipschitz", "--channels", "2", "--depth", "1"]
+    assert main([*argv, "--data-dir", str(tiny_mnist), "--eval-limit", "9", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    # The model's defaults: the lr for every weight, the offset aimed at MNIST's largest radius.
+    assert config["unitary_lr"] == config["lr"] and config["margin"] == 1.58 and config["temperature"] == 0.25
+    assert abs(summary["test_lipschitz_bound"] - 1) < 1e-5  # composed from the trained weights
+    certified = summary["test_certified_accuracy"]
+    assert list(certified) == ["0.5", "1", "1.58"]
+    # Certified at a radius implies right, and certified at a larger radius implies certified at a smaller.
+    assert summary["test_accuracy"] >= certified["0.5"] >= certified["1"] >= certified["1.58"] >= 0
+    assert all(value * 9 == pytest.approx(round(value * 9)) for value in certified.values())  # of the 9 images
+    # The run folder certified again: the same figures from the checkpoint, and no attack inside a radius.
+    assert main(["certify", str(out), "--attack", "9", "--data-dir", str(tiny_mnist)]) in (0, 1)
+    again = json.loads((out / "certify.json").read_text())
+    assert again["test_certified_accuracy"] == certified and again["step"] == summary["steps"]
+    # Attacked: the images with a positive radius, i.e. those classified right.
+    assert again["broken_inside_radius"] == 0 and again["attacked"] == round(9 * again["test_accuracy"])
+
+
+def test_certify_refuses_what_has_no_radii(tmp_path, tiny_mnist, capsys):  # noqa: F811
+    out = tmp_path / "cnn"
+    argv = ["train", "mnist", *TINY, "--depth", "1", "--channels", "2", "--data-dir", str(tiny_mnist)]
+    assert main([*argv, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["certify", str(out)]) == 2
+    assert "trains --model cnn; only --model lipschitz runs have radii" in capsys.readouterr().err
+    assert main(["certify", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint.pt in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(margin=0.5), "--margin does not apply to --model cnn"),
+        (dict(model="resnet9", temperature=0.1), "--temperature does not apply to --model resnet9"),
+        (dict(model="lipschitz", preset="paper"), "--preset paper has no --model lipschitz"),
+        (dict(task="pmnist", margin=0.5), "--margin does not apply to the pmnist task"),
+    ],
+)
+def test_lipschitz_options_are_refused_where_they_mean_nothing(settings, message):
+    from projunn.harness.train import RunError, TrainConfig, resolve
+
+    with pytest.raises(RunError, match=message):
+        resolve(TrainConfig(**{"task": "mnist", **settings}))
+    assert resolve(TrainConfig(task="fashion-mnist", model="lipschitz", margin=0.5)).margin == 0.5
+
+
 def _write_cifar(folder, rng):
     folder.mkdir()
     for name, count in [*((f"data_batch_{i}", 12) for i in range(1, 6)), ("test_batch", 10)]:

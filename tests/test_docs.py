@@ -313,3 +313,14 @@ def test_links_point_to_files_that_exist(document):
         if not linked.exists() or missing_heading:
             broken.append(target)
     assert not broken, f"{document}: broken links {broken}"
+
+
+def test_readme_certified_robustness_example_runs():
+    """The README's second example: a Lipschitz classifier trained, certified and exported."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    namespace: dict = {}
+    exec(compile(blocks[1], "README.md", "exec"), namespace)
+    assert abs(namespace["bound"] - 1) < 1e-5
+    plain, model = namespace["plain"], namespace["model"]
+    x = torch.rand(2, 4, 28, 28)
+    assert type(plain) is torch.nn.Conv2d and torch.allclose(plain(x), model[1](x), atol=1e-5)

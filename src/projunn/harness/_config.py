@@ -142,10 +142,25 @@ class TrainConfig:
     sketch: str | None = option(None, "low-rank sketch of the step (default lsi)", choices=get_args(Sketch))
     hidden: int | None = option(help="hidden size N (unitary task: matrix size)", type=positive_int)
     seq_len: int | None = option(help="copy: delay T; adding: sequence length T", type=positive_int)
-    model: str | None = option(help="image tasks: deep plain CNN (default) or ResNet-9", choices=MODELS)
-    depth: int | None = option(help="cnn: number of conv-BN-ReLU blocks (paper: up to 100)", type=positive_int)
+    model: str | None = option(
+        help="image tasks: deep plain CNN (default), ResNet-9, or a 1-Lipschitz CNN with certified radii",
+        choices=MODELS,
+    )
+    depth: int | None = option(
+        help="cnn: number of conv-BN-ReLU blocks (paper: up to 100); lipschitz: convs per resolution (default 2)",
+        type=positive_int,
+    )
     channels: int | None = option(
-        help="cnn: channels of every conv (default and paper: 32); resnet9: stem width (default 8)", type=positive_int
+        help="cnn: channels of every conv (default and paper: 32); resnet9: stem width (default 8); "
+        "lipschitz: width at full resolution (default 16, x4 per stride)",
+        type=positive_int,
+    )
+    margin: float | None = option(
+        help="lipschitz: the certified radius the loss aims for (default: the task's largest reported radius)",
+        type=positive_float,
+    )
+    temperature: float | None = option(
+        help="lipschitz: temperature of the offset cross-entropy (default 0.25)", type=positive_float
     )
     steps: int | None = option(help="training steps (overrides --epochs)", type=positive_int, resumable=True)
     epochs: int | None = option(help="passes over the training set", type=positive_int, resumable=True)
@@ -332,9 +347,11 @@ def _check_preset_agreement(task, config: TrainConfig) -> None:
 
 
 def _fill_model_defaults(task, config: TrainConfig, values: dict) -> None:
-    """Settings that depend on the chosen ``model`` (image tasks: cnn or resnet9)."""
+    """Settings that depend on the chosen ``model`` (image tasks: cnn, resnet9 or lipschitz)."""
     model = values["model"]
     _check_choice("model", model, tuple(task.model_defaults))
+    if config.preset == "paper" and task.paper_models and model not in task.paper_models:
+        raise RunError(f"--preset paper has no --model {model}: the paper trains {' and '.join(task.paper_models)}")
     defaults = task.model_defaults[model]
     for key in sorted(set().union(*task.model_defaults.values())):
         if key not in defaults:

@@ -58,7 +58,7 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "projunn-run/1"
 _CHECKPOINT_KEYS = ("config", "step", "seconds", "history", "model", "optimizer")  # needed to continue a run
 #: What a run writes into its folder (``overwrite`` removes exactly these).
-_RUN_FILES = ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT)
+_RUN_FILES = ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT, "certify.json")
 #: Every name a run puts into its folder (hidden ones aside: the lock and temporary files).
 RUN_ENTRIES = frozenset({*_RUN_FILES, TENSORBOARD_DIR})
 METRIC_FIELDS = (

@@ -25,7 +25,7 @@ import torch
 from .. import __version__
 from ..functional import Sketch
 from ..optim import Method
-from . import bench
+from . import bench, certify
 from ._allocator import reuse_freed_memory
 from ._config import TASK_OPTIONS, flag, option, positive_float, positive_int, seed_number
 from .tasks import TASKS, DatasetMissingError, describe_tasks, get_task
@@ -193,6 +193,7 @@ def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
     )
     _add_flags(demo, fields(DemoConfig))
     bench.add_parser(commands, _shown)
+    certify.add_parser(commands)
     return parser
 
 
@@ -265,12 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(help_task=_help_task(argv))
     args = _parse(parser, argv)
     if args.command is None:  # as argparse tools do: one line on stderr, exit status 2
-        parser.error("a command is required: train, demo or bench (projunn --help describes them)")
+        parser.error("a command is required: train, demo, bench or certify (projunn --help describes them)")
     options = {k: v for k, v in vars(args).items() if k != "command"}
     if args.command == "train":
         return _run_train(TrainConfig(**options))
     if args.command == "bench":
         return bench.main(args)
+    if args.command == "certify":
+        return certify.main(args)
     config = DemoConfig(**options)
     settings = ", ".join(f"{k}={v}" for k, v in asdict(config).items() if k != "quiet")
     print(f"projunn demo ({settings})", flush=True)  # before the progress bar, which goes to stderr

@@ -105,6 +105,8 @@ class Task:
     model_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Options of ``paper`` that the paper itself varies, so ``preset="paper"`` lets them be set.
     paper_free: tuple[str, ...] = ()
+    #: The models the paper trains, where there is a choice: ``preset="paper"`` refuses the others.
+    paper_models: tuple[str, ...] = ()
     #: What the loss and the accuracy measure, in the words of a plot's axis.
     loss_label: str = "loss"
     accuracy_label: str = "accuracy"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from ...models import DeepUnitaryCNN, SequenceModel, UnitaryResNet9
+from ...models import DeepUnitaryCNN, LipschitzCNN, SequenceModel, UnitaryResNet9
+from ...robust import certified_radius, lipschitz_bound, offset_cross_entropy
 from ..datasets import load_cifar10, load_images
 from ._base import RNN_DEFAULTS, RNN_OPTIONS, WEIGHT_COPIES, Task, Unwatched, evaluating, stream, weight_dtype
 
@@ -62,17 +66,20 @@ class _ClassificationTask(Task):
         rows = self._epoch_order[1][index * size : (index + 1) * size]
         return self.inputs(train_x[rows]), train_y[rows].to(self.device)
 
-    def _score(self, model, split: str, limit: int | None, progress) -> tuple[float, float]:
+    def _score(self, model, split: str, limit: int | None, progress) -> tuple[float, float, torch.Tensor]:
+        """Mean cross-entropy, accuracy, and each image's certified radius were the model 1-Lipschitz (B,)."""
         xs, ys = (part[:limit] for part in self.splits[split])
         total_loss = correct = 0.0
+        radii = []
         with evaluating(model), progress(total=len(xs), desc=_SPLIT_NAMES[split], unit="image") as bar:
             for start in range(0, len(xs), 500):
                 logits = model(self.inputs(xs[start : start + 500]))
                 y = ys[start : start + 500].to(self.device)
                 total_loss += F.cross_entropy(logits, y, reduction="sum").item()
                 correct += (logits.argmax(-1) == y).sum().item()
+                radii.append(certified_radius(logits, y))
                 bar.update(len(y))
-        return total_loss / len(xs), correct / len(xs)
+        return total_loss / len(xs), correct / len(xs), torch.cat(radii).cpu()
 
     def _prior_loss(self, split: str, limit: int | None) -> float:
         """Cross-entropy of the constant predictor: the training split's class frequencies."""
@@ -82,18 +89,23 @@ class _ClassificationTask(Task):
         labels = labels[labels < len(log_prior)]  # a class absent from training has no prior: skip it
         return -log_prior[labels].mean().item()
 
+    def certified(self, model, radii: torch.Tensor) -> dict[str, Any]:
+        """What :meth:`ImageTask.certified` adds to the scores of a 1-Lipschitz model: nothing here."""
+        return {}
+
     def evaluate(self, model, *, progress=Unwatched):
         limit = self.config.eval_limit
-        loss, accuracy = self._score(model, "val", limit, progress)
+        loss, accuracy, _ = self._score(model, "val", limit, progress)
         return {"eval_loss": loss, "eval_accuracy": accuracy, "eval_baseline": self._prior_loss("val", limit)}
 
     def test(self, model, *, progress=Unwatched):
         limit = self.config.eval_limit
-        loss, accuracy = self._score(model, "test", limit, progress)
+        loss, accuracy, radii = self._score(model, "test", limit, progress)
         scores = {"test_loss": loss, "test_accuracy": accuracy, "test_baseline": self._prior_loss("test", limit)}
+        scores |= {f"test_{key}": value for key, value in self.certified(model, radii).items()}
         if self.train_sample:
             sample = min(self.train_sample, limit or self.train_sample)
-            train_loss, train_accuracy = self._score(model, "train", sample, progress)
+            train_loss, train_accuracy, _ = self._score(model, "train", sample, progress)
             scores |= {"train_eval_loss": train_loss, "train_accuracy": train_accuracy}
         return scores
 
@@ -174,11 +186,19 @@ class PixelMNISTTask(_ClassificationTask):
 
 
 class ImageTask(_ClassificationTask):
-    """Image classification with full-width orthogonal convolutions: the deep plain CNN or ResNet-9."""
+    """Image classification with full-width orthogonal convolutions: the deep plain CNN, ResNet-9, or
+    the 1-Lipschitz CNN whose test scores add certified accuracies at ``radii``.
+
+    The Lipschitz model sees pixels in [0, 1] less the training mean, not divided by the standard
+    deviation, so that its certified radii are L2 distances between images in the [0, 1] pixel
+    scale, the unit of the literature's radii. It trains on offset cross-entropy
+    (:func:`projunn.robust.offset_cross_entropy`) with offset sqrt(2) x ``margin``, the loss
+    still falling until each training image is certified at about ``margin``.
+    """
 
     train_sample = 10_000  # train accuracy beside test accuracy: the paper's deep-CNN finding
 
-    def __init__(self, name: str, dataset: str, description: str):
+    def __init__(self, name: str, dataset: str, description: str, radii: tuple[float, ...]):
         super().__init__(
             name=name,
             description=description,
@@ -189,18 +209,23 @@ class ImageTask(_ClassificationTask):
                 epochs=1,
                 batch_size=64,
                 lr=1e-3,
-                unitary_lr_divider=10,
                 optimizer="adam",
                 init="identity",
                 eval_every=100,
                 eval_limit=None,
             ),
             paper=dict(depth=100, channels=32, epochs=20, batch_size=64, lr=1e-3, unitary_lr_divider=10),
-            options=frozenset({"model", "depth", "channels", "epochs", "eval_limit"}),
+            options=frozenset({"model", "depth", "channels", "epochs", "eval_limit", "margin", "temperature"}),
             inits=("identity", "haar"),
-            model_defaults={"cnn": dict(depth=8, channels=32), "resnet9": dict(channels=8)},
+            # The orthogonal convs of the Lipschitz model, with no BatchNorm to rescale, learn at lr.
+            model_defaults={
+                "cnn": dict(depth=8, channels=32, unitary_lr_divider=10),
+                "resnet9": dict(channels=8, unitary_lr_divider=10),
+                "lipschitz": dict(depth=2, channels=16, margin=radii[-1], temperature=0.25, unitary_lr_divider=1),
+            },
+            paper_models=("cnn", "resnet9"),
         )
-        self.dataset = dataset
+        self.dataset, self.radii = dataset, radii
 
     def footprint(self, config, batch):
         pixels, width = 32 * 32 if self.dataset == "cifar10" else 28 * 28, config.channels
@@ -229,15 +254,35 @@ class ImageTask(_ClassificationTask):
         scaled = self.splits["train"][0].float() / 255.0
         self.mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
         self.std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        if self.config.model == "lipschitz":  # radii in the [0, 1] pixel scale (see the class docstring)
+            self.std = torch.ones_like(self.std)
 
     def inputs(self, images):
         x = (images.float() / 255.0 - self.mean) / self.std
         return x.to(device=self.device, dtype=torch.get_default_dtype())
 
+    def loss(self, model, x, y):
+        if self.config.model != "lipschitz":
+            return super().loss(model, x, y)
+        offset = math.sqrt(2) * self.config.margin
+        return offset_cross_entropy(model(x), y, offset=offset, temperature=self.config.temperature)
+
+    def certified(self, model, radii: torch.Tensor) -> dict[str, Any]:
+        """The Lipschitz model's bound (from its weights as they are) and certified accuracy at ``self.radii``."""
+        if self.config.model != "lipschitz":
+            return {}
+        bound = lipschitz_bound(model)
+        accuracy = {f"{r:g}": ((radii / bound) > r).double().mean().item() for r in self.radii}
+        return {"lipschitz_bound": bound, "certified_accuracy": accuracy}
+
     def build_model(self) -> torch.nn.Module:
         """The model for the data set's images, of shape (C, n, m)."""
         config, image_shape = self.config, self.splits["train"][0].shape[1:]
         in_channels, size = image_shape[0], tuple(image_shape[1:])
+        if config.model == "lipschitz":
+            return LipschitzCNN(
+                channels=config.channels, size=size, blocks=config.depth, in_channels=in_channels, init=config.init
+            )
         if config.model == "resnet9":
             return UnitaryResNet9(width=config.channels, size=size, in_channels=in_channels, init=config.init)
         return DeepUnitaryCNN(
