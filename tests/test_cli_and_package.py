@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import pathlib
 
 import pytest
@@ -14,27 +15,25 @@ from projunn.harness.cli import main
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_and_learns(capsys, tmp_path, monkeypatch):
-    # A real orthogonal layer stays in the component of O(N) (det +1 or -1) it starts in: seed 4 draws
-    # the layer and the target in the same one (seed 1 does not, and would stop at a loss of ~0.27).
-    monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--n", "16", "--steps", "200", "--quiet", "--seed", "4"]) == 0
-    assert not list(tmp_path.iterdir())  # the demo's run folder was temporary
-    out = capsys.readouterr().out
-    assert out.startswith("projunn demo (n=16, steps=200") and out.count("\n") == 2
-    initial, final = (float(x) for x in out.split("loss ")[1].split(" in ")[0].split(" -> "))
-    assert final < 0.1 * initial
-    error = float(out.rsplit("= ", 1)[1])
-    assert error < 1e-5
+def test_the_quick_check_in_the_guide_learns_a_rotation(tmp_path, capsys):
+    """The unitary task with a high lr (the guide's one-line check) learns its rotation in seconds."""
+    argv = ["train", "unitary", "--hidden", "16", "--steps", "200", "--lr", "0.1", "--unitary-lr", "0.1"]
+    assert main([*argv, "--quiet", "--seed", "4", "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # A real orthogonal layer stays in the component of O(N) it starts in: seed 4 draws the layer and
+    # the target in the same one, where an unrelated rotation's loss is about 2.
+    assert summary["final_loss"] < 1e-3 and summary["max_unitarity_error"] < 1e-5
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["demo", "--rank", "0"], "argument --rank: expected a positive integer, got '0'"),
-        (["demo", "--lr", "-1"], "argument --lr: expected a positive finite number"),
-        (["demo", "--method", "cayley"], "argument --method: invalid choice"),
-        (["demo", "--dtype", "float16"], "argument --dtype: invalid choice"),
+        (["train", "unitary", "--rank", "0"], "argument --rank: expected a positive integer, got '0'"),
+        (["train", "unitary", "--lr", "-1"], "argument --lr: expected a positive finite number"),
+        (["train", "unitary", "--method", "eunn2"], "argument --method: invalid choice"),
+        (["certify"], "the following arguments are required: RUN"),
+        (["certify", "run", "--attack", "-1"], "argument --attack: expected a non-negative integer"),
+        (["demo"], "invalid choice: 'demo'"),
         (["nonsense"], "invalid choice"),
     ],
 )
@@ -52,7 +51,7 @@ def test_no_command_is_a_one_line_error_with_exit_status_2(capsys):
     assert stop.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "a command is required: train, demo, bench or certify" in captured.err and captured.err.count("\n") == 1
+    assert "a command is required: train, bench or certify" in captured.err and captured.err.count("\n") == 1
 
 
 @pytest.mark.parametrize("task", ["copy", "pmnist", "mnist"])

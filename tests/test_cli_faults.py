@@ -190,7 +190,7 @@ def test_the_learning_rate_schedule_and_input_initialisation_are_flags(tmp_path)
         (["train", "adding", "--lr-decay", "1.5"], "projunn train: error: argument --lr-decay: expected a number in"),
         (["train", "adding", "--lr-decay", "0.5", "--bogus"], "projunn train: error: unrecognized arguments: --bogus"),
         (["bench", "--bogus"], "projunn bench: error: unrecognized arguments: --bogus"),
-        (["demo", "--bogus", "1"], "projunn demo: error: unrecognized arguments: --bogus 1"),
+        (["certify", "run", "--bogus", "1"], "projunn certify: error: unrecognized arguments: --bogus 1"),
     ],
 )
 def test_a_commands_bad_arguments_are_reported_by_that_command(argv, message, capsys):

@@ -1,5 +1,5 @@
-"""What a user sees: progress of the passes over held-out data, messages clear of the bars, the demo's
-header first, and plots that read without guessing (ticks, axis labels, legends, what accuracy means)."""
+"""What a user sees: progress of the passes over held-out data, messages clear of the bars, and plots
+that read without guessing (ticks, axis labels, legends, what accuracy means)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import tqdm.auto
 from tqdm.std import tqdm as std_tqdm
 
-from projunn.harness import _plot, cli
+from projunn.harness import _plot
 from projunn.harness import train as train_module
 from projunn.harness.tasks import TASKS, CopyTask
 from projunn.harness.tasks._sequence import EVAL_SIZE
@@ -85,18 +85,6 @@ def test_the_last_message_of_an_interrupted_run_comes_after_its_bar(tmp_path, ba
     assert summary["interrupted"]
     message, open_then = said[-1]
     assert message.startswith("interrupted at step 2") and open_then == []  # no bar redrawn below it
-
-
-def test_the_demo_says_what_it_runs_before_it_runs(monkeypatch, capsys):
-    before = []
-
-    def run_demo(config):
-        before.append(capsys.readouterr().out)
-        return {"initial_loss": 2.0, "final_loss": 0.1, "max_unitarity_error": 1e-7, "seconds": 1.0}
-
-    monkeypatch.setattr(cli, "run_demo", run_demo)
-    assert cli.main(["demo", "--quiet"]) == 0
-    assert before[0].startswith("projunn demo (n=")
 
 
 def _history(last_step: int, points: int = 40) -> list[dict]:

@@ -112,7 +112,7 @@ def _capacity(text: str) -> int | str:
 
 
 def option(default: Any = None, help: str = "", *, resumable: bool = False, **flag: Any) -> Any:
-    """A config field (:class:`TrainConfig`'s, ``projunn demo``'s) with its flag: ``help`` and argparse's
+    """A config field (:class:`TrainConfig`'s, ``projunn bench``'s) with its flag: ``help`` and argparse's
     ``type`` or ``choices`` (a False default makes a switch). The flag's default is the field's.
     ``resumable``: the setting may differ when a run is resumed (it does not change the result)."""
     return field(default=default, metadata={"help": help, **flag, **({"resumable": True} if resumable else {})})

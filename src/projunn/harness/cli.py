@@ -2,10 +2,8 @@
 
 ``projunn train TASK`` runs one of the paper's experiments (see
 :mod:`projunn.harness.train`); ``projunn bench`` times projUNN against the floor
-and the peers (see :mod:`projunn.harness.bench`); ``projunn demo`` trains an orthogonal (or unitary)
-layer to match a random rotation and reports the loss and how far the weight
-is from the group, so a new user sees the method work in seconds (the unitary task,
-run by the same loop as ``projunn train``).
+and the peers (see :mod:`projunn.harness.bench`); ``projunn certify RUN`` scores a
+Lipschitz run's certified radii (see :mod:`projunn.harness.certify`).
 """
 
 from __future__ import annotations
@@ -14,45 +12,16 @@ import argparse
 import os
 import signal
 import sys
-import tempfile
 import textwrap
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import get_args
-
-import torch
+from dataclasses import fields
 
 from .. import __version__
-from ..functional import Sketch
-from ..optim import Method
 from . import bench, certify
 from ._allocator import reuse_freed_memory
-from ._config import TASK_OPTIONS, flag, option, positive_float, positive_int, seed_number
+from ._config import TASK_OPTIONS, flag
 from .tasks import TASKS, DatasetMissingError, describe_tasks, get_task
 from .train import RunDivergedError, RunError, TrainConfig, resolve, train
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-}
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Settings of ``projunn demo``."""
-
-    n: int = option(64, "matrix size N", type=positive_int)
-    steps: int = option(600, "training steps", type=positive_int)
-    batch_size: int = option(128, "pairs per step", type=positive_int)
-    lr: float = option(0.1, "Adam learning rate of the layer", type=positive_float)
-    method: str = option("t", "projUNN-T, projUNN-D, or unconstrained", choices=get_args(Method))
-    rank: int = option(1, "rank k of the sketched step", type=positive_int)
-    sketch: str = option("lsi", "low-rank sketch of the step", choices=get_args(Sketch))
-    dtype: str = option("float32", "real=orthogonal, complex=unitary", choices=tuple(_DTYPES))
-    seed: int = option(0, "random seed", type=seed_number)
-    quiet: bool = option(False, "no progress bar; print only the summary")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -182,81 +151,9 @@ def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.commands = commands.choices  # name -> the command's parser, for its own errors (see _parse)
     _add_train_parser(commands, help_task)
-    demo = commands.add_parser(
-        "demo",
-        help="learn a random rotation with an orthogonal layer (seconds on a CPU)",
-        description=(
-            "Train an N x N orthogonal (or unitary) layer to reproduce a random rotation from "
-            "input/output pairs with Adam + projUNN, printing the loss and the unitarity error "
-            "||W^H W - I||_F, which stays at rounding level throughout."
-        ),
-    )
-    _add_flags(demo, fields(DemoConfig))
     bench.add_parser(commands, _shown)
     certify.add_parser(commands)
     return parser
-
-
-def demo_run(config: DemoConfig, *, out: str) -> TrainConfig:
-    """The demo as a run of the unitary task: Adam, one learning rate, a row every 50 steps, on the CPU.
-
-    ``dtype``'s real part is the default dtype while it runs (see :func:`run_demo`); a complex dtype
-    asks for a unitary layer.
-    """
-    return TrainConfig(
-        task="unitary",
-        method=config.method,
-        rank=config.rank,
-        sketch=config.sketch,
-        hidden=config.n,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        optimizer="adam",
-        lr=config.lr,
-        unitary_lr=config.lr,
-        complex=_DTYPES[config.dtype].is_complex,
-        eval_every=_DEMO_EVAL_EVERY,
-        seed=config.seed,
-        device="cpu",
-        quiet=config.quiet,
-        out=out,
-    )
-
-
-_DEMO_EVAL_EVERY = 50
-
-
-def run_demo(config: DemoConfig) -> dict[str, float]:
-    """Train the demo layer through ``projunn train``'s loop (its run folder is temporary).
-
-    Returns:
-        ``initial_loss`` and ``final_loss`` (held-out MSE before and after training: about 2 for
-        an unrelated rotation, 0 when learned), ``max_unitarity_error`` and ``seconds``.
-    """
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(_DTYPES[config.dtype].to_real())
-    try:
-        with tempfile.TemporaryDirectory(prefix="projunn-demo-") as folder:
-            run = demo_run(config, out=folder)
-            initial = _initial_loss(run)
-            summary = train(run, log=(lambda message: None) if config.quiet else print)
-    finally:
-        torch.set_default_dtype(previous)
-    return {
-        "initial_loss": initial,
-        "final_loss": summary["final_loss"],
-        "max_unitarity_error": summary["max_unitarity_error"],
-        "seconds": summary["seconds"],
-    }
-
-
-def _initial_loss(config: TrainConfig) -> float:
-    """The held-out loss of the model a run starts from, built as the run builds it (same seed)."""
-    config = resolve(config)
-    torch.manual_seed(config.seed)
-    data = get_task(config.task).prepare(config, torch.device(config.device))
-    with torch.no_grad():
-        return data.evaluate(data.build_model())["eval_loss"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,23 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(help_task=_help_task(argv))
     args = _parse(parser, argv)
     if args.command is None:  # as argparse tools do: one line on stderr, exit status 2
-        parser.error("a command is required: train, demo, bench or certify (projunn --help describes them)")
+        parser.error("a command is required: train, bench or certify (projunn --help describes them)")
     options = {k: v for k, v in vars(args).items() if k != "command"}
     if args.command == "train":
         return _run_train(TrainConfig(**options))
     if args.command == "bench":
         return bench.main(args)
-    if args.command == "certify":
-        return certify.main(args)
-    config = DemoConfig(**options)
-    settings = ", ".join(f"{k}={v}" for k, v in asdict(config).items() if k != "quiet")
-    print(f"projunn demo ({settings})", flush=True)  # before the progress bar, which goes to stderr
-    result = run_demo(config)
-    print(
-        f"loss {result['initial_loss']:.4g} -> {result['final_loss']:.3g} in {result['seconds']:.1f} s; "
-        f"max unitarity error ||W^H W - I||_F = {result['max_unitarity_error']:.2e}"
-    )
-    return 0
+    return certify.main(args)
 
 
 def _run_train(config: TrainConfig) -> int:
