@@ -6,7 +6,7 @@ Usage:
 (defaults: N = 1024 2048 4096, k = 1 8, 2 processes, 15 timed steps). Prints a markdown table.
 
 ``processes`` CPU processes (gloo, file rendezvous) each hold some rows of an orthogonal N x N
-float32 weight (``fully_shard``, Note [Row-sharded projUNN] in ``projunn.functional._rows``). A
+float32 weight (``fully_shard``, Note [Row-sharded projUNN] in ``projunn._rows``). A
 fixed gradient is made once by a forward and backward pass; then the optimiser step alone is timed,
 the ranks synchronised by a barrier before and after every step (the time is rank 0's, barrier
 included), as the median of ``repeats`` steps after a warm-up. The bytes of every collective in one

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from projunn._rows import RowShards
 from projunn.functional import lowrank, projunn_d, projunn_t
-from projunn.functional._rows import RowShards
 from projunn.functional._sketch import factors
 from projunn.functional._update import update
 

@@ -77,7 +77,11 @@ def _note_links(text: str, notes: dict[str, tuple[str, str]]) -> list[str]:
     return [f"See {', '.join(links)}.", ""] if links else []
 
 
-def collect_notes(package_names=MODULES) -> dict[str, tuple[str, str]]:
+#: Private modules at the package root that the public names' Notes also live in.
+SHARED_MODULES = ("projunn._constraints", "projunn._rows")
+
+
+def collect_notes(package_names=MODULES + SHARED_MODULES) -> dict[str, tuple[str, str]]:
     """{title: (module name, text)} for every Note in the module docstrings of the packages' modules."""
     notes: dict[str, tuple[str, str]] = {}
     for package_name in package_names:

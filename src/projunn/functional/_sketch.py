@@ -13,9 +13,9 @@ from typing import Literal, get_args
 
 import torch
 
+from .._rows import ALL_ROWS, Rows
 from .._validation import check_choice, check_int, check_tensor
 from ._kernels import adjoint_times
-from ._rows import ALL_ROWS, Rows
 
 __all__ = ["Sketch", "lowrank"]
 

@@ -56,8 +56,8 @@ from __future__ import annotations
 
 import torch
 
+from .._rows import ALL_ROWS, Rows
 from ._kernels import add_low_rank, adjoint_times, double, tangent_block
-from ._rows import ALL_ROWS, Rows
 from ._unitary import closest_unitary
 
 __all__ = ["stiefel_d", "stiefel_t"]

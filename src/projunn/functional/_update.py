@@ -60,9 +60,9 @@ from __future__ import annotations
 
 import torch
 
+from .._rows import ALL_ROWS, Rows
 from .._validation import check_out, check_update_args
 from ._kernels import add_low_rank, adjoint_times, direct_block, double, tangent_block
-from ._rows import ALL_ROWS, Rows
 from ._stiefel import stiefel_d, stiefel_t
 
 __all__ = ["projunn_d", "projunn_t"]

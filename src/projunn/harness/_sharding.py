@@ -3,7 +3,7 @@
 Each process holds its rows of every weight and of the optimiser's state;
 forward and backward all-gather a layer's weights while they run, and
 ProjUNN steps each rank's rows with O((N + M) k) communication per weight
-(Note [Row-sharded projUNN] in ``projunn.functional._rows``). Batches are
+(Note [Row-sharded projUNN] in ``projunn._rows``). Batches are
 split over the processes as under DDP, so a run on P processes sees the same
 global batches as a run on one and equals it to rounding.
 

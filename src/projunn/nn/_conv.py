@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 
+from .._constraints import declare_unitary
 from .._validation import check_choice, check_int, check_ints, layer_dtype
 from ..functional import closest_unitary, unitary_init
-from ._constrain import declare_unitary
 
 __all__ = ["UnitaryConv2d"]
 

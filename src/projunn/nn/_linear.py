@@ -19,9 +19,9 @@ from typing import get_args
 import torch
 import torch.nn.functional as F
 
+from .._constraints import declare_unitary
 from .._validation import check_choice, check_int, check_tensor, layer_dtype
 from ..functional import Init, unitary_init
-from ._constrain import declare_unitary
 
 __all__ = ["OrthogonalLinear", "StiefelLinear", "UnitaryLinear", "unitary_init_"]
 

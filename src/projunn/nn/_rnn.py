@@ -8,9 +8,9 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from .._constraints import declare_unitary
 from .._validation import REAL_DTYPES, check_choice, check_int, layer_dtype
 from ..functional import Init, unitary_init
-from ._constrain import declare_unitary
 from ._recurrence import ACTIVATIONS, Nonlinearity, _recurrence_over
 
 __all__ = ["ComplexToReal", "InputInit", "ModReLU", "UnitaryRNN", "UnitaryRNNCell"]

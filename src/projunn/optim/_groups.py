@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn.utils import parametrize
 
+from .._constraints import own_constraints
 from ..functional import Sketch
-from ..nn._constrain import own_constraints
 
 if TYPE_CHECKING:  # _projunn imports this module
     from ._projunn import Method

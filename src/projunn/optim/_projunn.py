@@ -138,9 +138,9 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from .._constraints import constrained_weights, constraint_generation
 from .._validation import SUPPORTED_DTYPES, check_choice, check_int
 from ..functional import Sketch
-from ..nn._constrain import constrained_weights, constraint_generation
 from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
 from ._drift import DriftControl
 from ._groups import MATRIX_SHAPE, matrix_view
@@ -190,7 +190,7 @@ def steps_from_zero(optimizer: torch.optim.Optimizer, group: Mapping[str, Any], 
 def _target_settings(p: torch.Tensor, group: dict[str, Any], constraint: tuple | None) -> Mapping[str, Any] | None:
     """The settings ProjUNN keeps ``p`` unitary with, or None if it leaves ``p`` to the base optimiser.
 
-    ``constraint``: ``p``'s entry of :func:`projunn.nn._constrain.constrained_weights`, None if it
+    ``constraint``: ``p``'s entry of :func:`projunn._constraints.constrained_weights`, None if it
     has none. See Note [Constrained weights in any group].
     """
     if constraint is None:

@@ -4,7 +4,7 @@ A plain tensor, or a DTensor replicated on every rank, is worked on whole by
 each process. A DTensor whose rows are split (FSDP2's ``Shard(0)``) gives each
 rank its own rows, and the same kernels take their sums over rows and their
 tall QRs through collectives (Note [Row-sharded projUNN] in
-``projunn.functional._rows``). Decisions that skip work (a NaN gradient on
+``projunn._rows``). Decisions that skip work (a NaN gradient on
 one rank's rows) are agreed by all ranks with one all-reduce of a flag, so no
 rank waits on a collective the others skip.
 """
@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from .._rows import ALL_ROWS, Rows, RowShards
 from ..functional import closest_unitary
-from ..functional._rows import ALL_ROWS, Rows, RowShards
 from ..functional._sketch import SKETCHES, factors
 from ..functional._update import update as _update
 
