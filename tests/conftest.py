@@ -14,6 +14,8 @@ if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 REAL_AND_COMPLEX = [torch.float64, torch.complex128]
+#: Where the device-generic tests run: the CPU, and a CUDA GPU when torch sees one.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 ALL_DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 
 
@@ -57,3 +59,15 @@ def eps(dtype: torch.dtype) -> float:
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each available device in turn; a test that takes it is marked ``device`` (``pytest -m device``)."""
+    return torch.device(request.param)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU check, one command on a machine with an NVIDIA GPU and the CUDA build of torch:
+#
+#     bash benchmarks/gpu_check.sh [OUT]            (default OUT: runs/gpu-check)
+#
+# 1. the device-generic tests (tests/test_devices.py and every test taking the `device` fixture),
+#    which run on the CPU and on cuda and compare with float64 references;
+# 2. `projunn bench --device cuda --quick`: the update and layer benchmarks on the GPU;
+# 3. the paper's depth-100 CNN on MNIST (`--preset paper`), 300 steps on the GPU, and its timing.
+# Everything is written under OUT; the script stops at the first failure.
+set -euo pipefail
+out="${1:-runs/gpu-check}"
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this check needs a GPU')"
+mkdir -p "$out"
+python -m pytest -m device -q -p no:cacheprovider | tee "$out/device-tests.txt"
+projunn bench --device cuda --quick --out "$out/bench" --overwrite
+projunn train mnist --device cuda --preset paper --steps 300 --eval-every 100 --eval-limit 2000 \
+    --quiet --out "$out/cnn-depth100" --overwrite
