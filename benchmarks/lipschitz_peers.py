@@ -1,0 +1,614 @@
+"""Certified robustness on MNIST: one 1-Lipschitz network, its convolution swapped, trained side by side.
+
+Every method trains the same skeleton on the same batches and differs only in its convolutions:
+
+    ChannelPad(1 -> C) -> stage 0: B x (conv C -> C with a bias, MaxMin)
+      -> SpaceToDepth(2) -> stage 1: B x (conv 4C -> 4C, MaxMin) -> ... (S stages)
+      -> Flatten -> StiefelLinear (orthonormal rows, 10 outputs)
+
+trained on offset cross-entropy (offset sqrt(2) x margin, :func:`projunn.robust.offset_cross_entropy`)
+with Adam, a cosine learning-rate schedule over all steps, and one seeded permutation of the
+training images per epoch. The head is a :class:`projunn.nn.StiefelLinear` stepped by projUNN-T
+in every method, so that only the convolution differs. The convolutions (:data:`METHODS`):
+
+- ``projunn-t``, ``projunn-d``: :class:`projunn.nn.UnitaryConv2d` (full-width, one orthogonal
+  C x C matrix per frequency, exactly norm-preserving), stepped by :class:`projunn.optim.ProjUNN`;
+- ``cayley``: the same layer with each frequency's matrix computed by torch's orthogonal
+  parametrisation through the Cayley map (Trockman & Kolter 2021, what ``projunn train --method
+  cayley`` builds), the free tensors stepped by plain Adam;
+- ``aoc``, ``soc``, ``aol``: orthogonium's ``AdaptiveOrthoConv2d``, ``AdaptiveSOCConv2d`` and
+  ``AOLConv2D``, 3 x 3 kernels, circular padding, stride 1;
+- ``spectral``: deel-torchlip's ``SpectralConv2d`` (spectral-normalised, then Bjorck-orthonormalised
+  kernel, scaled by 1/3 for a 3 x 3 kernel so that the convolution is 1-Lipschitz), 3 x 3, circular.
+
+A method whose package is missing is skipped with its reason. Each method writes
+``<out-root>/<method>/``: ``checkpoint.pt`` (model, optimiser, position in the schedule, random
+state and the per-epoch rows; replaced atomically), ``metrics.csv`` (one row per epoch: seconds of
+training, mean training loss, accuracy and certified accuracy on the held-out 10% of the training
+images) and, once the schedule ends, ``summary.json`` with the test figures, measured once on the
+final weights. ``<out-root>/results.md`` tabulates the summaries.
+
+Ctrl-C or SIGTERM ends a sitting after the current step with a checkpoint; ``--resume`` continues it
+on the same batches (with the same settings: changing one mid-schedule is refused).
+
+Usage:
+    python benchmarks/lipschitz_peers.py                          # every method, the defaults below
+    python benchmarks/lipschitz_peers.py --resume                 # continue where the sittings stopped
+    python benchmarks/lipschitz_peers.py --methods projunn-t aoc --epochs 1 --limit-train 512 --out-root /tmp/lip
+    python benchmarks/lipschitz_peers.py --table-only             # rebuild results.md from the summaries
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.utils import parametrizations, parametrize
+
+from projunn.nn import ChannelPad, MaxMin, SpaceToDepth, StiefelLinear, UnitaryConv2d
+from projunn.optim import ProjUNN
+from projunn.robust import certified_accuracy, jacobian_norm, lipschitz_bound, offset_cross_entropy
+
+ROOT = pathlib.Path(__file__).resolve().parent / "results" / "lipschitz"
+METHODS = ("projunn-t", "projunn-d", "cayley", "aoc", "soc", "aol", "spectral")
+#: MNIST radii of the literature, in the [0, 1] pixel scale (1.58 = 0.3 x sqrt(28 x 28) / 4.2, the
+#: L2 ball the certified-robustness papers after Li et al. 2019 report).
+RADII = (0.5, 1.0, 1.58)
+JACOBIAN_IMAGES = 200
+DEVIATION_INPUTS = 100
+EVAL_BATCH = 1000
+VALIDATION_FRACTION = 0.1
+
+#: method -> (distribution it needs, the convolution as the table names it).
+_SOURCES = {
+    "projunn-t": ("projunn", "UnitaryConv2d, projUNN-T steps"),
+    "projunn-d": ("projunn", "UnitaryConv2d, projUNN-D steps"),
+    "cayley": ("projunn", "UnitaryConv2d, Cayley map per frequency"),
+    "aoc": ("orthogonium", "orthogonium AdaptiveOrthoConv2d 3x3"),
+    "soc": ("orthogonium", "orthogonium AdaptiveSOCConv2d 3x3"),
+    "aol": ("orthogonium", "orthogonium AOLConv2D 3x3"),
+    "spectral": ("deel-torchlip", "deel-torchlip SpectralConv2d 3x3"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run trains; stored in its checkpoint, and a resumed sitting must repeat it."""
+
+    epochs: int = 10
+    channels: int = 16
+    blocks: int = 2
+    stages: int = 2
+    batch_size: int = 64
+    lr: float = 1e-3
+    margin: float = 1.58
+    temperature: float = 0.25
+    rank: int = 1
+    seed: int = 0
+    limit_train: int | None = None
+    data: str = "mnist"
+
+
+@dataclass(frozen=True)
+class Data:
+    """Images (N, 1, 28, 28) float32, [0, 1] pixels less the training mean, and int64 labels."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    validation: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+class UnavailableError(Exception):
+    """A method that cannot run here; the message is the one-line reason."""
+
+
+# ----------------------------------------------------------------------------- the convolutions
+
+
+def conv_factory(method: str) -> Callable[[int, tuple[int, int]], torch.nn.Module]:
+    """``make(channels, size)`` -> the method's C -> C convolution with a bias, for (B, C, n, m) inputs.
+
+    Raises:
+        ValueError: an unknown method. UnavailableError: its package is missing or does not import.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method in ("projunn-t", "projunn-d"):
+        return lambda channels, size: UnitaryConv2d(channels, size, init="identity", bias=True)
+    if method == "cayley":
+        return _cayley_conv
+    package = _SOURCES[method][0]
+    try:
+        if method == "aoc":
+            from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d
+
+            return lambda channels, size: AdaptiveOrthoConv2d(
+                channels, channels, 3, stride=1, padding="same", padding_mode="circular"
+            )
+        if method == "soc":
+            return _soc_conv()
+        if method == "aol":
+            from orthogonium.layers.conv.AOL import AOLConv2D
+
+            return lambda channels, size: AOLConv2D(channels, channels, 3, padding=1, padding_mode="circular")
+        from deel.torchlip import SpectralConv2d
+
+        return lambda channels, size: SpectralConv2d(channels, channels, 3, padding=1, padding_mode="circular")
+    except ImportError as error:  # a missing package, or one of its own imports failing
+        raise UnavailableError(f"{method}: {package} does not import here ({error})") from None
+
+
+def _cayley_conv(channels: int, size: tuple[int, int]) -> torch.nn.Module:
+    """UnitaryConv2d whose frequency matrices torch's orthogonal parametrisation computes by the Cayley map.
+
+    The same construction as ``projunn train --method cayley``: each weight starts from the layer's
+    own value and its free tensor is an ordinary parameter.
+    """
+    conv = UnitaryConv2d(channels, size, init="identity", bias=True)
+    for name in ("weight_free", "weight_self"):
+        parametrizations.orthogonal(conv, name, orthogonal_map="cayley")
+    return conv
+
+
+def _soc_conv() -> Callable[[int, tuple[int, int]], torch.nn.Module]:
+    """orthogonium's SOC with the padding its explicit kernel needs.
+
+    The layer convolves with exp(K) truncated after ``exp_niter`` terms, an explicit kernel of
+    3 + 2 (exp_niter - 1) taps, so ``padding="same"`` (resolved for 3 taps) would shrink the image:
+    the circular padding is set for the explicit kernel instead.
+    """
+    from orthogonium.layers.conv.adaptiveSOC import AdaptiveSOCConv2d
+    from orthogonium.layers.conv.adaptiveSOC.fast_skew_ortho_conv import ExpParams
+
+    reach = ExpParams().exp_niter  # each term widens the kernel by one tap per side
+
+    def make(channels: int, size: tuple[int, int]) -> torch.nn.Module:
+        conv = AdaptiveSOCConv2d(channels, channels, 3, stride=1, padding=reach, padding_mode="circular")
+        if conv.weight.shape[-2:] != (2 * reach + 1, 2 * reach + 1):
+            raise UnavailableError(
+                f"soc: explicit kernel {tuple(conv.weight.shape[-2:])}, expected {2 * reach + 1} taps"
+            )
+        return conv
+
+    return make
+
+
+def unavailable_reason(method: str) -> str | None:
+    """Why ``method`` cannot run here, or None when it can."""
+    try:
+        conv_factory(method)
+    except UnavailableError as reason:
+        return str(reason)
+    return None
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+def build_model(method: str, settings: Settings, *, size: tuple[int, int] = (28, 28)) -> torch.nn.Sequential:
+    """The shared skeleton with ``method``'s convolutions (see the module docstring); float32.
+
+    Same layout as :class:`projunn.models.LipschitzCNN` (init ``"identity"``), so for the projunn
+    methods it is that model.
+    """
+    make_conv = conv_factory(method)
+    channels, (n, m) = settings.channels, size
+    if channels % 2 or n % 2 ** (settings.stages - 1) or m % 2 ** (settings.stages - 1):
+        raise ValueError(f"channels ({channels}) must be even and {size} divisible by 2^(stages - 1)")
+    layers: list[torch.nn.Module] = [ChannelPad(1, channels)]
+    for stage in range(settings.stages):
+        if stage:
+            layers.append(SpaceToDepth(2))
+            channels, n, m = 4 * channels, n // 2, m // 2
+        for _ in range(settings.blocks):
+            layers += [make_conv(channels, (n, m)), MaxMin()]
+    return torch.nn.Sequential(*layers, torch.nn.Flatten(), StiefelLinear(channels * n * m, 10))
+
+
+def conv_layers(model: torch.nn.Sequential) -> list[torch.nn.Module]:
+    """The skeleton's convolutions: the layers each MaxMin follows."""
+    return [model[i - 1] for i, layer in enumerate(model) if isinstance(layer, MaxMin)]
+
+
+def build_optimizer(method: str, model: torch.nn.Sequential, settings: Settings) -> ProjUNN:
+    """Adam under ProjUNN: projunn convolutions in a unitary group, the head in another (projUNN-T), the rest plain."""
+    head = model[-1].weight
+    groups: list[dict[str, Any]] = []
+    if method in ("projunn-t", "projunn-d"):
+        weights = [w for conv in conv_layers(model) for w in (conv.weight_free, conv.weight_self)]
+        groups.append({"params": weights, "unitary": True, "method": method[-1]})
+    groups.append({"params": [head], "unitary": True, "method": "t"})
+    taken = {id(p) for group in groups for p in group["params"]}
+    groups.append({"params": [p for p in model.parameters() if id(p) not in taken]})
+    base = torch.optim.Adam(groups, lr=settings.lr)
+    for group in base.param_groups:
+        group["initial_lr"] = group["lr"]
+    return ProjUNN(base, rank=settings.rank, seed=settings.seed)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Real numbers trained (a complex entry counts twice)."""
+    return sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters())
+
+
+def norm_deviation(layer: torch.nn.Module, shape: tuple[int, ...], *, count: int = DEVIATION_INPUTS, seed: int = 0):
+    """max over ``count`` Gaussian inputs x of shape ``shape`` of | ||A x|| / ||x|| - 1 |, A the layer's linear part.
+
+    The bias is taken out as ``layer(x) - layer(0)``, which is A x for any convolution plus a bias.
+    0 (to rounding) for an orthogonal convolution.
+    """
+    x = torch.randn(count, *shape, generator=torch.Generator().manual_seed(seed))
+    was_training = layer.training
+    layer.eval()
+    with torch.no_grad():
+        linear = layer(x) - layer(torch.zeros_like(x[:1]))
+    layer.train(was_training)
+    return (linear.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1) - 1).abs().max().item()
+
+
+def conv_input_shapes(model: torch.nn.Sequential, image: torch.Tensor) -> list[tuple[int, ...]]:
+    """The (C, n, m) each convolution of the skeleton sees, from one image (1, 1, 28, 28)."""
+    shapes, x = [], image
+    with torch.no_grad():
+        for i, layer in enumerate(model):
+            if i + 1 < len(model) and isinstance(model[i + 1], MaxMin):
+                shapes.append(tuple(x.shape[1:]))
+            x = layer(x)
+    return shapes
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_data(settings: Settings) -> Data:
+    """MNIST (or ``synthetic``), 10% of the training images held out by a seeded permutation.
+
+    ``limit_train`` N keeps N training images and at most N validation and N test images.
+    """
+    if settings.data == "synthetic":
+        return synthetic_data(settings.limit_train or 512, settings.seed)
+    from projunn.harness.datasets import load_images
+
+    images = load_images("mnist")
+    x = torch.as_tensor(images.train_images).unsqueeze(1)
+    y = torch.as_tensor(images.train_labels)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(settings.seed))
+    held = round(VALIDATION_FRACTION * len(x))
+    train, validation = order[held:], order[:held]
+    test_x, test_y = torch.as_tensor(images.test_images).unsqueeze(1), torch.as_tensor(images.test_labels)
+    limit = settings.limit_train
+    if limit is not None:
+        train, validation, test_x, test_y = train[:limit], validation[:limit], test_x[:limit], test_y[:limit]
+    mean = (x[train].double() / 255).mean().float()
+    scaled = lambda images: images.float() / 255 - mean  # noqa: E731  radii stay in [0, 1] pixel units
+    return Data((scaled(x[train]), y[train]), (scaled(x[validation]), y[validation]), (scaled(test_x), test_y))
+
+
+def synthetic_data(count: int, seed: int) -> Data:
+    """``count`` training images (and count // 4 each to validate and test): a noisy pattern per class."""
+    generator = torch.Generator().manual_seed(seed)
+    patterns = 0.3 * torch.randn(10, 1, 28, 28, generator=generator)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, 10, (n,), generator=generator)
+        return patterns[labels] + 0.1 * torch.randn(n, 1, 28, 28, generator=generator), labels
+
+    return Data(split(count), split(max(count // 4, 1)), split(max(count // 4, 1)))
+
+
+def epoch_order(settings: Settings, epoch: int, count: int) -> torch.Tensor:
+    """The batch order of ``epoch``: the same for every method and every sitting."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
+
+
+def learning_rate_factor(step: int, total: int) -> float:
+    """Cosine decay from 1 at step 0 to 0 after the last step."""
+    return 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Clean accuracy and certified accuracy at :data:`RADII` with Lipschitz constant 1 (evaluation mode)."""
+    model.eval()
+    with torch.no_grad(), parametrize.cached():
+        logits = torch.cat([model(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
+    model.train()
+    certified = certified_accuracy(logits, y, RADII)
+    return {"accuracy": (logits.argmax(1) == y).double().mean().item(), **{f"{r:g}": certified[r] for r in RADII}}
+
+
+def _save_atomically(value: Any, path: pathlib.Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    torch.save(value, partial)
+    os.replace(partial, path)
+
+
+def _write_metrics(rows: list[dict[str, float]], path: pathlib.Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["epoch"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(partial, path)
+
+
+def train_method(
+    method: str,
+    settings: Settings,
+    data: Data,
+    folder: pathlib.Path,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    stop: Callable[[], bool] = lambda: False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """Train ``method`` into ``folder`` (or continue it); its summary, or None when the sitting stopped early.
+
+    A sitting stops after ``max_steps`` steps or once ``stop()`` is true, at a step boundary, with a
+    checkpoint from which ``resume=True`` continues on the same batches.
+
+    Raises:
+        ValueError: a folder that already holds a run without ``resume``, or one trained with other settings.
+    """
+    checkpoint, summary_path = folder / "checkpoint.pt", folder / "summary.json"
+    if checkpoint.exists() and not resume:
+        raise ValueError(f"{folder} already holds a run: pass --resume to continue it, or choose another --out-root")
+    if resume and summary_path.exists():
+        log(f"{method}: finished earlier ({summary_path})")
+        return json.loads(summary_path.read_text())
+    torch.manual_seed(settings.seed)
+    model = build_model(method, settings)
+    optimizer = build_optimizer(method, model, settings)
+    position = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seconds": 0.0, "rows": []}
+    if resume and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True)
+        changed = {k: (v, saved["settings"].get(k)) for k, v in dataclasses.asdict(settings).items()}
+        changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
+        if changed:
+            described = ", ".join(f"{k}: {new!r} (the run has {old!r})" for k, (new, old) in changed.items())
+            raise ValueError(f"{folder} was trained with other settings; {described}")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        position = saved["position"]
+        log(f"{method}: resuming at epoch {position['epoch'] + 1}, step {position['step']}")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+        _save_atomically({**state, "settings": dataclasses.asdict(settings), "position": position}, checkpoint)
+        _write_metrics(position["rows"], folder / "metrics.csv")
+
+    x, y = data.train
+    per_epoch = math.ceil(len(x) / settings.batch_size)
+    total, offset = settings.epochs * per_epoch, math.sqrt(2) * settings.margin
+    done_here = 0
+    model.train()
+    while position["epoch"] < settings.epochs:
+        order = epoch_order(settings, position["epoch"], len(x))
+        while position["step"] < per_epoch:
+            step = position["step"]
+            batch = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * learning_rate_factor(position["epoch"] * per_epoch + step, total)
+            started = time.perf_counter()
+            with parametrize.cached():  # a parametrised weight computed once per step, as projunn train does
+                loss = offset_cross_entropy(model(x[batch]), y[batch], offset=offset, temperature=settings.temperature)
+                optimizer.zero_grad()
+                loss.backward()
+            optimizer.step()
+            position["seconds"] += time.perf_counter() - started
+            position["loss_sum"] += loss.item() * len(batch)
+            position["step"], done_here = step + 1, done_here + 1
+            if position["step"] < per_epoch and (stop() or done_here == max_steps):
+                save()
+                log(f"{method}: stopped at epoch {position['epoch'] + 1}, step {position['step']}; --resume continues")
+                return None
+        scores = evaluate(model, *data.validation)
+        row = {
+            "epoch": position["epoch"] + 1,
+            "seconds": position["seconds"],
+            "train_loss": position["loss_sum"] / len(x),
+            "val_accuracy": scores["accuracy"],
+            **{f"val_certified_{r:g}": scores[f"{r:g}"] for r in RADII},
+        }
+        position = {
+            "epoch": position["epoch"] + 1,
+            "step": 0,
+            "loss_sum": 0.0,
+            "seconds": 0.0,
+            "rows": [*position["rows"], row],
+        }
+        save()
+        certified = ", ".join(f"{r:g}: {scores[f'{r:g}']:.1%}" for r in RADII)
+        log(
+            f"{method}: epoch {row['epoch']}/{settings.epochs}, {row['seconds']:.1f} s, loss {row['train_loss']:.4f}, "
+            f"validation {row['val_accuracy']:.1%}, certified {certified}"
+        )
+        if position["epoch"] < settings.epochs and (stop() or done_here == max_steps):
+            log(f"{method}: stopped after epoch {position['epoch']}; --resume continues")
+            return None
+    summary = summarise(method, settings, model, data, position["rows"])
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarise(
+    method: str, settings: Settings, model: torch.nn.Sequential, data: Data, rows: list[dict[str, float]]
+) -> dict[str, Any]:
+    """The test figures of the final weights, measured once, and the run's cost."""
+    test_x, test_y = data.test
+    scores = evaluate(model, test_x, test_y)
+    model.eval()
+    jacobian = jacobian_norm(model, test_x[:JACOBIAN_IMAGES]).max().item()
+    shapes = conv_input_shapes(model, test_x[:1])
+    deviations = [
+        norm_deviation(conv, shape, seed=i) for i, (conv, shape) in enumerate(zip(conv_layers(model), shapes))
+    ]
+    model.train()
+    try:
+        bound = lipschitz_bound(model)
+    except TypeError:  # a peer's layer: its bound is its package's claim, checked here by the Jacobian
+        bound = None
+    package = _SOURCES[method][0]
+    return {
+        "method": method,
+        "convolution": _SOURCES[method][1],
+        "package": f"{package} {importlib.metadata.version(package)}",
+        "settings": dataclasses.asdict(settings),
+        "epochs": len(rows),
+        "seconds_per_epoch": sum(row["seconds"] for row in rows) / max(len(rows), 1),
+        "parameters": parameter_count(model),
+        "test_images": len(test_x),
+        "test_accuracy": scores["accuracy"],
+        "test_certified": {f"{r:g}": scores[f"{r:g}"] for r in RADII},
+        "jacobian_norm_max": jacobian,
+        "jacobian_images": min(JACOBIAN_IMAGES, len(test_x)),
+        "lipschitz_bound": bound,
+        "norm_deviation_max": max(deviations),
+        "norm_deviation_per_conv": deviations,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"torch threads: {torch.get_num_threads()}",
+    }
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def results_table(root: pathlib.Path) -> str:
+    """Markdown: one row per finished method (in :data:`METHODS` order), then those in progress or unavailable."""
+    header = [
+        "method",
+        "convolution",
+        "parameters",
+        "s / epoch",
+        "epochs",
+        "clean",
+        *(f"certified @ {r:g}" for r in RADII),
+        "max ‖J(x)‖₂",
+        "max \\|‖Ax‖/‖x‖ - 1\\|",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    for method in METHODS:
+        folder = root / method
+        if (folder / "summary.json").exists():
+            s = json.loads((folder / "summary.json").read_text())
+            cells = [
+                method,
+                s["convolution"],
+                f"{s['parameters']:,}",
+                f"{s['seconds_per_epoch']:.1f}",
+                str(s["epochs"]),
+                f"{s['test_accuracy']:.1%}",
+                *(f"{s['test_certified'][f'{r:g}']:.1%}" for r in RADII),
+                f"{s['jacobian_norm_max']:.4f}",
+                f"{s['norm_deviation_max']:.1e}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        elif (folder / "metrics.csv").exists():
+            with (folder / "metrics.csv").open() as handle:
+                notes.append(f"- {method}: in progress, {sum(1 for _ in csv.DictReader(handle))} epochs done")
+        else:
+            reason = unavailable_reason(method)
+            notes.append(f"- {reason}" if reason else f"- {method}: not run")
+    first = next((json.loads(p.read_text()) for p in sorted(root.glob("*/summary.json"))), None)
+    context = []
+    if first is not None:
+        context = [
+            f"Test images: {first['test_images']:,}; certified radii in [0, 1]-pixel L2 units with Lipschitz "
+            f"constant 1; ‖J‖ over {first['jacobian_images']} test images; machine: {first['machine']}.",
+            "",
+        ]
+    return "\n".join(context + lines + (["", *notes] if notes else [])) + "\n"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    for name in ("epochs", "channels", "blocks", "stages", "batch_size", "rank", "seed"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    for name in ("lr", "margin", "temperature"):
+        parser.add_argument("--" + name, type=float, default=getattr(defaults, name))
+    parser.add_argument("--limit-train", type=int, default=None, help="train on N images (smoke tests)")
+    parser.add_argument("--data", choices=("mnist", "synthetic"), default="mnist")
+    parser.add_argument("--max-steps", type=int, default=None, help="end each method's sitting after N steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out-root", type=pathlib.Path, default=ROOT)
+    parser.add_argument("--resume", action="store_true", help="continue the runs in --out-root")
+    parser.add_argument("--table-only", action="store_true", help="rebuild <out-root>/results.md and print it")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if not args.table_only:
+        settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+        stopping: list[int] = []
+
+        def request_stop(signum, frame) -> None:
+            stopping.append(signum)
+            print(f"signal {signum}: stopping after this step", file=sys.stderr)
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            data = load_data(settings)
+            for method in args.methods:
+                reason = unavailable_reason(method)
+                if reason is not None:
+                    print(f"skipped {reason}")
+                    continue
+                folder = args.out_root / method
+                try:
+                    train_method(
+                        method,
+                        settings,
+                        data,
+                        folder,
+                        resume=args.resume,
+                        max_steps=args.max_steps,
+                        stop=lambda: bool(stopping),
+                    )
+                except UnavailableError as reason:
+                    print(f"skipped {reason}")
+                    continue
+                except ValueError as error:
+                    print(f"lipschitz_peers: {error}", file=sys.stderr)
+                    return 2
+                if stopping:
+                    return 1
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    args.out_root.mkdir(parents=True, exist_ok=True)
+    table = results_table(args.out_root)
+    (args.out_root / "results.md").write_text(table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

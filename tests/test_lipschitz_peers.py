@@ -1,0 +1,102 @@
+"""benchmarks/lipschitz_peers.py: one skeleton per method, its soundness figures, and resuming a sitting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from projunn.models import LipschitzCNN
+from projunn.nn import UnitaryConv2d
+from projunn.robust import lipschitz_bound
+from test_reproduction import _benchmark_script
+
+peers = _benchmark_script("lipschitz_peers")
+SMALL = peers.Settings(channels=4, blocks=1, stages=2)
+AVAILABLE = [m for m in peers.METHODS if peers.unavailable_reason(m) is None]
+PROJUNN = ("projunn-t", "projunn-d", "cayley")
+
+
+@pytest.mark.parametrize("method", AVAILABLE)
+def test_every_skeleton_maps_images_to_ten_logits(method):
+    torch.manual_seed(0)
+    model = peers.build_model(method, SMALL)
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert len(peers.conv_layers(model)) == SMALL.blocks * SMALL.stages
+
+
+def test_the_projunn_skeleton_is_the_library_model():
+    ours = peers.build_model("projunn-t", SMALL).state_dict()
+    library = LipschitzCNN(channels=4, blocks=1, stages=2, init="identity").state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in library.items()}
+
+
+@pytest.mark.parametrize("method", PROJUNN)
+def test_the_unitary_networks_are_one_lipschitz(method):
+    torch.manual_seed(0)
+    assert lipschitz_bound(peers.build_model(method, SMALL)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_norm_deviation_tells_an_orthogonal_conv_from_another():
+    torch.manual_seed(0)
+    orthogonal = UnitaryConv2d(4, (8, 8), init="haar", bias=True)
+    with torch.no_grad():
+        orthogonal.bias.normal_()  # the measure takes the bias out
+    assert peers.norm_deviation(orthogonal, (4, 8, 8)) < 1e-5
+    plain = torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")
+    assert peers.norm_deviation(plain, (4, 8, 8)) > 0.1
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on one thread: torch's thread pool costs more than it gains at this size, and far
+    more on a machine whose cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _weights(folder):
+    return torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_a_resumed_run_ends_on_the_weights_of_an_uninterrupted_one(tmp_path):
+    """6 steps (2 epochs of 3 batches): uninterrupted, and in sittings of 2 steps (a stop inside an
+    epoch), 1 step (a stop just after an epoch's end) and the rest; bit-equal for every method."""
+    argv = ["--data", "synthetic", "--limit-train", "48", "--batch-size", "16", "--epochs", "2"]
+    argv += ["--channels", "4", "--blocks", "1", "--methods", *AVAILABLE]
+    assert peers.main([*argv, "--out-root", str(tmp_path / "whole")]) == 0
+    parts = [*argv, "--out-root", str(tmp_path / "parts")]
+    assert peers.main([*parts, "--max-steps", "2"]) == 0
+    assert peers.main([*parts, "--max-steps", "1", "--resume"]) == 0
+    assert not (tmp_path / "parts" / AVAILABLE[0] / "summary.json").exists()
+    assert len((tmp_path / "parts" / AVAILABLE[0] / "metrics.csv").read_text().splitlines()) == 2
+    assert peers.main([*parts, "--resume"]) == 0
+    for method in AVAILABLE:
+        whole, parts_ = _weights(tmp_path / "whole" / method), _weights(tmp_path / "parts" / method)
+        for key, value in whole.items():
+            assert torch.equal(value, parts_[key]), (method, key)
+        summary = json.loads((tmp_path / "parts" / method / "summary.json").read_text())
+        assert summary["epochs"] == 2 and set(summary["test_certified"]) == {"0.5", "1", "1.58"}
+    table = (tmp_path / "parts" / "results.md").read_text()
+    assert all(f"| {method} |" in table for method in AVAILABLE)
+    assert peers.main(["--table-only", "--out-root", str(tmp_path / "parts")]) == 0
+    assert (tmp_path / "parts" / "results.md").read_text() == table
+
+
+def test_a_signal_ends_the_sitting_after_the_current_step(tmp_path):
+    settings = peers.Settings(channels=4, blocks=1, batch_size=8, data="synthetic", limit_train=32)
+    data = peers.load_data(settings)
+    assert peers.train_method("projunn-t", settings, data, tmp_path, stop=lambda: True, log=lambda line: None) is None
+    position = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["position"]
+    assert (position["epoch"], position["step"]) == (0, 1)
+
+
+def test_a_run_refuses_to_resume_with_other_settings(tmp_path, capsys):
+    argv = ["--data", "synthetic", "--limit-train", "16", "--batch-size", "8", "--channels", "4", "--blocks", "1"]
+    argv += ["--methods", "projunn-t", "--out-root", str(tmp_path), "--max-steps", "1"]
+    assert peers.main(argv) == 0
+    assert peers.main([*argv, "--resume", "--lr", "0.5"]) == 2
+    assert "lr: 0.5 (the run has 0.001)" in capsys.readouterr().err
