@@ -144,7 +144,7 @@ from ..functional import Sketch
 from ._drift import CHECK_EVERY as DRIFT_CHECK_EVERY
 from ._drift import DriftControl
 from ._groups import MATRIX_SHAPE, matrix_view
-from ._weights import all_finite_everywhere, check_weight, local_part, project, sketch_step, update
+from ._weights import all_finite_everywhere, any_rank, check_weight, local_part, project, sketch_step, update
 
 __all__ = ["Method", "ProjUNN", "steps_from_zero"]
 
@@ -605,12 +605,13 @@ class ProjUNN(torch.optim.Optimizer):
         # for NaN/Inf; otherwise only weights with a gradient take part.
         has_closure = bool(args[1:]) or kwargs.get("closure") is not None
         unitary = list(self._unitary_params())  # checks groups added to, or changed in, the base directly
-        work = [(p, group) for p, group in unitary if has_closure or p.grad is not None]
-        params = [p for p, _ in work]
-        grads = [p.grad for p in params if p.grad is not None]
         # Agreed over every unitary weight, the same on every rank, so a rank without gradients (an
         # empty shard) still joins the other ranks' collective instead of leaving them waiting.
         everyone = [p for p, _ in unitary]
+        stepped = any_rank([has_closure or p.grad is not None for p in everyone], everyone)
+        work = [(p, group) for (p, group), take in zip(unitary, stepped) if take]
+        params = [p for p, _ in work]
+        grads = [p.grad for p in params if p.grad is not None]
         if not has_closure and not all_finite_everywhere(_all_finite, grads, everyone):
             # Note [Non-finite steps]: the base optimiser skips parameters whose grad is None.
             for p in params:

@@ -25,6 +25,7 @@ __all__ = [
     "ALL_ROWS",
     "Rows",
     "all_finite_everywhere",
+    "any_rank",
     "check_weight",
     "local_part",
     "project",
@@ -108,6 +109,28 @@ def project(p: torch.Tensor) -> None:
     """Snap ``p`` in place to the closest (semi-)unitary matrix (a sharded weight is all-gathered once)."""
     rows, local = rows_of(p), local_part(p)
     local.copy_(rows.take(closest_unitary(rows.gather(local))))
+
+
+def any_rank(flags: list[bool], params: list[torch.Tensor]) -> list[bool]:
+    """``flags[i]`` or'ed over the ranks sharing ``params[i]``'s rows (its own value for an unsharded one).
+
+    What a row-sharded weight takes part in must be the same on all its ranks, or their collectives
+    pair up wrongly: a gradient present on one rank only (a shard its forward did not reach, a grad
+    set to None) still makes every rank step that weight, the others with a zero step for their rows.
+    Every rank must call this with the same ``params``.
+    """
+    agreed = list(flags)
+    by_group: dict[int, tuple[object, torch.device, list[int]]] = {}
+    for i, p in enumerate(params):
+        rows = rows_of(p)
+        if isinstance(rows, RowShards):
+            by_group.setdefault(id(rows.group), (rows.group, local_part(p).device, []))[2].append(i)
+    for group, device, indices in by_group.values():
+        mask = torch.tensor([float(agreed[i]) for i in indices], device=device)
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=group)
+        for i, value in zip(indices, mask.tolist()):
+            agreed[i] = value > 0
+    return agreed
 
 
 def all_finite_everywhere(
