@@ -283,8 +283,8 @@ def _training_step(run: _Run) -> None:
     x, y = run.built.data.batch(state.step)
     with run.cached(), run.low_precision():
         loss = run.built.data.loss(run.trained, run.replicas.shard(x), run.replicas.shard(y))
-    global_loss = run.replicas.mean(loss.detach())
-    finite = bool(torch.isfinite(global_loss))
+    value = run.replicas.mean(loss.detach()).item()  # the step's one wait for the device
+    finite = math.isfinite(value)
     skipped_before = optimizer.skipped_steps
     if finite:
         loss.backward()
@@ -294,7 +294,7 @@ def _training_step(run: _Run) -> None:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
         optimizer.step()
     optimizer.zero_grad()
-    state.count_step(global_loss.item() if finite else None, skipped=optimizer.skipped_steps > skipped_before)
+    state.count_step(value if finite else None, skipped=optimizer.skipped_steps > skipped_before)
 
 
 def _evaluation_row(run: _Run, bar) -> None:
