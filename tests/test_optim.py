@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
@@ -901,3 +902,55 @@ def test_the_seed_broadcast_goes_through_the_weights_device(monkeypatch):
     assert sent == [torch.device("cuda", 3), None]  # gloo on the CPU: torch's own choice
     ProjUNN(torch.optim.Adam(param_groups(Student()), lr=1e-2))  # seed None: broadcast from its CPU weights
     assert sent == [torch.device("cuda", 3), None, None]
+
+
+# -- waits for the device ---------------------------------------------------------------------
+
+#: Operators that make the host wait for a CUDA device: reading a value (``.item()``, ``bool()``),
+#: and the solvers whose batched CUDA versions loop over matrices from the host and check each
+#: one's status (Note [No solver calls for rank 1]). Counted on the CPU, where the calls are visible.
+_WAITING_OPS = ("_local_scalar_dense", "linalg_qr", "_linalg_eigh", "_linalg_svd", "geqrf", "nonzero", "multinomial")
+
+
+class _CountWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] in _WAITING_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def _waits_of_a_step(model: torch.nn.Module, make_input, optimizer) -> int:
+    for step in range(3):  # the last step counted, with the optimiser's state in place
+        model(make_input()).square().sum().backward()
+        counter = _CountWaits()
+        with counter if step == 2 else contextlib.nullcontext():
+            optimizer.step()
+        optimizer.zero_grad()
+    return counter.count
+
+
+@pytest.mark.parametrize("method", ["t", "d"])
+@pytest.mark.parametrize(
+    "build, make_input",
+    [
+        (lambda: UnitaryLinear(32), lambda: torch.randn(4, 32)),
+        (lambda: torch.nn.Sequential(*(UnitaryLinear(32) for _ in range(16))), lambda: torch.randn(4, 32)),
+        # 32 orthogonal convolutions: batches of complex and of real frequency matrices.
+        (lambda: projunn.models.DeepUnitaryCNN(32, channels=2, size=(4, 4)), lambda: torch.randn(2, 1, 4, 4)),
+    ],
+    ids=["one weight", "sixteen weights", "depth-32 conv stack"],
+)
+def test_a_rank_1_step_waits_for_the_device_twice_however_many_weights(method, build, make_input):
+    """At most 2 waits beyond the base optimiser's own (Adam reads its CPU step counters): the
+    finiteness of the gradients and of the sketches, each one decision over every weight."""
+    torch.manual_seed(0)
+    model = build()
+    base = _waits_of_a_step(model, make_input, torch.optim.Adam(param_groups(model, unitary_lr=1e-3), lr=1e-3))
+    torch.manual_seed(0)
+    model = build()
+    groups = param_groups(model, unitary_lr=1e-3, method=method, rank=1, sketch="lsi")
+    stepped = _waits_of_a_step(model, make_input, ProjUNN(torch.optim.Adam(groups, lr=1e-3), drift_tolerance=None))
+    assert stepped - base <= 2

@@ -10,7 +10,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ALL_DTYPES, REAL_AND_COMPLEX, eps, gram_defect, haar, polar_reference, randn, tangent_reference
 from projunn.functional import lowrank, projunn_d, projunn_t, unitary_init
-from projunn.functional._kernels import ADJOINT_ROW_BLOCK, adjoint_times
+from projunn.functional._kernels import (
+    ADJOINT_ROW_BLOCK,
+    _exp_i_minus_identity,
+    _exp_i_minus_identity_2x2,
+    _polar_2x2,
+    adjoint_times,
+    thin_qr,
+)
 
 SIZES = [2, 3, 8, 64]
 RANKS = [1, 2, 5]  # with SIZES, 2k >= N included
@@ -307,3 +314,87 @@ def test_bad_arguments_name_the_problem(name):
     if torch.device("meta") != U.device:
         with pytest.raises(ValueError, match="device"):
             f(U, a, a.to("meta"))
+
+
+# -- Note [No solver calls for rank 1]: the closed forms against the solver paths ----------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
+@pytest.mark.parametrize("case", ["random", "first zero", "second zero", "parallel", "tiny", "huge", "one column"])
+def test_thin_qr_of_one_or_two_columns_is_a_qr(dtype, case):
+    X = randn(4, 9, 2, dtype=dtype)
+    scale = {"tiny": 1e-30, "huge": 1e30}.get(case, 1.0) if dtype in (torch.float32, torch.complex64) else 1.0
+    scale = {"tiny": 1e-250, "huge": 1e250}.get(case, scale) if dtype in (torch.float64, torch.complex128) else scale
+    X = X * scale
+    if case == "first zero":
+        X[..., 0] = 0
+    if case == "second zero":
+        X[..., 1] = 0
+    if case == "parallel":
+        X[..., 1] = X[..., 0] * 3
+    if case == "one column":
+        X = X[..., :1]
+    Q, R = thin_qr(X)
+    tol = 20 * eps(dtype)
+    assert ((Q @ R - X).abs().amax() <= tol * X.abs().amax()).item()
+    assert torch.equal(R, R.triu())
+    # Orthonormal columns, except a zero column where X's column adds nothing new (it meets a zero row of R).
+    kept = Q.abs().sum(-2) > 0
+    gram = (Q.mH @ Q).to(torch.complex128)
+    assert (gram - torch.diag_embed(kept.to(gram.dtype))).abs().amax() <= tol
+    if case in ("random", "tiny", "huge", "one column"):
+        assert kept.all()  # nothing lost to underflow or overflow
+
+
+def test_thin_qr_lets_nan_through():
+    X = randn(3, 5, 2)
+    X[1, 2, 0] = float("nan")
+    Q, _ = thin_qr(X)
+    assert Q[1].isnan().any() and not Q[[0, 2]].isnan().any()
+
+
+def _hermitian_2x2(case: str) -> torch.Tensor:
+    M = randn(6, 2, 2, dtype=torch.complex128)
+    H = (M + M.mH) / 2
+    if case == "zero":
+        H = torch.zeros_like(H)
+    if case == "repeated":  # a multiple of I: rho = 0 with mu != 0
+        H = 0.7 * torch.eye(2, dtype=H.dtype).expand(6, 2, 2)
+    if case == "large":
+        H = 40 * H
+    if case == "real skew":  # what a real orthogonal update gives: i H real skew-symmetric
+        H = 1j * torch.tensor([[0.0, 0.3], [-0.3, 0.0]], dtype=H.dtype).expand(6, 2, 2)
+    return H
+
+
+@pytest.mark.parametrize("case", ["random", "zero", "repeated", "large", "real skew"])
+def test_exponential_of_a_2x2_block_matches_the_eigendecomposition(case):
+    H = _hermitian_2x2(case)
+    closed = _exp_i_minus_identity_2x2(H)
+    torch.testing.assert_close(closed, _exp_i_minus_identity(H), atol=1e-14 * max(1.0, H.abs().max().item()), rtol=0)
+    if case == "zero":
+        assert torch.equal(closed, torch.zeros_like(closed))  # a zero step gives exactly U
+    eye = torch.eye(2, dtype=H.dtype)
+    assert ((closed + eye).mH @ (closed + eye) - eye).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("case", ["random", "singular", "identity", "nearly singular"])
+def test_polar_factor_of_a_2x2_block_is_a_closest_unitary_matrix(dtype, case):
+    T = randn(6, 2, 2, dtype=dtype)
+    if case == "singular":
+        T[..., 1, :] = 3 * T[..., 0, :]
+    if case == "identity":
+        T = torch.eye(2, dtype=dtype).expand(6, 2, 2).clone()
+    if case == "nearly singular":
+        T[..., 1, :] = 3 * T[..., 0, :] + 1e-9 * randn(6, 2, dtype=dtype, seed=2)
+    P = _polar_2x2(T)
+    X, _, Yh = torch.linalg.svd(T)
+    eye = torch.eye(2, dtype=dtype)
+    assert (P.mH @ P - eye).abs().max() < 1e-15 * 4
+    # As close to T as the SVD's factor (the same matrix unless T is singular, where every unitary
+    # polar factor is a minimiser, Note [Singular projUNN-D steps]).
+    distance = torch.linalg.matrix_norm(P - T) - torch.linalg.matrix_norm(X @ Yh - T)
+    assert distance.abs().max() < 1e-14
+    if case in ("random", "identity"):
+        torch.testing.assert_close(P, X @ Yh, atol=1e-14, rtol=0)

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ADJOINT_ROW_BLOCK", "add_low_rank", "adjoint_times", "direct_block", "double", "tangent_block"]
+__all__ = [
+    "ADJOINT_ROW_BLOCK",
+    "add_low_rank",
+    "adjoint_times",
+    "direct_block",
+    "double",
+    "tangent_block",
+    "thin_qr",
+]
 
 #: Rows per block of :func:`adjoint_times` (Note [Adjoint products by row blocks]).
 ADJOINT_ROW_BLOCK = 256
@@ -65,27 +73,123 @@ def adjoint_times(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return total.view(*D.shape[:-2], k, m).mH
 
 
+# Note [No solver calls for rank 1]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# At rank k = 1 (the paper's setting and the default) the small problems are
+# a QR of one or two columns and a 2 x 2 exponential or polar factor. A
+# solver (Householder QR, eigh, SVD) runs on a GPU as one library call per
+# matrix from a host loop, with an error check that waits for the device:
+# ~780 calls per step for one 28 x 28 orthogonal convolution's frequency
+# matrices. So these sizes are solved with tensor operations, batched over
+# all matrices at once and with no host synchronisation:
+#
+# - QR of one column: x / ||x||; of two: classical Gram-Schmidt with one
+#   reorthogonalisation (CGS2), orthogonal to rounding like Householder QR. A
+#   zero column gives a zero column of Q (Householder would give any unit
+#   vector): it meets a zero row of R, so Q R is unchanged, and in the updates
+#   it meets a zero row and column of the r x r block (a zero step there).
+# - exp(S) - I for a 2 x 2 skew-Hermitian S = i H, H = mu I + rho P with
+#   P^2 = I: e^{i mu} (cos rho I + i sinc(rho) (H - mu I)) - I, its scalar
+#   parts written without cancellation as in Note [Exponential of the small block].
+# - polar(T) for a 2 x 2 T: (T + e^{i theta} adj(T)^H) / sqrt(||T||_F^2 + 2 |det T|),
+#   det T = |det T| e^{i theta}. With T = X diag(s) Y^H, e^{i theta} adj(T)^H =
+#   s_1 s_2 T^{-H} = X diag(s_2, s_1) Y^H, so the numerator is (s_1 + s_2) X Y^H.
+#   A singular T (s_2 = 0, any phase) gives X Y^H with some unit vector pair
+#   for the null direction: a closest unitary matrix, as the SVD's is.
+#
+# Both are exact to rounding; tests/test_update.py compares them with the
+# solver paths and dense references, degenerate cases included.
+
+
+def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / ||x|| and ||x|| for columns x (..., n, 1); a zero column gives a zero column (a NaN stays NaN).
+
+    Scaled by the largest entry first, as LAPACK's norms are: the squares of a column of float32
+    entries below ~1e-19 would underflow to 0 and lose it.
+    """
+    largest = x.abs().amax(dim=-2, keepdim=True)
+    scaled = x / torch.where(largest == 0, 1, largest)
+    norm = largest * torch.linalg.vector_norm(scaled, dim=-2, keepdim=True)
+    return torch.where(norm == 0, 0, scaled * (largest / norm)), norm.to(x.dtype)
+
+
+def thin_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q (..., n, r) with orthonormal (or zero) columns and upper-triangular R (..., r, r), X = Q R.
+
+    One or two columns without a solver call (Note [No solver calls for rank 1]); more columns,
+    or fewer rows than columns, by Householder QR.
+    """
+    n, r = X.shape[-2:]
+    if r > 2 or n < r:
+        return torch.linalg.qr(X)
+    q1, r11 = _unit(X[..., :1])
+    if r == 1:
+        return q1, r11
+    x = X[..., 1:]
+    r12 = q1.mH @ x
+    x = x - q1 @ r12
+    again = q1.mH @ x  # the second pass: orthogonal to q1 to rounding however close x was to it
+    x, r12 = x - q1 @ again, r12 + again
+    q2, r22 = _unit(x)
+    R = torch.cat([torch.cat([r11, r12], dim=-1), torch.cat([torch.zeros_like(r22), r22], dim=-1)], dim=-2)
+    return torch.cat([q1, q2], dim=-1), R
+
+
 def tangent_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
     """exp(S) - I for S = (R_c R_b^H - R_b R_c^H) / 2, shape (..., r, r).
 
-    See Note [Exponential of the small block] in ``_update.py``.
+    See Note [Exponential of the small block] in ``_update.py``, and Note [No solver calls for rank 1].
     """
     M = R_c @ R_b.mH
     M = M.to(torch.complex128) if not M.is_complex() else M
     H = (M - M.mH) / 2j  # S = i H with H Hermitian
-    lam, V = torch.linalg.eigh(H)
-    # e^{i lam} - 1 written without cancellation, and exactly 0 for lam = 0.
-    half = torch.sin(lam / 2)
-    shift = torch.complex(-2 * half * half, torch.sin(lam))
-    block = (V * shift.unsqueeze(-2)) @ V.mH
+    block = _exp_i_minus_identity_2x2(H) if H.shape[-1] == 2 else _exp_i_minus_identity(H)
     return block if R_b.is_complex() else block.real
 
 
+def _half_turn(angle: torch.Tensor) -> torch.Tensor:
+    """e^{i angle} - 1 = -2 sin^2(angle / 2) + i sin(angle), exact for small angles and exactly 0 at 0."""
+    half = torch.sin(angle / 2)
+    return torch.complex(-2 * half * half, torch.sin(angle))
+
+
+def _exp_i_minus_identity(H: torch.Tensor) -> torch.Tensor:
+    lam, V = torch.linalg.eigh(H)
+    return (V * _half_turn(lam).unsqueeze(-2)) @ V.mH
+
+
+def _exp_i_minus_identity_2x2(H: torch.Tensor) -> torch.Tensor:
+    """exp(i H) - I for Hermitian 2 x 2 H (complex), in closed form (Note [No solver calls for rank 1])."""
+    alpha, delta, beta = H[..., 0, 0].real, H[..., 1, 1].real, H[..., 0, 1]
+    mu, d = (alpha + delta) / 2, (alpha - delta) / 2
+    rho = torch.hypot(d, beta.abs())
+    turn = _half_turn(mu)  # e^{i mu} - 1
+    diagonal = turn * torch.cos(rho) - 2 * torch.sin(rho / 2).square()  # e^{i mu} cos(rho) - 1
+    scale = 1j * (1 + turn) * torch.sinc(rho / torch.pi)  # i e^{i mu} sin(rho) / rho
+    eye = torch.eye(2, dtype=H.dtype, device=H.device)
+    return diagonal[..., None, None] * eye + scale[..., None, None] * (H - mu[..., None, None] * eye)
+
+
 def direct_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
-    """polar(I + R_c R_b^H) - I, shape (..., r, r). See Note [Singular projUNN-D steps] in ``_update.py``."""
+    """polar(I + R_c R_b^H) - I, shape (..., r, r). See Note [Singular projUNN-D steps] in ``_update.py``,
+    and Note [No solver calls for rank 1]."""
     eye = torch.eye(R_c.shape[-2], dtype=R_c.dtype, device=R_c.device)
-    X, _, Yh = torch.linalg.svd(eye + R_c @ R_b.mH)
+    T = eye + R_c @ R_b.mH
+    if T.shape[-1] == 2:
+        return _polar_2x2(T) - eye
+    X, _, Yh = torch.linalg.svd(T)
     return X @ Yh - eye
+
+
+def _polar_2x2(T: torch.Tensor) -> torch.Tensor:
+    """The unitary polar factor of 2 x 2 matrices, in closed form (Note [No solver calls for rank 1])."""
+    a, b, c, d = T[..., 0, 0], T[..., 0, 1], T[..., 1, 0], T[..., 1, 1]
+    det = a * d - b * c
+    size = det.abs()
+    phase = torch.where(size == 0, 1, det / size)  # any unit phase for a singular T
+    adjoint_h = torch.stack([torch.stack([d, -c], -1), torch.stack([-b, a], -1)], -2).conj()
+    scale = torch.sqrt(torch.linalg.matrix_norm(T).square() + 2 * size)
+    return (T + phase[..., None, None] * adjoint_h) / scale[..., None, None]
 
 
 def add_low_rank(

@@ -15,7 +15,7 @@ import torch
 
 from .._rows import ALL_ROWS, Rows
 from .._validation import check_choice, check_int, check_tensor
-from ._kernels import adjoint_times
+from ._kernels import adjoint_times, thin_qr
 
 __all__ = ["Sketch", "lowrank"]
 
@@ -140,7 +140,7 @@ def _lsi(D: torch.Tensor, k: int, generator: torch.Generator | None, rows: Rows)
     # threshold and no SVD. Householder QR is orthonormal even if D^H R = 0.
     # R is drawn whole and taken by rows, so split rows draw the numbers of the whole D.
     R = rows.take(_gaussian(D, (*D.shape[:-2], rows.count(D.shape[-2]), k), generator))
-    V, _ = torch.linalg.qr(rows.sum(adjoint_times(D, R)))
+    V, _ = thin_qr(rows.sum(adjoint_times(D, R)))
     return D @ V, V
 
 

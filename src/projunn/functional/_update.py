@@ -3,11 +3,13 @@
 Note [The 2k-dimensional subspace]
 ----------------------------------
 Both updates reduce to a problem of size r = min(N, 2k). Let c = U^H a and take
-a Householder QR of the N x 2k block [b, c] = Q R, so that b = Q R_b and
-c = Q R_c with R_b, R_c the first and last k columns of R (r x k each).
-Householder QR returns an orthonormal Q even when [b, c] is rank deficient
-(zero update, b parallel to c, ...), so span(Q) always contains b and c and
-nothing below divides by anything that can vanish.
+a thin QR of the N x 2k block [b, c] = Q R, so that b = Q R_b and c = Q R_c
+with R_b, R_c the first and last k columns of R (r x k each). Householder QR
+(k > 1) returns an orthonormal Q even when [b, c] is rank deficient (zero
+update, b parallel to c, ...); the two-column QR of k = 1 (Note [No solver
+calls for rank 1]) returns a zero column there instead, which meets a zero row
+of R and so a zero row and column of the blocks below. Either way span(Q)
+contains b and c and nothing below divides by anything that can vanish.
 
 Because U is unitary, a = U c, hence
 
@@ -62,7 +64,7 @@ import torch
 
 from .._rows import ALL_ROWS, Rows
 from .._validation import check_out, check_update_args
-from ._kernels import add_low_rank, adjoint_times, direct_block, double, tangent_block
+from ._kernels import add_low_rank, adjoint_times, direct_block, double, tangent_block, thin_qr
 from ._stiefel import stiefel_d, stiefel_t
 
 __all__ = ["projunn_d", "projunn_t"]
@@ -87,7 +89,7 @@ def _subspace(
     k = a.shape[-1]
     precise = double(U.dtype)
     c = rows.sum(adjoint_times(U, a))
-    Q, R = torch.linalg.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
+    Q, R = thin_qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
     return Q, R[..., :k], R[..., k:]
 
 

@@ -848,4 +848,8 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
         by_kind.setdefault((t.dtype, t.device), []).append(t.sum())
-    return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_kind.values())
+    if not by_kind:
+        return True
+    # One verdict per dtype and device, gathered on one device: a single wait for all of them.
+    verdicts = [torch.isfinite(torch.stack(sums)).all() for sums in by_kind.values()]
+    return bool(torch.stack([v.to(verdicts[0].device) for v in verdicts]).all())
