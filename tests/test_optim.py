@@ -943,9 +943,11 @@ def _waits_of_a_step(model: torch.nn.Module, make_input, optimizer) -> int:
     ],
     ids=["one weight", "sixteen weights", "depth-32 conv stack"],
 )
-def test_a_rank_1_step_waits_for_the_device_twice_however_many_weights(method, build, make_input):
+def test_a_rank_1_step_waits_for_the_device_twice_however_many_weights(method, build, make_input, monkeypatch):
     """At most 2 waits beyond the base optimiser's own (Adam reads its CPU step counters): the
-    finiteness of the gradients and of the sketches, each one decision over every weight."""
+    finiteness of the gradients and of the sketches, each one decision over every weight. Counted
+    on the path a GPU takes (Note [No solver calls for rank 1]: the CPU keeps LAPACK's solvers)."""
+    monkeypatch.setattr(projunn.functional._kernels, "CLOSED_FORMS_ON_CPU", True)
     torch.manual_seed(0)
     model = build()
     base = _waits_of_a_step(model, make_input, torch.optim.Adam(param_groups(model, unitary_lr=1e-3), lr=1e-3))

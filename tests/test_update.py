@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ALL_DTYPES, REAL_AND_COMPLEX, eps, gram_defect, haar, polar_reference, randn, tangent_reference
+from projunn.functional import _kernels as kernels
 from projunn.functional import lowrank, projunn_d, projunn_t, unitary_init
 from projunn.functional._kernels import (
     ADJOINT_ROW_BLOCK,
@@ -319,13 +320,19 @@ def test_bad_arguments_name_the_problem(name):
 # -- Note [No solver calls for rank 1]: the closed forms against the solver paths ----------------
 
 
+@pytest.fixture
+def closed_forms(monkeypatch):
+    """The GPU's path (closed forms for rank 1) taken on the CPU."""
+    monkeypatch.setattr(kernels, "CLOSED_FORMS_ON_CPU", True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
 @pytest.mark.parametrize("case", ["random", "first zero", "second zero", "parallel", "tiny", "huge", "one column"])
-def test_thin_qr_of_one_or_two_columns_is_a_qr(dtype, case):
+def test_thin_qr_of_one_or_two_columns_is_a_qr(dtype, case, closed_forms):
     X = randn(4, 9, 2, dtype=dtype)
-    scale = {"tiny": 1e-30, "huge": 1e30}.get(case, 1.0) if dtype in (torch.float32, torch.complex64) else 1.0
-    scale = {"tiny": 1e-250, "huge": 1e250}.get(case, scale) if dtype in (torch.float64, torch.complex128) else scale
-    X = X * scale
+    # Far beyond what a float32 product can reach, then near the end of double precision's squares.
+    single = dtype in (torch.float32, torch.complex64)
+    X = X * {"tiny": 1e-30 if single else 1e-140, "huge": 1e30 if single else 1e140}.get(case, 1.0)
     if case == "first zero":
         X[..., 0] = 0
     if case == "second zero":
@@ -346,7 +353,7 @@ def test_thin_qr_of_one_or_two_columns_is_a_qr(dtype, case):
         assert kept.all()  # nothing lost to underflow or overflow
 
 
-def test_thin_qr_lets_nan_through():
+def test_thin_qr_lets_nan_through(closed_forms):
     X = randn(3, 5, 2)
     X[1, 2, 0] = float("nan")
     Q, _ = thin_qr(X)
@@ -398,3 +405,33 @@ def test_polar_factor_of_a_2x2_block_is_a_closest_unitary_matrix(dtype, case):
     assert distance.abs().max() < 1e-14
     if case in ("random", "identity"):
         torch.testing.assert_close(P, X @ Yh, atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
+@pytest.mark.parametrize("case", ["random", "zero step", "b along U^H a", "large"])
+@pytest.mark.parametrize("method", ["t", "d"])
+def test_rank_1_updates_in_closed_form_match_the_dense_references(dtype, case, method, closed_forms):
+    U, a, b = haar(12, batch=(3,), dtype=dtype), randn(3, 12, 1, dtype=dtype, scale=0.3), randn(3, 12, 1, dtype=dtype)
+    if case == "zero step":
+        a = torch.zeros_like(a)
+    if case == "b along U^H a":  # a rank-deficient [b, U^H a]: the second column of Q is zero
+        b = 2 * (U.mH @ a)
+    if case == "large":
+        a = 30 * a
+    if method == "t":
+        result, reference = projunn_t(U, a, b), tangent_reference(U, a, b)
+    else:
+        result, reference = projunn_d(U, a, b), polar_reference(U + a @ b.mH)
+    torch.testing.assert_close(result, reference, atol=1e-12, rtol=0)
+    assert gram_defect(result) < 1e-13
+    if case == "zero step":
+        assert torch.equal(result, U)
+
+
+def test_the_lsi_sketch_in_closed_form_spans_what_householder_spans(closed_forms):
+    D = randn(5, 20, 16, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    a, b = lowrank(D, 1, "lsi", generator=generator)
+    kernels.CLOSED_FORMS_ON_CPU = False  # the solver path, the same random numbers
+    a_ref, b_ref = lowrank(D, 1, "lsi", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a @ b.mH, a_ref @ b_ref.mH, atol=1e-12, rtol=0)
