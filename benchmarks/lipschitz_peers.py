@@ -65,8 +65,8 @@ from projunn.robust import certified_accuracy, jacobian_norm, lipschitz_bound, o
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "lipschitz"
 METHODS = ("projunn-t", "projunn-d", "cayley", "aoc", "soc", "aol", "spectral")
-#: MNIST radii of the literature, in the [0, 1] pixel scale (1.58 = 0.3 x sqrt(28 x 28) / 4.2, the
-#: L2 ball the certified-robustness papers after Li et al. 2019 report).
+#: MNIST radii in the [0, 1] pixel scale: 1.58 is the L2 radius the MNIST tables of the certified-
+#: robustness literature report (e.g. BCOP, Li et al. 2019; GloRo, Leino et al. 2021), 0.5 and 1.0 below it.
 RADII = (0.5, 1.0, 1.58)
 JACOBIAN_IMAGES = 200
 DEVIATION_INPUTS = 100

@@ -191,3 +191,34 @@ def test_the_checks_catch_a_model_whose_conv_left_the_group(trained):
     attack = dict(steps=20, restarts=1, generator=torch.Generator().manual_seed(3))
     _, fooled = pgd_l2(broken, x[inside], y[inside], 0.999 * claimed[inside], **attack)
     assert fooled.any()
+
+
+def test_the_attack_keeps_to_the_ball_and_the_box_and_refuses_what_it_cannot_attack():
+    torch.manual_seed(0)
+    model = LipschitzCNN(channels=2, size=(4, 4), blocks=1, classes=3, dtype=F64)
+    x, y = torch.rand(6, 1, 4, 4, dtype=F64), torch.randint(0, 3, (6,))
+    adversarial, _ = pgd_l2(model, x, y, 0.3, steps=5, restarts=1, bounds=(0.0, 1.0), step_size=0.2)
+    assert ((adversarial - x).flatten(1).norm(dim=1) <= 0.3 + 1e-12).all()
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    empty, fooled = pgd_l2(model, x[:0], y[:0], 0.3)
+    assert empty.shape == (0, 1, 4, 4) and fooled.shape == (0,)
+    for call, message in [
+        (lambda: pgd_l2(model, x, y, -0.5), "radius must be finite and >= 0"),
+        (lambda: pgd_l2(model, x, y, 0.3, steps=0), "steps >= 1"),
+        (lambda: pgd_l2(model, 2 + x, y, 0.3, bounds=(0.0, 1.0)), "outside bounds"),
+        (lambda: certified_accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), [0.5]), "empty batch"),
+        (lambda: offset_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), offset=math.inf), "finite"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(TypeError, match="lipschitz must be a number"):
+        certified_radius(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), True)
+
+
+def test_a_sequential_subclass_with_its_own_forward_is_not_taken_for_a_chain():
+    class Residual(torch.nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)  # 1 + L, not L
+
+    with pytest.raises(TypeError, match="Residual"):
+        lipschitz_bound(Residual(UnitaryConv2d(2, (4, 4), dtype=F64)))

@@ -51,7 +51,9 @@ def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def _check_lipschitz(lipschitz: float) -> float:
-    if not (isinstance(lipschitz, (int, float)) and 0 < lipschitz < math.inf):
+    if isinstance(lipschitz, bool) or not isinstance(lipschitz, (int, float)):
+        raise TypeError(f"lipschitz must be a number, got {type(lipschitz).__name__} {lipschitz!r}")
+    if not 0 < lipschitz < math.inf:
         raise ValueError(f"lipschitz must be a positive finite number, got {lipschitz!r}")
     return float(lipschitz)
 
@@ -60,7 +62,7 @@ def certified_radius(logits: torch.Tensor, labels: torch.Tensor, lipschitz: floa
     """L2 radius around each input within which the prediction provably stays ``labels``.
 
     ``margin / (sqrt(2) * lipschitz)`` (Note [Certified radius]); negative where
-    the input is misclassified (or tied), so ``radius > eps`` is certified at eps.
+    the input is misclassified and 0 where it is tied, so ``radius > eps`` is certified at eps.
 
     Args:
         logits: (B, K) outputs of a network that is ``lipschitz``-Lipschitz in L2.
@@ -89,6 +91,8 @@ def certified_accuracy(
     Returns:
         {radius: fraction in [0, 1]}.
     """
+    if logits.shape[0] == 0:
+        raise ValueError("certified_accuracy needs at least one input, got an empty batch")
     radius = certified_radius(logits, labels, lipschitz)
     return {float(eps): (radius > eps).double().mean().item() for eps in radii}
 
@@ -109,16 +113,18 @@ def offset_cross_entropy(
         the mean loss, a scalar.
     """
     _check_logits(logits, labels)
-    if not offset >= 0 or not 0 < temperature < math.inf:
-        raise ValueError(f"need offset >= 0 and a positive finite temperature, got {offset!r}, {temperature!r}")
+    if not 0 <= offset < math.inf or not 0 < temperature < math.inf:
+        raise ValueError(
+            f"need a finite offset >= 0 and a positive finite temperature, got {offset!r}, {temperature!r}"
+        )
     shifted = logits - offset * F.one_hot(labels, logits.shape[1]).to(logits.dtype)
     return temperature * F.cross_entropy(shifted / temperature, labels)
 
 
 def _layer_bound(module: torch.nn.Module) -> float:
     """An upper bound of one layer's L2 Lipschitz constant, from its weights as they are."""
-    if isinstance(module, torch.nn.Sequential):
-        return math.prod(_layer_bound(child) for child in module)
+    if isinstance(module, torch.nn.Sequential) and type(module).forward is torch.nn.Sequential.forward:
+        return math.prod(_layer_bound(child) for child in module)  # a chain: the product bounds it
     if isinstance(module, _ONE_LIPSCHITZ):
         return 1.0
     if isinstance(module, UnitaryConv2d):  # block diagonal in the orthonormal Fourier basis
@@ -143,8 +149,8 @@ def lipschitz_bound(model: torch.nn.Module) -> float:
         model: a ``torch.nn.Sequential`` (nested ones allowed) of layers with known bounds.
 
     Raises:
-        TypeError: a layer whose bound is unknown (BatchNorm, pooling, an arbitrary module); the
-            message names it.
+        TypeError: a layer whose bound is unknown (BatchNorm, pooling, an arbitrary module, a
+            ``Sequential`` subclass with its own ``forward``, e.g. a residual block); the message names it.
     """
     return _layer_bound(model)
 
@@ -189,28 +195,43 @@ def pgd_l2(
     """Projected gradient ascent on the margin within an L2 ball: an attack, to test certificates.
 
     Maximises the best wrong logit minus the true one (the margin's negative,
-    the quantity a certificate bounds) over ||delta|| <= radius, from
-    ``restarts`` random starts on the sphere plus one at the input itself;
-    stops early on the inputs already fooled.
+    the quantity a certificate bounds) over ||delta|| <= radius, from the
+    input itself and then ``restarts`` random starts at half the radius; the
+    restarts stop once every input is fooled. With ``bounds``, every perturbed
+    input also stays in the box (clamped, then scaled back into the ball, which
+    keeps it in the box as the box is convex and holds ``x``).
 
     Args:
         x: (B, ...) inputs; labels: (B,) int64 classes.
         radius: the ball's radius, a number or (B,) per input.
-        steps: gradient steps per start; step_size: default 2.5 * radius / steps.
-        bounds: clamp the perturbed inputs to this box (e.g. the pixel range), or None.
+        steps: gradient steps per start (>= 1); restarts: random starts besides x (>= 0);
+        step_size: default 2.5 * radius / steps.
+        bounds: keep the perturbed inputs in this box (e.g. the pixel range; x must lie in it), or None.
 
     Returns:
         (adversarial inputs (B, ...), fooled (B,) bool: misclassified at the returned input).
+
+    Raises:
+        ValueError: a negative or non-finite radius, ``steps`` < 1, ``restarts`` < 0, or x outside ``bounds``.
     """
+    radius = torch.as_tensor(radius, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    if not bool(torch.isfinite(radius).all() and (radius >= 0).all()):
+        raise ValueError("radius must be finite and >= 0 for every input")
+    if steps < 1 or restarts < 0:
+        raise ValueError(f"need steps >= 1 and restarts >= 0, got steps={steps}, restarts={restarts}")
+    if bounds is not None and not bool(((x >= bounds[0]) & (x <= bounds[1])).all()):
+        raise ValueError(f"x lies outside bounds {bounds}: the box must hold the unperturbed inputs")
+    if x.shape[0] == 0:
+        return x.clone(), torch.zeros(0, dtype=torch.bool, device=x.device)
     shape = (-1, *[1] * (x.dim() - 1))
-    radius = torch.as_tensor(radius, dtype=x.dtype, device=x.device).expand(x.shape[0]).reshape(shape)
+    radius = radius.reshape(shape)
     step = 2.5 * radius / steps if step_size is None else torch.full_like(radius, step_size)
     best, fooled = x.clone(), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
     def project(delta: torch.Tensor) -> torch.Tensor:
-        scale = (radius / delta.flatten(1).norm(dim=1).view(shape).clamp_min(1e-12)).clamp(max=1.0)
-        delta = delta * scale
-        return delta if bounds is None else (x + delta).clamp(*bounds) - x
+        if bounds is not None:
+            delta = (x + delta).clamp(*bounds) - x
+        return delta * (radius / delta.flatten(1).norm(dim=1).view(shape).clamp_min(1e-12)).clamp(max=1.0)
 
     for start in range(restarts + 1):
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)

@@ -291,7 +291,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check_choice("optimizer", values["optimizer"], OPTIMIZERS)
     if values["unitary_lr"] is None:
         values["unitary_lr"] = values["lr"] / values["unitary_lr_divider"]
-        values["unitary_lr_divider"] = None  # recorded as the resulting unitary_lr
+    values["unitary_lr_divider"] = None  # recorded as the resulting unitary_lr (a default one never applied)
     if config.method == "eunn" and values["capacity"] is None:
         values["capacity"] = EUNN_CAPACITY  # recorded, so the run resumes with it whatever the default becomes
     return TrainConfig(**values)

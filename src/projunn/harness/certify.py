@@ -68,6 +68,8 @@ def _attack(model: torch.nn.Module, task, count: int, bound: float) -> dict[str,
     with torch.no_grad():  # the model has no batch statistics: train and eval mode agree
         radius = certified_radius(model(x), y, bound)
     certified = radius > 0
+    if not certified.any():  # nothing to attack: no image of these has a certificate
+        return {"attacked": 0, "broken_inside_radius": 0}
     generator = torch.Generator().manual_seed(0)
     _, fooled = pgd_l2(model, x[certified], y[certified], 0.999 * radius[certified], generator=generator)
     return {"attacked": int(certified.sum()), "broken_inside_radius": int(fooled.sum())}

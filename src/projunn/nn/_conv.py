@@ -89,9 +89,9 @@ class UnitaryConv2d(torch.nn.Module):
         size: (n, m), the spatial size of every input.
         init: ``"identity"`` (the identity map) or ``"haar"`` (an independent
             Haar-random matrix per frequency).
-        bias: add a learned bias per output channel (off by default); it moves
-            outputs, so norms are then preserved only up to it, and Lipschitz
-            constants not at all (still 1).
+        bias: add a learned bias per output channel (off by default); it shifts
+            outputs, so norms are then preserved only up to it, and it leaves
+            the Lipschitz constant unchanged (1).
         dtype: float32 or float64 for an orthogonal convolution of real
             images; complex64 or complex128 for a unitary convolution of
             complex images (all n x m frequencies independent). Frequencies

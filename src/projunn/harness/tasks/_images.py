@@ -230,7 +230,11 @@ class ImageTask(_ClassificationTask):
     def footprint(self, config, batch):
         pixels, width = 32 * 32 if self.dataset == "cifar10" else 28 * 28, config.channels
         # ResNet-9: nine convs; channels x4 and pixels /4 per stride, so the last stage dominates the weights.
-        layers, entries = (9, 221) if config.model == "resnet9" else (config.depth, config.depth)
+        # Lipschitz CNN: depth convs at each of 2 resolutions, the second with 4x the entries per conv.
+        layers, entries = {
+            "resnet9": (9, 221),
+            "lipschitz": (2 * (config.depth or 0), 5 * (config.depth or 0)),
+        }.get(config.model, (config.depth, config.depth))
         flags = "--batch-size or --channels" if config.model == "resnet9" else "--batch-size, --channels or --depth"
         entries *= width**2 * pixels
         return entries * WEIGHT_COPIES + batch * width * pixels * layers * _CNN_SAVED_VALUES, flags

@@ -15,7 +15,7 @@ __all__ = ["TASKS", "describe_tasks", "get_task"]
 #: those the literature reports (1.58 on MNIST; 36, 72 and 108 / 255 on CIFAR-10). Fashion-MNIST:
 #: MNIST's times 0.75, the ratio of the two sets' median half-distance from a test image to the
 #: nearest training image of another class (2.32 against 3.08; 1,000 test and 20,000 training
-#: images each), the largest radius any classifier could certify there.
+#: images each), about the largest radius a classifier could certify for the median test image.
 MNIST_RADII, FASHION_RADII, CIFAR_RADII = (0.5, 1.0, 1.58), (0.375, 0.75, 1.19), (36 / 255, 72 / 255, 108 / 255)
 
 TASKS: dict[str, Task] = {
