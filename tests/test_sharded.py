@@ -254,31 +254,46 @@ def test_distributed_checkpoint_resumes_exactly(sharded):
 # -- a gradient on some ranks only ----------------------------------------------------------
 
 
-def _grad_on_one_rank(rank: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """3 steps in which rank 1 drops the square layer's gradient (as for a shard its forward did not
-    reach): every rank must still step that weight (rank 1 with a zero step for its rows) rather than
-    leave rank 0's sketch collectives unanswered. Returns (weights before, weights after)."""
-    _, dtype, method, sketch, options = CONFIGS[0]
-    model = _shard(_model(dtype))
-    optimizer = _optimizer(model, method, sketch, options, seed=5)
-    before = _full(model)
+def _sgd(model, method: str, sketch: str) -> ProjUNN:
+    """Plain SGD under ProjUNN: a missing gradient and a zero one take the same step."""
+    groups = param_groups(model, unitary_lr=0.05, method=method, rank=RANK, sketch=sketch)
+    return ProjUNN(torch.optim.SGD(groups, lr=0.02), seed=5)
+
+
+def _grad_on_some_ranks(dtype: torch.dtype, rank: int | None, world: int) -> dict[str, torch.Tensor]:
+    """3 SGD steps in which the square layer's gradient is missing for the rows of rank 1 (as for a
+    shard its forward did not reach): on 2 ranks rank 1 drops its gradient; on one process
+    (``rank=None``) those rows of the gradient are zeroed, the step the sharded run must take."""
+    model = _model(dtype)
+    if rank is not None:
+        model = _shard(model)
+    optimizer = _sgd(model, "t", "lsi")
+    rows_of_rank_1 = slice(-(-model[0].weight.shape[0] // world), None)  # FSDP2: ceil(N / world) rows each
     for step in range(3):
         x, y = _batch(step, dtype)
-        shard = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+        part = slice(None) if rank is None else slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         optimizer.zero_grad()
-        (model(x[shard]) - y[shard]).abs().square().mean().backward()
+        (model(x[part]) - y[part]).abs().square().mean().backward()
         if rank == 1:
             model[0].weight.grad = None
+        elif rank is None:
+            model[0].weight.grad[rows_of_rank_1] = 0
         optimizer.step()
-    return before, _full(model)
+    return _full(model)
+
+
+def _grad_on_one_rank(rank: int) -> dict[str, torch.Tensor]:
+    return _grad_on_some_ranks(torch.float64, rank, 2)
 
 
 @pytest.mark.slow
 def test_a_weight_with_a_gradient_on_some_ranks_only_is_stepped_on_all(sharded):
-    before, after = sharded[2]["grad_on_one_rank"]
-    W = after["0.weight"]
-    assert (W.mH @ W - torch.eye(W.shape[0], dtype=W.dtype)).abs().max() < 1e-13
-    assert (W - before["0.weight"]).abs().max() > 1e-3  # rank 0's rows of the step moved it
+    """Every rank steps the weight (rank 1 with a zero step for its rows) instead of leaving rank 0's
+    sketch collectives unanswered: the weights are those of one process with those rows' gradient zeroed."""
+    sharded_run, reference = sharded[2]["grad_on_one_rank"], _grad_on_some_ranks(torch.float64, None, 2)
+    for name, value in reference.items():
+        torch.testing.assert_close(sharded_run[name], value, atol=1e-10, rtol=0, msg=name)
+    assert (reference["0.weight"] - _model(torch.float64)[0].weight).abs().max() > 1e-3  # it moved
 
 
 # -- placements ------------------------------------------------------------------------------

@@ -117,7 +117,9 @@ def any_rank(flags: list[bool], params: list[torch.Tensor]) -> list[bool]:
     What a row-sharded weight takes part in must be the same on all its ranks, or their collectives
     pair up wrongly: a gradient present on one rank only (a shard its forward did not reach, a grad
     set to None) still makes every rank step that weight, the others with a zero step for their rows.
-    Every rank must call this with the same ``params``.
+    The base optimiser skips the weight where its gradient is missing, so its state for the weight
+    (Adam's moments and step count) then differs between ranks. Every rank must call this with the
+    same ``params``.
     """
     agreed = list(flags)
     by_group: dict[int, tuple[object, torch.device, list[int]]] = {}
