@@ -956,3 +956,28 @@ def test_a_rank_1_step_waits_for_the_device_twice_however_many_weights(method, b
     groups = param_groups(model, unitary_lr=1e-3, method=method, rank=1, sketch="lsi")
     stepped = _waits_of_a_step(model, make_input, ProjUNN(torch.optim.Adam(groups, lr=1e-3), drift_tolerance=None))
     assert stepped - base <= 2
+
+
+def test_the_update_runs_at_full_float32_matmul_precision_whatever_the_global_setting(monkeypatch):
+    """With TF32 allowed ("high"/"medium", common on GPUs) the update would leave the group by ~1e-3:
+    the step's hooks run at "highest" and give the caller's setting back."""
+    import projunn.optim._projunn as module
+
+    seen = []
+    real_update = module.update
+
+    def recording_update(*args):
+        seen.append(torch.get_float32_matmul_precision())
+        return real_update(*args)
+
+    monkeypatch.setattr(module, "update", recording_update)
+    layer = UnitaryLinear(8)
+    optimizer = ProjUNN(torch.optim.SGD(param_groups(layer, unitary_lr=0.1), lr=0.1), method="t")
+    layer(torch.randn(4, 8)).sum().backward()
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        optimizer.step()
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)

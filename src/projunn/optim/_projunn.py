@@ -242,7 +242,9 @@ def _eager(fn):
     A step called inside ``torch.autocast`` (a common loop shape) would otherwise compute the
     sketch and the update in float16/bfloat16: the unitary weights are float32/float64 and the
     update keeps them on the group only at their precision. So autocast is switched off for the
-    step, on every device type where it is on.
+    step, on every device type where it is on. Likewise TF32 (``torch.set_float32_matmul_precision``
+    "high" or "medium", a common global setting on GPUs), whose ~1e-3 relative products would push
+    every update off the group by far more than float32 rounding: the step runs at "highest".
     """
 
     @functools.wraps(fn)
@@ -251,6 +253,10 @@ def _eager(fn):
             for kind in _AUTOCAST_TYPES:
                 if torch.is_autocast_enabled(kind):
                     stack.enter_context(torch.autocast(kind, enabled=False))
+            precision = torch.get_float32_matmul_precision()
+            if precision != "highest":
+                torch.set_float32_matmul_precision("highest")
+                stack.callback(torch.set_float32_matmul_precision, precision)
             return fn(*args, **kwargs)
 
     return _compiled_eagerly(full_precision)
