@@ -16,6 +16,8 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import fields
 
+import torch
+
 from .. import __version__
 from . import bench, certify
 from ._allocator import reuse_freed_memory
@@ -173,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_train(config: TrainConfig) -> int:
-    reuse_freed_memory()  # activation buffers are reallocated every step: see projunn.harness._allocator
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        reuse_freed_memory()  # activation buffers are reallocated every step: see projunn.harness._allocator
     try:
         summary = train(config, log=print)
     except RunDivergedError as error:

@@ -200,10 +200,15 @@ def _check_token_ids(x: torch.Tensor, vocabulary: int) -> None:
         raise TypeError(f"token ids must be int32 or int64, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"expected token ids of shape (batch, time), got {tuple(x.shape)}")
-    if x.numel():
-        low, high = torch.aminmax(x)
-        if low < 0 or high >= vocabulary:
-            raise ValueError(f"token ids must lie in [0, {vocabulary}); got ids from {int(low)} to {int(high)}")
+    if not x.numel():
+        return
+    low, high = torch.aminmax(x)
+    if x.device.type != "cpu":
+        # Checked on the device: reading the range back would make every forward pass wait for the
+        # device (and could not be captured in a CUDA graph). A bad id fails the next synchronising call.
+        torch._assert_async((low >= 0) & (high < vocabulary), f"token ids must lie in [0, {vocabulary})")
+    elif low < 0 or high >= vocabulary:
+        raise ValueError(f"token ids must lie in [0, {vocabulary}); got ids from {int(low)} to {int(high)}")
 
 
 def _check_readout(readout: tuple[torch.Tensor, torch.Tensor | None], features: int) -> None:
