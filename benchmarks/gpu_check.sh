@@ -6,7 +6,9 @@
 # 1. the device-generic tests (tests/test_devices.py and every test taking the `device` fixture),
 #    which run on the CPU and on cuda and compare with float64 references;
 # 2. `projunn bench --device cuda --quick`: the update and layer benchmarks on the GPU;
-# 3. the paper's depth-100 CNN on MNIST (`--preset paper`), 300 steps on the GPU, and its timing.
+# 3. benchmarks/gpu_audit.py: synchronising calls per step, drift and CPU agreement over 2,000 steps
+#    with TF32 off and on, CNN step and RNN (fused, stepped, bf16) timings, into OUT/audit.md;
+# 4. the paper's depth-100 CNN on MNIST (`--preset paper`), 300 steps on the GPU, and its timing.
 # Everything is written under OUT; the script stops at the first failure.
 set -euo pipefail
 out="${1:-runs/gpu-check}"
@@ -14,5 +16,6 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no C
 mkdir -p "$out"
 python -m pytest -m device -q -p no:cacheprovider | tee "$out/device-tests.txt"
 projunn bench --device cuda --quick --out "$out/bench" --overwrite
+python benchmarks/gpu_audit.py --out "$out/audit.md"
 projunn train mnist --device cuda --preset paper --steps 300 --eval-every 100 --eval-limit 2000 \
     --quiet --out "$out/cnn-depth100" --overwrite
