@@ -82,7 +82,8 @@ def drift(device: torch.device, steps: int) -> list[str]:
                 gap = float((weight - cpu).abs().max())
                 rows.append(f"| {dtype} | {method} | {kind} | {precision} | {worst:.2e} | {gap:.2e} |")
     header = "| dtype | method | device | matmul precision | max unitarity error | max diff from CPU |"
-    return [f"## Drift over {steps} steps (256 x 256, Adam lr 1e-3)", "", header, "|---|---|---|---|---|---|", *rows, ""]
+    title = f"## Drift over {steps} steps (256 x 256, Adam lr 1e-3)"
+    return [title, "", header, "|---|---|---|---|---|---|", *rows, ""]
 
 
 def _timed(fn, device: torch.device, repeats: int = 10) -> float:
@@ -118,7 +119,8 @@ def timings(device: torch.device) -> list[str]:
                         rnn(x)[0].float().square().mean().backward()
 
                 kind = f"{'fused' if fused else 'step by step'}, {'bf16 autocast' if autocast else 'float32'}"
-                rows.append(f"| RNN T = {length}, {kind}, forward + backward | {_timed(forward_backward, device, 3):.1f} |")
+                ms = _timed(forward_backward, device, 3)
+                rows.append(f"| RNN T = {length}, {kind}, forward + backward | {ms:.1f} |")
     return ["## Time (ms)", "", "| what | ms |", "|---|---|", *rows, ""]
 
 
