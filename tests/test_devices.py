@@ -123,3 +123,11 @@ def test_a_training_run_on_the_device(device, tmp_path):
     argv = ["train", "copy", "--seq-len", "5", "--hidden", "8", "--batch-size", "4", "--steps", "3"]
     argv += ["--eval-every", "3", "--quiet", "--device", device.type, "--out", str(tmp_path / "run")]
     assert main(argv) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the audit runs for real")
+def test_the_gpu_audit_says_in_one_line_that_it_needs_a_gpu(capsys):
+    from test_reproduction import _benchmark_script
+
+    assert _benchmark_script("gpu_audit").main([]) == 1
+    assert capsys.readouterr().err == "gpu_audit: no CUDA device: this audit needs a GPU\n"
