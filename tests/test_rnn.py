@@ -138,3 +138,21 @@ def test_sequence_model_readout_is_real_for_a_complex_rnn():
     assert model.rnn.cell.state_dtype == torch.complex64
     assert model.readout.weight.dtype == torch.float32 and model.readout.in_features == 8
     assert model(torch.randn(5, 7, 2)).shape == (5, 3)
+
+
+@pytest.mark.parametrize("nonlinearity", ["relu", "modrelu"])
+def test_under_autocast_the_fused_recurrence_runs_in_the_cells_precision(nonlinearity, monkeypatch):
+    """The fused path is kept under bfloat16 autocast (not replaced by stepping the cell), and computes
+    exactly what it computes without autocast: the same operations in float32."""
+    import projunn.nn._rnn as module
+
+    torch.manual_seed(0)
+    rnn = UnitaryRNN(3, 16, nonlinearity=nonlinearity, init="haar")
+    x = torch.randn(4, 50, 3)
+    plain, _ = rnn(x)
+    monkeypatch.setattr(module.UnitaryRNN, "_step_by_step", None)  # stepping would fail: it must not run
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast, _ = rnn(x)
+        autocast.abs().sum().backward()
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+    assert rnn.cell.recurrent_weight.grad is not None and rnn.cell.recurrent_weight.grad.dtype == torch.float32
