@@ -139,8 +139,8 @@ def _inner(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def thin_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q (..., n, r) with orthonormal (or zero) columns and upper-triangular R (..., r, r), X = Q R.
 
-    One or two columns off the CPU without a solver call, in double precision (Note [No solver
-    calls for rank 1]); otherwise Householder QR.
+    One or two columns off the CPU without a solver call, in double precision
+    (Note [No solver calls for rank 1]); otherwise Householder QR.
     """
     n, r = X.shape[-2:]
     if r > 2 or n < r or not _closed_form(X):

@@ -138,8 +138,8 @@ def _lsi(D: torch.Tensor, k: int, generator: torch.Generator | None, rows: Rows)
     # The span of D^H R equals the row space of R^H D, whose right singular
     # vectors the paper takes; a QR gives an orthonormal basis of it with no
     # threshold and no SVD. If D^H R = 0 (D = 0), a b^H = D V V^H = 0 whatever V
-    # is: Householder's unit vector and the closed form's zero (Note [No solver
-    # calls for rank 1]) give the same zero step.
+    # is: Householder's unit vector and the closed form's zero give the same
+    # zero step (Note [No solver calls for rank 1]).
     # R is drawn whole and taken by rows, so split rows draw the numbers of the whole D.
     R = rows.take(_gaussian(D, (*D.shape[:-2], rows.count(D.shape[-2]), k), generator))
     V, _ = thin_qr(rows.sum(adjoint_times(D, R)))

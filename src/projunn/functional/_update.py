@@ -6,9 +6,9 @@ Both updates reduce to a problem of size r = min(N, 2k). Let c = U^H a and take
 a thin QR of the N x 2k block [b, c] = Q R, so that b = Q R_b and c = Q R_c
 with R_b, R_c the first and last k columns of R (r x k each). Householder QR
 (k > 1) returns an orthonormal Q even when [b, c] is rank deficient (zero
-update, b parallel to c, ...); the two-column QR of k = 1 (Note [No solver
-calls for rank 1]) returns a zero column there instead, which meets a zero row
-of R and so a zero row and column of the blocks below. Either way span(Q)
+update, b parallel to c, ...); the two-column QR of k = 1 off the CPU (the
+closed forms of ``functional/_kernels.py``) returns a zero column there instead,
+which meets a zero row of R and so a zero row and column of the blocks below. Either way span(Q)
 contains b and c and nothing below divides by anything that can vanish.
 
 Because U is unitary, a = U c, hence
