@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..robust import certified_radius, pgd_l2
-from ._build import build
-from ._config import RunError, TrainConfig, folder_name, non_negative_int
+from ._build import build, pick_device
+from ._config import DEVICES, RunError, TrainConfig, folder_name, non_negative_int
 from ._folder import CHECKPOINT, read_checkpoint, write_json
 from ._sharding import load_full_state
 from .tasks import DatasetMissingError
@@ -28,8 +28,12 @@ from .tasks import DatasetMissingError
 __all__ = ["add_parser", "certify", "main"]
 
 
-def certify(out: str | pathlib.Path, *, attack: int = 0, data_dir: str | None = None, log=print) -> dict[str, Any]:
+def certify(
+    out: str | pathlib.Path, *, attack: int = 0, data_dir: str | None = None, device: str = "auto", log=print
+) -> dict[str, Any]:
     """Score the run in ``out`` on its test set with certified radii; attack ``attack`` test images.
+
+    ``device``: where to score (``auto``: CUDA when there is one), whatever the run trained on.
 
     Returns:
         the test scores (``test_accuracy``, ``test_lipschitz_bound``, ``test_certified_accuracy``
@@ -46,10 +50,11 @@ def certify(out: str | pathlib.Path, *, attack: int = 0, data_dir: str | None = 
     config = TrainConfig(**checkpoint["config"])
     if config.model != "lipschitz":
         raise RunError(f"the run in {out} trains --model {config.model}; only --model lipschitz runs have radii")
-    config = replace(config, data_dir=data_dir or config.data_dir, out=str(out), device="cpu")
-    built = build(config, torch.device("cpu"))
+    config = replace(config, data_dir=data_dir or config.data_dir, out=str(out), device=device)
+    built = build(config, pick_device(device))
     load_full_state(built.model, built.optimizer, checkpoint["model"], checkpoint["optimizer"])
     model, task = built.model, built.data
+    task.train_sample = None  # the test set only: the training sample is the end of training's business
     result: dict[str, Any] = {"step": checkpoint["step"], **task.test(model)}
     if attack:
         result |= _attack(model, task, attack, result["test_lipschitz_bound"])
@@ -89,12 +94,13 @@ def add_parser(commands) -> None:
         "--attack", type=non_negative_int, default=0, help="L2 PGD on this many test images (default 0: none)"
     )
     parser.add_argument("--data-dir", help="where the data set is, if not where the run found it")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to score (default auto: cuda if any)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``projunn certify``; 0 done (an attack that broke a certificate is reported, and exits 1), 2 a bad run."""
     try:
-        result = certify(args.run, attack=args.attack, data_dir=args.data_dir)
+        result = certify(args.run, attack=args.attack, data_dir=args.data_dir, device=args.device)
     except (RunError, DatasetMissingError) as error:
         print(f"projunn certify: error: {error}", file=sys.stderr)
         return 2
