@@ -118,6 +118,13 @@ class Task:
         run.setup()
         return run
 
+    def to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``tensor``, made on the CPU, on the run's device (as ``dtype``); to a GPU through pinned
+        memory, so that the copy does not make the host wait."""
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(device=self.device, dtype=dtype, non_blocking=True)
+        return tensor.to(device=self.device, dtype=dtype)
+
     def setup(self) -> None:
         """Make the bound run's tensors (held-out sets, data sets, targets)."""
 

@@ -64,7 +64,7 @@ class _ClassificationTask(Task):
             self._epoch_order = (epoch, torch.randperm(len(train_x), generator=shuffle))
         size = self.config.batch_size
         rows = self._epoch_order[1][index * size : (index + 1) * size]
-        return self.inputs(train_x[rows]), train_y[rows].to(self.device)
+        return self.inputs(train_x[rows]), self.to_device(train_y[rows])
 
     def _score(self, model, split: str, limit: int | None, progress) -> tuple[float, float, torch.Tensor]:
         """Mean cross-entropy, accuracy, and each image's certified radius were the model 1-Lipschitz (B,)."""
@@ -74,7 +74,7 @@ class _ClassificationTask(Task):
         with evaluating(model), progress(total=len(xs), desc=_SPLIT_NAMES[split], unit="image") as bar:
             for start in range(0, len(xs), 500):
                 logits = model(self.inputs(xs[start : start + 500]))
-                y = ys[start : start + 500].to(self.device)
+                y = self.to_device(ys[start : start + 500])
                 total_loss += F.cross_entropy(logits, y, reduction="sum").item()
                 correct += (logits.argmax(-1) == y).sum().item()
                 radii.append(certified_radius(logits, y))
@@ -170,7 +170,7 @@ class PixelMNISTTask(_ClassificationTask):
         return self.rnn_footprint(config, batch, 784), "--batch-size or --hidden"  # a pixel per time step
 
     def inputs(self, pixels):
-        return (pixels[:, self.order].to(device=self.device, dtype=torch.get_default_dtype()) / 255.0).unsqueeze(-1)
+        return (self.to_device(pixels[:, self.order], torch.get_default_dtype()) / 255.0).unsqueeze(-1)
 
     def build_model(self) -> torch.nn.Module:
         config = self.config
@@ -263,7 +263,7 @@ class ImageTask(_ClassificationTask):
 
     def inputs(self, images):
         x = (images.float() / 255.0 - self.mean) / self.std
-        return x.to(device=self.device, dtype=torch.get_default_dtype())
+        return self.to_device(x, torch.get_default_dtype())
 
     def loss(self, model, x, y):
         if self.config.model != "lipschitz":

@@ -68,7 +68,7 @@ class _SequenceTask(Task):
         # Drawn on the CPU (where the generator lives), so every device sees the same batches.
         config = self.config
         x, y = self.generate(config.batch_size, config.seq_len, generator=stream("train", config.seed, step))
-        return x.to(self.device), y.to(self.device)
+        return self.to_device(x), self.to_device(y)
 
     def evaluate(self, model, *, progress=Unwatched):
         return self._score(model, *self.validation, progress, "validation set")
@@ -82,7 +82,7 @@ class _SequenceTask(Task):
         with evaluating(model), progress(total=len(x), desc=desc, unit="seq") as bar:
             for start in range(0, len(x), EVAL_CHUNK):
                 rows = slice(start, start + EVAL_CHUNK)
-                chunk = self.score_chunk(model, x[rows].to(self.device), y[rows].to(self.device))
+                chunk = self.score_chunk(model, self.to_device(x[rows]), self.to_device(y[rows]))
                 for key, value in chunk.items():
                     totals[key] = totals.get(key, 0.0) + value
                 bar.update(len(x[rows]))

@@ -59,9 +59,8 @@ class UnitaryTargetTask(Task):
 
     def batch(self, step):
         config = self.config
-        x = torch.randn(
-            config.batch_size, config.hidden, dtype=self.target.dtype, generator=stream("train", config.seed, step)
-        ).to(self.device)
+        drawn = stream("train", config.seed, step)
+        x = self.to_device(torch.randn(config.batch_size, config.hidden, dtype=self.target.dtype, generator=drawn))
         return x, x @ self.target.mT
 
     def evaluate(self, model, *, progress=Unwatched):  # one product: nothing to show
