@@ -201,3 +201,20 @@ def test_missing_cifar_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", "cifar10", *TINY, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "pass --data-dir" in err and err.count("\n") == 1
+
+
+def test_a_lipschitz_run_reports_its_training_loss_on_held_out_data_and_names_it(tmp_path, tiny_mnist):  # noqa: F811
+    """Train, held-out and baseline losses are one quantity (the offset cross-entropy), and the summary
+    and curves.png say which; other models keep plain cross-entropy."""
+    out = tmp_path / "run"
+    argv = ["train", "mnist", *TINY, "--model", "lipschitz", "--channels", "2", "--depth", "1", "--margin", "0.5"]
+    assert main([*argv, "--data-dir", str(tiny_mnist), "--eval-limit", "9", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loss"] == "offset cross-entropy (margin 0.5)"
+    cnn = tmp_path / "cnn"
+    argv = ["train", "mnist", *TINY, "--depth", "1", "--channels", "2", "--data-dir", str(tiny_mnist)]
+    assert main([*argv, "--eval-limit", "9", "--out", str(cnn)]) == 0
+    plain = json.loads((cnn / "summary.json").read_text())
+    assert plain["loss"] == "cross-entropy"
+    # The class prior scored on the same 9 test images: under the offset loss, not plain cross-entropy.
+    assert summary["test_baseline"] != pytest.approx(plain["test_baseline"], rel=1e-3)

@@ -57,7 +57,7 @@ def figure(history: list[dict[str, Any]], summary: dict[str, Any]):
     if baseline is not None:
         ax.axhline(baseline, color="k", linestyle="--", linewidth=1, label="baseline predictor (same set)")
     ax.set_yscale("log")
-    ax.set_ylabel(task.loss_label)
+    ax.set_ylabel(summary.get("loss") or task.loss_label)  # what the run's loss was (older summaries: the task's)
     ax.set_title("loss")
     ax = axes[1]
     errors = [max(row["max_unitarity_error"], 1e-16) for row in history]

@@ -396,6 +396,7 @@ def _summary(run: _Run, outcome: _Outcome, final: dict[str, float]) -> dict[str,
     return {
         "task": task.name,
         "method": config.method,
+        "loss": run.built.data.loss_label,
         "steps": state.step,
         "final_loss": final.get("test_loss", final.get("eval_loss", last.get("eval_loss"))),
         "best_loss": best if math.isfinite(best) else None,

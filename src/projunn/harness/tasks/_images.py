@@ -75,19 +75,23 @@ class _ClassificationTask(Task):
             for start in range(0, len(xs), 500):
                 logits = model(self.inputs(xs[start : start + 500]))
                 y = self.to_device(ys[start : start + 500])
-                total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+                total_loss += self.summed_loss(logits, y).item()
                 correct += (logits.argmax(-1) == y).sum().item()
                 radii.append(certified_radius(logits, y))
                 bar.update(len(y))
         return total_loss / len(xs), correct / len(xs), torch.cat(radii).cpu()
 
+    def summed_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch of logits, summed over the batch: what held-out rows report."""
+        return F.cross_entropy(logits, labels, reduction="sum")
+
     def _prior_loss(self, split: str, limit: int | None) -> float:
-        """Cross-entropy of the constant predictor: the training split's class frequencies."""
+        """The loss of the constant predictor (the training split's class frequencies as logits)."""
         counts = torch.bincount(self.splits["train"][1].long()).double()
         log_prior = (counts / counts.sum()).clamp_min(1e-300).log()
         labels = self.splits[split][1][:limit].long()
         labels = labels[labels < len(log_prior)]  # a class absent from training has no prior: skip it
-        return -log_prior[labels].mean().item()
+        return (self.summed_loss(log_prior.expand(len(labels), -1), labels) / len(labels)).item()
 
     def certified(self, model, radii: torch.Tensor) -> dict[str, Any]:
         """What :meth:`ImageTask.certified` adds to the scores of a 1-Lipschitz model: nothing here."""
@@ -193,7 +197,8 @@ class ImageTask(_ClassificationTask):
     deviation, so that its certified radii are L2 distances between images in the [0, 1] pixel
     scale, the unit of the literature's radii. It trains on offset cross-entropy
     (:func:`projunn.robust.offset_cross_entropy`) with offset sqrt(2) x ``margin``, the loss
-    still falling until each training image is certified at about ``margin``.
+    still falling until each training image is certified at about ``margin``; its held-out rows and
+    baseline (the class prior as constant logits) report the same loss.
     """
 
     train_sample = 10_000  # train accuracy beside test accuracy: the paper's deep-CNN finding
@@ -260,6 +265,7 @@ class ImageTask(_ClassificationTask):
         self.std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
         if self.config.model == "lipschitz":  # radii in the [0, 1] pixel scale (see the class docstring)
             self.std = torch.ones_like(self.std)
+            self.loss_label = f"offset cross-entropy (margin {self.config.margin:g})"
 
     def inputs(self, images):
         x = (images.float() / 255.0 - self.mean) / self.std
@@ -268,8 +274,13 @@ class ImageTask(_ClassificationTask):
     def loss(self, model, x, y):
         if self.config.model != "lipschitz":
             return super().loss(model, x, y)
-        offset = math.sqrt(2) * self.config.margin
-        return offset_cross_entropy(model(x), y, offset=offset, temperature=self.config.temperature)
+        return self.summed_loss(model(x), y) / len(y)
+
+    def summed_loss(self, logits, labels):
+        if self.config.model != "lipschitz":
+            return super().summed_loss(logits, labels)
+        offset, temperature = math.sqrt(2) * self.config.margin, self.config.temperature
+        return offset_cross_entropy(logits, labels, offset=offset, temperature=temperature) * len(labels)
 
     def certified(self, model, radii: torch.Tensor) -> dict[str, Any]:
         """The Lipschitz model's bound (from its weights as they are) and certified accuracy at ``self.radii``."""
