@@ -16,28 +16,30 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import platform
 
 import torch
 
 from projunn.functional import lowrank, projunn_t
-from projunn.harness.bench import measure
+from projunn.harness._build import pick_device
+from projunn.harness.bench import describe_machine, measure
 from projunn.nn import UnitaryConv2d
 
-_CPU = torch.device("cpu")
 _BUDGET_S = 60.0  # per case: the O(C^3) steps at large C get fewer timed calls
 
 
-def time_case(c: int, n: int, repeats: int, generator: torch.Generator) -> tuple[int, float, float, float]:
+def time_case(
+    c: int, n: int, repeats: int, generator: torch.Generator, device: torch.device
+) -> tuple[int, float, float, float]:
     """(frequencies, projunn ms, cayley ms, polar ms) for C = c channels on n x n images."""
-    conv = UnitaryConv2d(c, (n, n), init="haar")
+    conv = UnitaryConv2d(c, (n, n), init="haar").to(device)
     W = conv.weight_free.detach()  # (F, C, C) complex64: the bulk of the parameters
-    D = 1e-3 * torch.randn(W.shape, dtype=W.dtype, generator=generator)
+    D = 1e-3 * torch.randn(W.shape, dtype=W.dtype, generator=generator).to(device)
     out = torch.empty_like(W)
-    eye = torch.eye(c, dtype=W.dtype)
+    eye = torch.eye(c, dtype=W.dtype, device=device)
+    sketches = torch.Generator(device=device).manual_seed(1)
 
     def projunn_step():
-        a, b = lowrank(D, 1, "lsi", generator=generator)
+        a, b = lowrank(D, 1, "lsi", generator=sketches)
         projunn_t(W, a, b, out=out)
 
     def cayley_step():
@@ -52,9 +54,9 @@ def time_case(c: int, n: int, repeats: int, generator: torch.Generator) -> tuple
 
     return (
         W.shape[0],
-        measure(projunn_step, _CPU, repeats=repeats, budget_s=_BUDGET_S).ms,
-        measure(cayley_step, _CPU, repeats=repeats, budget_s=_BUDGET_S).ms,
-        measure(polar_step, _CPU, repeats=repeats, budget_s=_BUDGET_S).ms,
+        measure(projunn_step, device, repeats=repeats, budget_s=_BUDGET_S).ms,
+        measure(cayley_step, device, repeats=repeats, budget_s=_BUDGET_S).ms,
+        measure(polar_step, device, repeats=repeats, budget_s=_BUDGET_S).ms,
     )
 
 
@@ -64,9 +66,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     args = parser.parse_args(argv)
-    cpu = platform.processor() or platform.machine()
-    header = f"conv update per step, float32, {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    device = pick_device(args.device)
+    header = f"conv update per step, {describe_machine(device)}"
     print(header)
     lines = [
         "| C | n | frequencies | projunn t (ms) | cayley (ms) | polar (ms) | cayley / t | polar / t |",
@@ -75,7 +78,7 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(0)
     for c in args.channels:
         for n in args.sizes:
-            frequencies, t, cay, pol = time_case(c, n, args.repeats, generator)
+            frequencies, t, cay, pol = time_case(c, n, args.repeats, generator, device)
             lines.append(
                 f"| {c} | {n} | {frequencies} | {t:.2f} | {cay:.2f} | {pol:.2f} | {cay / t:.1f}x | {pol / t:.1f}x |"
             )

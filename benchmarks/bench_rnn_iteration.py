@@ -9,6 +9,7 @@ comparable.
 Usage:
     python benchmarks/bench_rnn_iteration.py                       # hidden 190, 512, 1024; T = 20
     python benchmarks/bench_rnn_iteration.py --hidden 190 --seq-len 100 --out benchmarks/results/rnn-iteration
+    python benchmarks/bench_rnn_iteration.py --device cuda                 # on a GPU
 """
 
 from __future__ import annotations
@@ -16,21 +17,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import pathlib
-import platform
 
 import torch
 from torch.nn.utils import parametrize
 
-from projunn.harness.bench import measure
+from projunn.harness._build import pick_device
+from projunn.harness.bench import describe_machine, measure
 from projunn.harness.train import TrainConfig, build, resolve
 
 METHODS = ("t", "expm", "cayley", "none")
 
 
-def iteration_ms(hidden: int, seq_len: int, batch_size: int, method: str, repeats: int) -> float:
+def iteration_ms(hidden: int, seq_len: int, batch_size: int, method: str, repeats: int, device: torch.device) -> float:
     torch.manual_seed(0)
     config = resolve(TrainConfig(task="copy", method=method, hidden=hidden, seq_len=seq_len, batch_size=batch_size))
-    device = torch.device("cpu")
     built = build(config, device)  # the model constrained by the method and its optimiser, as projunn train builds them
     cached = parametrize.cached if method in ("expm", "cayley") else contextlib.nullcontext
     steps = iter(range(10**9))  # a fresh batch for every call
@@ -54,16 +54,17 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=pathlib.Path, default=None, help="folder for results.md")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     args = parser.parse_args(argv)
-    cpu = platform.processor() or platform.machine()
+    device = pick_device(args.device)
     header = (
         f"copy task, T = {args.seq_len} (sequence length {args.seq_len + 20}), batch {args.batch_size}, "
-        f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; median ms per iteration"
+        f"{describe_machine(device)}; median ms per iteration"
     )
     print(header)
     lines = ["| hidden | " + " | ".join(METHODS) + " | expm / t | cayley / t | t / none |", "|---" * 8 + "|"]
     for hidden in args.hidden:
-        ms = {method: iteration_ms(hidden, args.seq_len, args.batch_size, method, args.repeats) for method in METHODS}
+        ms = {m: iteration_ms(hidden, args.seq_len, args.batch_size, m, args.repeats, device) for m in METHODS}
         print(hidden, {k: round(v, 2) for k, v in ms.items()}, flush=True)
         cells = " | ".join(f"{ms[m]:.1f}" for m in METHODS)
         lines.append(
