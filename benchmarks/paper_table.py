@@ -179,7 +179,9 @@ def main(argv=None) -> int:
     print(table(runs))
     print(equal_steps(runs))
     plot_runs(runs, root / "curves.png", label=lambda run: run.name, target=0.1)
-    print(f"\nwrote {root / 'curves.png'}")
+    # The same against training time: the runs of one experiment ran side by side, one thread each.
+    plot_runs(runs, root / "curves-time.png", label=lambda run: run.name, target=0.1, x="seconds")
+    print(f"\nwrote {root / 'curves.png'} and {root / 'curves-time.png'}")
     return 0 if all(math.isfinite(run.rows[-1]["eval_loss"] or math.nan) for run in runs) else 1
 
 
