@@ -122,17 +122,22 @@ def any_rank(flags: list[bool], params: list[torch.Tensor]) -> list[bool]:
     same ``params``.
     """
     agreed = list(flags)
-    by_group: dict[int, tuple[object, torch.device, list[int]]] = {}
-    for i, p in enumerate(params):
-        rows = rows_of(p)
-        if isinstance(rows, RowShards):
-            by_group.setdefault(id(rows.group), (rows.group, local_part(p).device, []))[2].append(i)
-    for group, device, indices in by_group.values():
+    for group, device, indices in _shard_groups(params).values():
         mask = torch.tensor([float(agreed[i]) for i in indices], device=device)
         dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=group)
         for i, value in zip(indices, mask.tolist()):
             agreed[i] = value > 0
     return agreed
+
+
+def _shard_groups(params: Iterable[torch.Tensor]) -> dict[int, tuple[object, torch.device, list[int]]]:
+    """The process groups that split the rows of ``params``: id -> (group, device, indices of its params)."""
+    groups: dict[int, tuple[object, torch.device, list[int]]] = {}
+    for i, p in enumerate(params):
+        rows = rows_of(p)
+        if isinstance(rows, RowShards):
+            groups.setdefault(id(rows.group), (rows.group, local_part(p).device, []))[2].append(i)
+    return groups
 
 
 def all_finite_everywhere(
@@ -144,12 +149,7 @@ def all_finite_everywhere(
     where its own ``tensors`` are empty.
     """
     finite = check([local_part(t) for t in tensors]) if tensors else True
-    groups = {}
-    for p in params:
-        rows = rows_of(p)
-        if isinstance(rows, RowShards):
-            groups.setdefault(id(rows.group), (rows.group, local_part(p).device))
-    for group, device in groups.values():
+    for group, device, _ in _shard_groups(params).values():
         flag = torch.tensor([1.0 if finite else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
         finite = bool(flag.item() > 0)
