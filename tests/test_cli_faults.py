@@ -12,7 +12,8 @@ import pytest
 
 from harness_runs import quick_runs  # noqa: F401  (fixture)
 from projunn.harness.cli import build_parser, main
-from projunn.harness.tasks import TASKS, CopyTask
+from projunn.harness.tasks import TASKS
+from projunn.harness.tasks._sequence import CopyTask
 from projunn.harness.train import CHECKPOINT, RunError, TrainConfig, resolve, train
 
 RUN = ["--hidden", "8", "--batch-size", "4", "--seq-len", "5", "--eval-every", "2", "--quiet"]

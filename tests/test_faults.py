@@ -19,7 +19,8 @@ from projunn.functional import unitarity_error, unitary_init
 from projunn.harness import _folder
 from projunn.harness._files import lock_folder, make_new_folder, unlock_folder
 from projunn.harness.cli import main
-from projunn.harness.tasks import TASKS, AddingTask, CopyTask
+from projunn.harness.tasks import TASKS
+from projunn.harness.tasks._sequence import AddingTask, CopyTask
 from projunn.harness.train import CHECKPOINT
 from projunn.optim import ProjUNN
 
@@ -222,7 +223,7 @@ def test_a_second_run_never_mixes_into_an_existing_folder(tmp_path, capsys):
 
 def test_a_folder_in_use_by_another_process_is_refused_and_left_alone(tmp_path, capsys):
     out = _train(tmp_path, "--steps", "2")
-    assert not list(out.glob(".*"))  # the run's lock file went with its lock
+    assert not list(out.glob(".*"))  # no lock file or temporary file left behind
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     lock = lock_folder(out)  # what a run in another process holds (flock locks are per open file)
     try:
@@ -231,9 +232,9 @@ def test_a_folder_in_use_by_another_process_is_refused_and_left_alone(tmp_path, 
             assert main(["train", "copy", *RUN, "--steps", "4", *extra, "--out", str(out)]) == 2
             err = capsys.readouterr().err
             assert f"{out} is in use by another projunn process" in err and err.count("\n") == 1
-            assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == files
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == files
     finally:
-        unlock_folder(out, lock)
+        unlock_folder(lock)
     assert main(["train", "copy", *RUN, "--steps", "4", "--resume", "--out", str(out)]) == 0
 
 

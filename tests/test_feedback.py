@@ -16,8 +16,8 @@ from tqdm.std import tqdm as std_tqdm
 
 from projunn.harness import _plot
 from projunn.harness import train as train_module
-from projunn.harness.tasks import TASKS, CopyTask
-from projunn.harness.tasks._sequence import EVAL_SIZE
+from projunn.harness.tasks import TASKS
+from projunn.harness.tasks._sequence import EVAL_SIZE, CopyTask
 from projunn.harness.train import TrainConfig, train
 from test_reproduction import _benchmark_script
 

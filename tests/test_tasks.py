@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from projunn.harness.tasks import COPY_MARKER, TASKS, adding_baseline, adding_batch, copy_baseline, copy_batch
+from projunn.harness.tasks import TASKS
+from projunn.harness.tasks._synthetic import COPY_MARKER, adding_baseline, adding_batch, copy_baseline, copy_batch
 
 
 def memoryless_cross_entropy(y: torch.Tensor, classes: int) -> float:

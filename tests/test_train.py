@@ -20,8 +20,9 @@ from harness_runs import quick_runs  # noqa: F401  (fixture)
 from projunn.harness import _plot
 from projunn.harness import train as train_module
 from projunn.harness.cli import build_parser, main
-from projunn.harness.datasets import read_mnist_pickle
-from projunn.harness.tasks import TASKS, AddingTask, CopyTask, DatasetMissingError, load_images, read_idx
+from projunn.harness.datasets import DatasetMissingError, load_images, read_idx, read_mnist_pickle
+from projunn.harness.tasks import TASKS
+from projunn.harness.tasks._sequence import AddingTask, CopyTask
 from projunn.harness.train import CHECKPOINT, TrainConfig, train
 from test_reproduction import _benchmark_script
 

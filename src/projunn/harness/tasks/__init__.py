@@ -1,43 +1,9 @@
 """Tasks of the paper's experiments: data, models, losses, metrics, baselines, defaults (one
-:class:`Task` subclass each, registered in ``_registry.TASKS``)."""
+:class:`Task` subclass each, registered in ``_registry.TASKS``). The data generators of the copy
+and adding tasks are in :mod:`._synthetic`, the data set readers in :mod:`projunn.harness.datasets`."""
 
-from ..datasets import DatasetMissingError, ImageSet, load_images, read_idx
+from ..datasets import DatasetMissingError
 from ._base import Task
-from ._images import ImageTask, PixelMNISTTask
 from ._registry import TASKS, describe_tasks, get_task
-from ._sequence import AddingTask, CopyTask
-from ._synthetic import (
-    COPY_ALPHABET,
-    COPY_BLANK,
-    COPY_MARKER,
-    COPY_SYMBOLS,
-    adding_baseline,
-    adding_batch,
-    copy_baseline,
-    copy_batch,
-)
-from ._unitary import UnitaryTargetTask
 
-__all__ = [
-    "COPY_ALPHABET",
-    "COPY_BLANK",
-    "COPY_MARKER",
-    "COPY_SYMBOLS",
-    "TASKS",
-    "AddingTask",
-    "CopyTask",
-    "DatasetMissingError",
-    "ImageSet",
-    "ImageTask",
-    "PixelMNISTTask",
-    "Task",
-    "UnitaryTargetTask",
-    "adding_baseline",
-    "adding_batch",
-    "copy_baseline",
-    "copy_batch",
-    "describe_tasks",
-    "get_task",
-    "load_images",
-    "read_idx",
-]
+__all__ = ["TASKS", "DatasetMissingError", "Task", "describe_tasks", "get_task"]

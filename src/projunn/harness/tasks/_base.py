@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 __all__ = ["Task", "Unwatched"]
 
@@ -67,21 +69,9 @@ def evaluating(model: torch.nn.Module):
         model.train(was_training)
 
 
-class Unwatched:
-    """The progress of a scoring pass that nobody watches: ``with progress(total=n, desc=...) as bar``,
-    then ``bar.update(examples)`` after each chunk, shows nothing. ``tqdm`` has the same interface."""
-
-    def __init__(self, **settings: Any):
-        pass
-
-    def __enter__(self) -> Unwatched:
-        return self
-
-    def __exit__(self, *exception) -> None:
-        return None
-
-    def update(self, examples: int) -> None:
-        pass
+#: The progress of a scoring pass nobody watches (the default): ``with progress(total=n, desc=...) as bar``,
+#: then ``bar.update(examples)`` after each chunk, as with the tqdm bar ``projunn train`` passes on a terminal.
+Unwatched = functools.partial(tqdm, disable=True)
 
 
 @dataclass
@@ -156,7 +146,7 @@ class Task:
     def evaluate(self, model, *, progress=Unwatched) -> dict[str, float]:
         """Held-out ``eval_loss``, ``eval_baseline`` and, where the task has one, ``eval_accuracy``.
 
-        ``progress`` is told how far a long pass has got (see :class:`Unwatched`; ``projunn train``
+        ``progress`` is told how far a long pass has got (see :data:`Unwatched`; ``projunn train``
         passes a tqdm bar on a terminal).
         """
         raise NotImplementedError
