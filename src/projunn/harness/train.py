@@ -386,6 +386,10 @@ def _summarise(run: _Run, outcome: _Outcome) -> dict[str, Any]:
     return summary
 
 
+#: The settings summary.json repeats, so that tables of runs need not read config.json.
+_SUMMARY_SETTINGS = ("rank", "capacity", "sketch", "hidden", "seq_len", "model", "depth", "channels")
+
+
 def _summary(run: _Run, outcome: _Outcome, final: dict[str, float]) -> dict[str, Any]:
     """summary.json: the final numbers (the test pass's, else the last row's) and the run's settings."""
     config, state, task = run.config, run.state, get_task(run.config.task)
@@ -409,14 +413,7 @@ def _summary(run: _Run, outcome: _Outcome, final: dict[str, float]) -> dict[str,
         "stop_signal": run.stop_signal,
         "stopped_by_time_budget": state.step < run.built.data.total_steps and not stopped,
         "diverged": outcome is _Outcome.DIVERGED,
-        "rank": config.rank,
-        "capacity": config.capacity,
-        "sketch": config.sketch,
-        "hidden": config.hidden,
-        "seq_len": config.seq_len,
-        "model": config.model,
-        "depth": config.depth,
-        "channels": config.channels,
+        **{key: getattr(config, key) for key in _SUMMARY_SETTINGS},
         "skipped_steps": run.built.optimizer.skipped_steps,
         "nonfinite_losses": state.nonfinite_losses,
         "processes": run.replicas.world,
