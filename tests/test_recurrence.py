@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from projunn.models import SequenceModel
-from projunn.nn import Nonlinearity, UnitaryRNN, unitary_recurrence
+from projunn.nn import Nonlinearity, UnitaryRNN, _recurrence, unitary_recurrence
 from projunn.nn._recurrence import flush_denormals
 
 NONLINEARITIES = get_args(Nonlinearity)
@@ -55,6 +55,20 @@ def _loss(kind: str, outputs: torch.Tensor, last: torch.Tensor, weights: torch.T
 @pytest.mark.parametrize("complex_state", [False, True])
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 def test_fused_values_and_gradients_equal_autograd_on_the_cell(nonlinearity, complex_state, loss_kind):
+    """Nine steps: on the CPU, blocks of derivatives of 4, 4 and 1 steps (Note [Derivatives by blocks of steps])."""
+    _check_against_the_cell(nonlinearity, complex_state, loss_kind)
+
+
+@pytest.mark.parametrize("block", [1, 2, 64])
+@pytest.mark.parametrize("complex_state", [False, True])
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "tanh"])
+def test_every_block_length_of_derivatives_gives_the_cells_gradients(nonlinearity, complex_state, block, monkeypatch):
+    """Blocks of one step, of two (nine steps end on a partial block), and one block longer than the sequence."""
+    monkeypatch.setitem(_recurrence.DERIVATIVE_BLOCK, "cpu", block)
+    _check_against_the_cell(nonlinearity, complex_state, "every step and last")
+
+
+def _check_against_the_cell(nonlinearity: str, complex_state: bool, loss_kind: str) -> None:
     fused, reference = _pair(nonlinearity, complex_state)
     x, h0 = _inputs_with_zero_modulus(complex_state)
     weights = torch.randn(4, 9, 6, dtype=h0.dtype, generator=torch.Generator().manual_seed(2))
@@ -276,3 +290,51 @@ def test_one_step_or_one_sequence_equals_the_cell(nonlinearity, batch, steps):
             torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
             for gf, gr in zip(results[0][1], results[1][1]):
                 torch.testing.assert_close(gf, gr, rtol=1e-11, atol=1e-12)
+
+
+class _Kernels(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operators that compute (views such as a step's slice launch nothing on a GPU)."""
+
+    VIEWS = frozenset({"select", "slice", "view", "view_as_real", "unsqueeze", "unbind", "t", "expand"})
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in self.VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def _kernels_per_step(nonlinearity: str, dtype: torch.dtype) -> tuple[float, float]:
+    """Forward and backward kernels per time step: the difference between 150 and 50 steps, over 100."""
+    counts = []
+    for steps in (50, 150):
+        generator = torch.Generator().manual_seed(0)
+        xw = torch.randn(steps, 2, 4, dtype=dtype, generator=generator, requires_grad=True)
+        weight = torch.linalg.qr(torch.randn(4, 4, dtype=dtype, generator=generator))[0].requires_grad_()
+        bias = (-0.1 * torch.rand(4, generator=generator)).requires_grad_() if nonlinearity == "modrelu" else None
+        with _Kernels() as forward:
+            hs = unitary_recurrence(xw, weight, torch.zeros(2, 4, dtype=dtype), nonlinearity, bias)
+        loss = hs.abs().sum()
+        with _Kernels() as backward:
+            loss.backward()
+        counts.append((forward.count, backward.count))
+    return tuple((late - early) / 100 for early, late in zip(*counts))
+
+
+@pytest.mark.parametrize(
+    "nonlinearity, dtype, most",
+    [
+        ("relu", torch.float32, (2, 2)),
+        ("tanh", torch.float32, (2, 2.1)),
+        ("modrelu", torch.float32, (6, 2.2)),
+        ("modrelu", torch.complex64, (6, 4.5)),
+    ],
+)
+def test_kernels_per_time_step_with_the_gpus_blocks(nonlinearity, dtype, most, monkeypatch):
+    """With CUDA's blocks of derivatives the backward step is the carrying product and one elementwise pass
+    (complex modReLU: three), where the derivatives computed step by step took 4, 8 and 16 kernels in all."""
+    monkeypatch.setitem(_recurrence.DERIVATIVE_BLOCK, "cpu", _recurrence.DERIVATIVE_BLOCK["cuda"])
+    forward, backward = _kernels_per_step(nonlinearity, dtype)
+    assert forward <= most[0] and backward <= most[1], (forward, backward)
