@@ -32,6 +32,9 @@ class Replicas:
     rank: int = 0
     world: int = 1
     owns_group: bool = False  # the process group was started here, so it is closed here
+    #: The group of the host-side agreements (:meth:`largest`): gloo over CPU tensors, so that taking
+    #: them every step never waits for a GPU (None: the default group, gloo already on CPU runs).
+    control: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -56,13 +59,13 @@ class Replicas:
         dist.all_reduce(total)
         return total / self.world
 
-    def largest(self, *values: float, device: torch.device) -> tuple[float, ...]:
-        """Each value's largest over replicas, in one all-reduce: stops (a signal, the time budget) are
-        taken together, at the same step."""
+    def largest(self, *values: float) -> tuple[float, ...]:
+        """Each value's largest over replicas, in one all-reduce of a CPU tensor: stops (a signal, the
+        time budget) are taken together, at the same step, without waiting for any GPU."""
         if not self.distributed:
             return values
-        reduced = torch.tensor([float(value) for value in values], device=device)
-        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        reduced = torch.tensor([float(value) for value in values])
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=self.control)
         return tuple(reduced.tolist())
 
     def on_main(self, fn: Callable[[], T]) -> T:
@@ -104,5 +107,6 @@ def start_replicas(device_name: str) -> tuple[Replicas, str]:
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    replicas = Replicas(rank=dist.get_rank(), world=dist.get_world_size(), owns_group=owns)
+    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    replicas = Replicas(rank=dist.get_rank(), world=dist.get_world_size(), owns_group=owns, control=control)
     return replicas, (f"cuda:{local_rank}" if use_cuda else "cpu")

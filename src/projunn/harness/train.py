@@ -161,9 +161,7 @@ def _train_steps(run: _Run, stops: _StopSignals) -> _Outcome:
                 if state.failing >= config.max_nonfinite:
                     return _Outcome.DIVERGED
                 # Replicas stop at the same step, whichever of them ran out of time or was signalled.
-                out_of_time, signum = run.replicas.largest(
-                    float(clock.out_of_time()), float(stops.requested), device=run.device
-                )
+                out_of_time, signum = run.replicas.largest(float(clock.out_of_time()), float(stops.requested))
                 if state.step % config.eval_every == 0 or state.step == total or out_of_time:
                     state.seconds = clock.seconds()
                     _evaluation_row(run, bar)
