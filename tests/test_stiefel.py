@@ -6,12 +6,20 @@ import pytest
 import torch
 
 from conftest import REAL_AND_COMPLEX, eps, haar, polar_reference, randn
+from projunn.functional import _kernels as kernels
 from projunn.functional import projunn_d, projunn_t, unitarity_error, unitary_init
 from projunn.nn import StiefelLinear
 from projunn.optim import ProjUNN, param_groups
 from test_update import arithmetic_trace
 
 SHAPES = [(7, 3), (3, 7), (9, 4), (4, 9), (6, 5)]
+
+
+@pytest.fixture(params=["solvers", "closed forms"])
+def small_problems(request, monkeypatch):
+    """Both paths of the small problems: LAPACK's solvers (the CPU's) and the closed forms of one or two
+    columns (a GPU's, Note [No solver calls for rank 1])."""
+    monkeypatch.setattr(kernels, "CLOSED_FORMS_ON_CPU", request.param == "closed forms")
 
 
 def semi_unitary(n: int, m: int, *, batch=(), dtype=torch.float64, seed: int = 0) -> torch.Tensor:
@@ -38,7 +46,7 @@ def semi_unitarity_defect(W: torch.Tensor) -> float:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("batch", [(), (3,)])
-def test_d_is_the_svd_polar_factor(dtype, shape, k, batch):
+def test_d_is_the_svd_polar_factor(dtype, shape, k, batch, small_problems):
     n, m = shape
     W = semi_unitary(n, m, batch=batch, dtype=dtype)
     a, b = randn(*batch, n, k, dtype=dtype, seed=2, scale=0.3), randn(*batch, m, k, dtype=dtype, seed=3)
@@ -50,7 +58,7 @@ def test_d_is_the_svd_polar_factor(dtype, shape, k, batch):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("batch", [(), (2,)])
-def test_t_is_the_rotation_along_the_canonical_tangent_direction(dtype, shape, k, batch):
+def test_t_is_the_rotation_along_the_canonical_tangent_direction(dtype, shape, k, batch, small_problems):
     n, m = shape
     W = semi_unitary(n, m, batch=batch, dtype=dtype)
     a, b = randn(*batch, n, k, dtype=dtype, seed=4, scale=0.5), randn(*batch, m, k, dtype=dtype, seed=5)
@@ -99,7 +107,7 @@ def test_inputs_are_not_modified_and_out_may_be_the_weight(update, shape):
     torch.testing.assert_close(W, expected, rtol=0, atol=0)
 
 
-def test_rank_deficient_step_falls_back_to_the_dense_projection():
+def test_rank_deficient_step_falls_back_to_the_dense_projection(small_problems):
     """W + a b^H with a zero column: the polar factor is not unique; the result is still semi-unitary and closest."""
     W = semi_unitary(7, 3)
     a, b = -W[:, :1].clone(), torch.eye(3, 1, dtype=torch.float64)  # removes W's first column

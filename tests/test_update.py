@@ -407,6 +407,32 @@ def test_polar_factor_of_a_2x2_block_is_a_closest_unitary_matrix(dtype, case):
         torch.testing.assert_close(P, X @ Yh, atol=1e-14, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("case", ["random", "identity", "nearly singular", "singular", "zero"])
+def test_inverse_square_root_of_a_2x2_block_matches_the_eigendecomposition(dtype, case):
+    """What the Stiefel projUNN-D step needs of I + S (Note [Stiefel projUNN-D]): (I + S)^{-1/2} - I and
+    which blocks are (nearly) singular, the closed form against eigh."""
+    M = randn(6, 2, 2, dtype=dtype, scale=0.4)
+    A = torch.eye(2, dtype=dtype) + (M + M.mH) / 2
+    if case == "identity":
+        A = torch.eye(2, dtype=dtype).expand(6, 2, 2).clone()
+    if case in ("nearly singular", "singular"):
+        v = randn(6, 2, 1, dtype=dtype, seed=3)
+        A = v @ v.mH + (1e-6 if case == "nearly singular" else 0.0) * torch.eye(2, dtype=dtype)
+    if case == "zero":
+        A = torch.zeros(6, 2, 2, dtype=dtype)
+    closed, degenerate = kernels._inverse_sqrt_2x2(A, 1e-4)
+    with torch.no_grad():
+        lam, V = torch.linalg.eigh(A)
+    expected_degenerate = lam[..., 0] < 1e-4 * lam[..., -1].clamp_min(1.0)
+    assert torch.equal(degenerate, expected_degenerate)
+    assert degenerate.all() == (case in ("nearly singular", "singular", "zero"))
+    assert torch.isfinite(closed).all()
+    if not degenerate.any():
+        reference = (V * (lam.rsqrt() - 1).unsqueeze(-2).to(dtype)) @ V.mH
+        torch.testing.assert_close(closed, reference, atol=1e-14, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
 @pytest.mark.parametrize("case", ["random", "zero step", "b along U^H a", "large"])
 @pytest.mark.parametrize("method", ["t", "d"])

@@ -15,6 +15,7 @@ __all__ = [
     "adjoint_times",
     "direct_block",
     "double",
+    "inverse_sqrt_minus_identity",
     "tangent_block",
     "thin_qr",
 ]
@@ -96,6 +97,10 @@ def adjoint_times(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 #   s_1 s_2 T^{-H} = X diag(s_2, s_1) Y^H, so the numerator is (s_1 + s_2) X Y^H.
 #   A singular T (s_2 = 0, any phase) gives X Y^H with some unit vector pair
 #   for the null direction: a closest unitary matrix, as the SVD's is.
+# - (I + S)^{-1/2} for the 2 x 2 Hermitian I + S of the Stiefel projUNN-D step
+#   (:func:`_inverse_sqrt_2x2`). That step still asks the host once per
+#   rectangular weight whether a matrix needs the dense projection (Note
+#   [Stiefel projUNN-D]); projUNN-T, the default, never does.
 #
 # Both are exact to rounding; tests/test_update.py compares them with the
 # solver paths and dense references, degenerate cases included. On the CPU,
@@ -200,6 +205,39 @@ def _exp_i_minus_identity_2x2(H: torch.Tensor) -> torch.Tensor:
     scale = 1j * (1 + turn) * torch.sinc(rho / torch.pi)  # i e^{i mu} sin(rho) / rho
     eye = torch.eye(2, dtype=H.dtype, device=H.device)
     return diagonal[..., None, None] * eye + scale[..., None, None] * (H - mu[..., None, None] * eye)
+
+
+def inverse_sqrt_minus_identity(A: torch.Tensor, dense_below: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A^{-1/2} - I for Hermitian positive semidefinite A (..., r, r), and which A are (nearly) singular:
+    smallest eigenvalue below ``dense_below`` times the largest (at least 1). The result is finite for
+    those but meaningless (Note [Stiefel projUNN-D] in ``_stiefel.py``). See Note [No solver calls for rank 1]."""
+    if A.shape[-1] == 2 and _closed_form(A):
+        return _inverse_sqrt_2x2(A, dense_below)
+    lam, V = torch.linalg.eigh(A)
+    degenerate = lam[..., 0] < dense_below * lam[..., -1].clamp_min(1.0)
+    scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt() - 1
+    return (V * scale.unsqueeze(-2).to(V.dtype)) @ V.mH, degenerate
+
+
+def _inverse_sqrt_2x2(A: torch.Tensor, dense_below: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`inverse_sqrt_minus_identity` of 2 x 2 matrices in closed form.
+
+    For A = [[p, q], [conj q, r]] with determinant d = s^2 and trace tau, A^{1/2} = (A + s I) / t with
+    t = sqrt(tau + 2 s), and det(A + s I) = s t^2, so A^{-1/2} = adj(A + s I) / (s t) =
+    [[r + s, -q], [-conj q, p + s]] / (s t). The eigenvalues are tau / 2 +- sqrt(((p - r) / 2)^2 + |q|^2),
+    the smaller as d over the larger (no cancellation).
+    """
+    p, r, q = A[..., 0, 0].real, A[..., 1, 1].real, A[..., 0, 1]
+    tiny = torch.finfo(p.dtype).tiny
+    largest = (p + r) / 2 + torch.hypot((p - r) / 2, q.abs())
+    det = p * r - q.abs().square()
+    degenerate = det / largest.clamp_min(tiny) < dense_below * largest.clamp_min(1.0)
+    s = det.clamp_min(tiny).sqrt()
+    scale = 1 / (s * (p + r + 2 * s).sqrt())
+    inverse_sqrt = torch.stack(
+        [torch.stack([(r + s) * scale, -q * scale], -1), torch.stack([-q.conj() * scale, (p + s) * scale], -1)], -2
+    )
+    return inverse_sqrt.to(A.dtype) - torch.eye(2, dtype=A.dtype, device=A.device), degenerate
 
 
 def direct_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ from __future__ import annotations
 import torch
 
 from .._rows import ALL_ROWS, Rows
-from ._kernels import add_low_rank, adjoint_times, double, tangent_block
+from ._kernels import add_low_rank, adjoint_times, double, inverse_sqrt_minus_identity, tangent_block
 from ._unitary import closest_unitary
 
 __all__ = ["stiefel_d", "stiefel_t"]
@@ -104,10 +104,7 @@ def stiefel_d(
     a_precise = a.to(precise)
     S = R_c @ R_b.mH + R_b @ R_c.mH + R_b @ rows.sum(a_precise.mH @ a_precise) @ R_b.mH
     eye = torch.eye(S.shape[-1], dtype=precise, device=W.device)
-    lam, V = torch.linalg.eigh(eye + (S + S.mH) / 2)
-    degenerate = lam[..., 0] < _DENSE_BELOW * lam[..., -1].clamp_min(1.0)
-    scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt() - 1
-    C = (V * scale.unsqueeze(-2).to(precise)) @ V.mH
+    C, degenerate = inverse_sqrt_minus_identity(eye + (S + S.mH) / 2, _DENSE_BELOW)
     # Dense fallback for the degenerate matrices, formed before ``out`` (which may be W) is written.
     fallback = _polar((W + a @ b.mH)[degenerate], rows, cols) if bool(degenerate.any()) else None
     left = cols.sum(W @ Q.to(W.dtype)) @ C.to(W.dtype) + a @ (R_b.mH @ (eye + C)).to(W.dtype)

@@ -23,6 +23,7 @@ __all__ = [
     "visible_entries",
 ]
 
+
 class FolderBusyError(OSError):
     """Another process holds the folder's lock."""
 
