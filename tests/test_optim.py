@@ -963,6 +963,38 @@ def test_a_rank_1_step_waits_for_the_device_twice_however_many_weights(method, b
     assert stepped - base <= 2 + (rectangular if method == "d" else 0)
 
 
+class _CountQR(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] in ("linalg_qr", "geqrf")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["t", "d"])
+def test_a_rank_2_step_takes_no_householder_qr_on_the_gpus_path(method, monkeypatch):
+    """Householder QR is the solver a GPU runs matrix by matrix (Note [No solver calls for rank 1]): at
+    rank 2 the tall blocks of square and rectangular weights, batched or not, are orthonormalised by CGS2
+    (a block wider than tall, 2k > N, keeps Householder QR)."""
+    monkeypatch.setattr(projunn.functional._kernels, "CLOSED_FORMS_ON_CPU", True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        projunn.models.DeepUnitaryCNN(2, channels=4, size=(4, 4)), torch.nn.Flatten(), torch.nn.LazyLinear(32)
+    )
+    model.append(_tall_then_wide())
+    model(torch.randn(2, 1, 4, 4))
+    groups = param_groups(model, unitary_lr=1e-3, method=method, rank=2, sketch="lsi")
+    optimizer = ProjUNN(torch.optim.Adam(groups, lr=1e-3), drift_tolerance=None)
+    for _ in range(2):
+        model(torch.randn(2, 1, 4, 4)).square().sum().backward()
+        with _CountQR() as counter:
+            optimizer.step()
+        optimizer.zero_grad()
+        assert counter.count == 0
+
+
 def _tall_then_wide() -> torch.nn.Module:
     return torch.nn.Sequential(projunn.nn.StiefelLinear(32, 16), projunn.nn.StiefelLinear(16, 32))
 

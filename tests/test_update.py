@@ -326,10 +326,14 @@ def closed_forms(monkeypatch):
     monkeypatch.setattr(kernels, "CLOSED_FORMS_ON_CPU", True)
 
 
+@pytest.mark.parametrize("columns", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
-@pytest.mark.parametrize("case", ["random", "first zero", "second zero", "parallel", "tiny", "huge", "one column"])
-def test_thin_qr_of_one_or_two_columns_is_a_qr(dtype, case, closed_forms):
-    X = randn(4, 9, 2, dtype=dtype)
+@pytest.mark.parametrize(
+    "case", ["random", "first zero", "second zero", "parallel", "dependent", "tiny", "huge", "one column"]
+)
+def test_thin_qr_of_up_to_four_columns_is_a_qr(dtype, case, columns, closed_forms):
+    """The 2k columns of ranks 1 and 2."""
+    X = randn(4, 9, columns, dtype=dtype)
     # Far beyond what a float32 product can reach, then near the end of double precision's squares.
     single = dtype in (torch.float32, torch.complex64)
     X = X * {"tiny": 1e-30 if single else 1e-140, "huge": 1e30 if single else 1e140}.get(case, 1.0)
@@ -339,6 +343,8 @@ def test_thin_qr_of_one_or_two_columns_is_a_qr(dtype, case, closed_forms):
         X[..., 1] = 0
     if case == "parallel":
         X[..., 1] = X[..., 0] * 3
+    if case == "dependent":  # the last column in the span of the others
+        X[..., -1] = X[..., 0] - 2 * X[..., 1]
     if case == "one column":
         X = X[..., :1]
     Q, R = thin_qr(X)
@@ -433,11 +439,12 @@ def test_inverse_square_root_of_a_2x2_block_matches_the_eigendecomposition(dtype
         torch.testing.assert_close(closed, reference, atol=1e-14, rtol=0)
 
 
+@pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("dtype", REAL_AND_COMPLEX)
 @pytest.mark.parametrize("case", ["random", "zero step", "b along U^H a", "large"])
 @pytest.mark.parametrize("method", ["t", "d"])
-def test_rank_1_updates_in_closed_form_match_the_dense_references(dtype, case, method, closed_forms):
-    U, a, b = haar(12, batch=(3,), dtype=dtype), randn(3, 12, 1, dtype=dtype, scale=0.3), randn(3, 12, 1, dtype=dtype)
+def test_rank_1_and_2_updates_on_the_gpus_path_match_the_dense_references(dtype, case, method, k, closed_forms):
+    U, a, b = haar(12, batch=(3,), dtype=dtype), randn(3, 12, k, dtype=dtype, scale=0.3), randn(3, 12, k, dtype=dtype)
     if case == "zero step":
         a = torch.zeros_like(a)
     if case == "b along U^H a":  # a rank-deficient [b, U^H a]: the second column of Q is zero

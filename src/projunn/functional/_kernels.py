@@ -84,11 +84,12 @@ def adjoint_times(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 # matrices. So these sizes are solved with tensor operations, batched over
 # all matrices at once and with no host synchronisation:
 #
-# - QR of one column: x / ||x||; of two: classical Gram-Schmidt with one
-#   reorthogonalisation (CGS2), orthogonal to rounding like Householder QR. A
-#   zero column gives a zero column of Q (Householder would give any unit
-#   vector): it meets a zero row of R, so Q R is unchanged, and in the updates
-#   it meets a zero row and column of the r x r block (a zero step there).
+# - QR of one column: x / ||x||; of two to four (rank 2 too): classical
+#   Gram-Schmidt with one reorthogonalisation (CGS2), orthogonal to rounding
+#   like Householder QR. A zero column gives a zero column of Q (Householder
+#   would give any unit vector): it meets a zero row of R, so Q R is unchanged,
+#   and in the updates it meets a zero row and column of the r x r block (a
+#   zero step there).
 # - exp(S) - I for a 2 x 2 skew-Hermitian S = i H, H = mu I + rho P with
 #   P^2 = I: e^{i mu} (cos rho I + i sinc(rho) (H - mu I)) - I, its scalar
 #   parts written without cancellation as in Note [Exponential of the small block].
@@ -101,6 +102,11 @@ def adjoint_times(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 #   (:func:`_inverse_sqrt_2x2`). That step still asks the host once per
 #   rectangular weight whether a matrix needs the dense projection (Note
 #   [Stiefel projUNN-D]); projUNN-T, the default, never does.
+#
+# At rank 2 the tall QR is CGS2 as above, and the 4 x 4 problems keep torch's
+# solvers: for matrices up to 32 x 32 in a batch, torch calls cuSOLVER's batched
+# Jacobi eigensolver and SVD (syevjBatched, gesvdjBatched), one call for every
+# matrix of a weight, not one per matrix; each waits for its error check.
 #
 # Both are exact to rounding; tests/test_update.py compares them with the
 # solver paths and dense references, degenerate cases included. On the CPU,
@@ -136,40 +142,40 @@ def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(norm == 0, 0, x / norm), norm.to(x.dtype)
 
 
-def _inner(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """q^H x for columns (..., n, 1): (..., 1, 1). Elementwise, not a batch of tiny matrix products."""
-    return (q.conj() * x).sum(dim=-2, keepdim=True)
+#: The most columns :func:`thin_qr` orthonormalises in closed form off the CPU: the 2k of rank k <= 2.
+GRAM_SCHMIDT_COLUMNS = 4
 
 
 def thin_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q (..., n, r) with orthonormal (or zero) columns and upper-triangular R (..., r, r), X = Q R.
 
-    One or two columns off the CPU without a solver call, in double precision
+    Up to four columns off the CPU without a solver call, in double precision
     (Note [No solver calls for rank 1]); otherwise Householder QR.
     """
     n, r = X.shape[-2:]
-    if r > 2 or n < r or not _closed_form(X):
+    if r > GRAM_SCHMIDT_COLUMNS or n < r or not _closed_form(X):
         return torch.linalg.qr(X)
     Q, R = _gram_schmidt(X.to(double(X.dtype)))
     return Q.to(X.dtype), R.to(X.dtype)
 
 
 def _gram_schmidt(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`thin_qr` of one or two columns by normalisation and CGS2."""
-    q1, r11 = _unit(X[..., :1])
-    if X.shape[-1] == 1:
-        return q1, r11
-    x = X[..., 1:]
-    r12 = _inner(q1, x)
-    x = x - q1 * r12
-    again = _inner(q1, x)  # the second pass: orthogonal to q1 to rounding however close x was to it
-    x, r12 = x - q1 * again, r12 + again
-    q2, r22 = _unit(x)
-    Q = torch.empty_like(X)
-    Q[..., :1], Q[..., 1:] = q1, q2
-    R = X.new_zeros((*X.shape[:-2], 2, 2))
-    R[..., :1, :1], R[..., :1, 1:], R[..., 1:, 1:] = r11, r12, r22
-    return Q, R
+    """:func:`thin_qr` of a few columns: each normalised after two classical Gram-Schmidt passes (CGS2)
+    against those before it, with elementwise inner products, not batches of tiny matrix products."""
+    columns: list[torch.Tensor] = []
+    R = X.new_zeros((*X.shape[:-2], X.shape[-1], X.shape[-1]))
+    for j in range(X.shape[-1]):
+        x = X[..., j : j + 1]
+        if columns:
+            basis = torch.cat(columns, dim=-1)  # (..., n, j)
+            coefficients = (basis.conj() * x).sum(dim=-2, keepdim=True)  # (..., 1, j)
+            x = x - (basis * coefficients).sum(dim=-1, keepdim=True)
+            again = (basis.conj() * x).sum(dim=-2, keepdim=True)  # orthogonal to the basis to rounding
+            x = x - (basis * again).sum(dim=-1, keepdim=True)
+            R[..., :j, j] = (coefficients + again)[..., 0, :]
+        q, R[..., j : j + 1, j : j + 1] = _unit(x)
+        columns.append(q)
+    return torch.cat(columns, dim=-1), R
 
 
 def tangent_block(R_b: torch.Tensor, R_c: torch.Tensor) -> torch.Tensor:
