@@ -16,8 +16,8 @@ every coupling of rows taken through a :class:`Rows` object: ``sum`` (of the
 per-rank partial products), ``qr`` and ``svd`` (of a tall block split by
 rows), ``norm``, and ``take`` / ``gather`` (this rank's rows of a whole tensor,
 and the whole tensor). On one process, :data:`ALL_ROWS`, these are the
-identity and the single-process factorisations, so the kernels make exactly the
-calls they would make without the object; :class:`RowShards` takes them with
+identity and torch.linalg's own calls, so the kernels make exactly the calls
+they would make without the object; :class:`RowShards` takes them with
 collectives. For U (N x M, rows split) and D = a b^H:
 
 - LSI sketch: V = qr(D^H R) from the summed M x k block sum_r D_r^H R_r
@@ -95,13 +95,8 @@ class Rows:
         return x
 
     def qr(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Thin QR of X (..., n, w): this process's rows of Q (..., n, r), and R (..., r, w), r = min(N, w).
-
-        One or two columns off the CPU in closed form (Note [No solver calls for rank 1]).
-        """
-        from .functional._kernels import thin_qr  # imported here: the kernels' package imports this module
-
-        return thin_qr(X)
+        """Thin QR of X (..., n, w): this process's rows of Q (..., n, r), and R (..., r, w), r = min(N, w)."""
+        return torch.linalg.qr(X)
 
     def svd(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Thin SVD of X (..., n, w): this process's rows of U, and S, V^H."""

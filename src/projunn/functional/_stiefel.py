@@ -57,7 +57,7 @@ from __future__ import annotations
 import torch
 
 from .._rows import ALL_ROWS, Rows
-from ._kernels import add_low_rank, adjoint_times, double, inverse_sqrt_minus_identity, tangent_block
+from ._kernels import add_low_rank, adjoint_times, double, inverse_sqrt_minus_identity, tangent_block, thin_qr
 from ._unitary import closest_unitary
 
 __all__ = ["stiefel_d", "stiefel_t"]
@@ -88,6 +88,12 @@ def _as_tall(fn):
     return update
 
 
+def _tall_qr(X: torch.Tensor, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The QR of a tall block whose rows are split as ``rows`` says: on one process :func:`thin_qr`
+    (a few columns off the CPU without a solver call, Note [No solver calls for rank 1])."""
+    return thin_qr(X) if rows is ALL_ROWS else rows.qr(X)
+
+
 @_as_tall
 def stiefel_d(
     W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, rows: Rows, cols: Rows
@@ -99,7 +105,7 @@ def stiefel_d(
     k = a.shape[-1]
     precise = double(W.dtype)
     c = rows.sum(adjoint_times(W, a))  # (..., M, k)
-    Q, R = cols.qr(torch.cat([b.to(precise), c.to(precise)], dim=-1))
+    Q, R = _tall_qr(torch.cat([b.to(precise), c.to(precise)], dim=-1), cols)
     R_b, R_c = R[..., :k], R[..., k:]
     a_precise = a.to(precise)
     S = R_c @ R_b.mH + R_b @ R_c.mH + R_b @ rows.sum(a_precise.mH @ a_precise) @ R_b.mH
@@ -133,7 +139,7 @@ def stiefel_t(
     """
     k = a.shape[-1]
     precise = double(W.dtype)
-    L, R = rows.qr(torch.cat([cols.sum(W @ b).to(precise), a.to(precise)], dim=-1))
+    L, R = _tall_qr(torch.cat([cols.sum(W @ b).to(precise), a.to(precise)], dim=-1), rows)
     block = tangent_block(R[..., :k], R[..., k:])  # exp(S) - I, S = (R_2 R_1^H - R_1 R_2^H) / 2
     L = L.to(W.dtype)
     return add_low_rank(W, L, block.to(W.dtype) @ rows.sum(adjoint_times(W, L)).mH, out)
