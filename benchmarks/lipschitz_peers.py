@@ -348,6 +348,51 @@ def _write_metrics(rows: list[dict[str, float]], path: pathlib.Path) -> None:
     os.replace(partial, path)
 
 
+def training_step(
+    model: torch.nn.Module, optimizer: ProjUNN, x: torch.Tensor, y: torch.Tensor, settings: Settings
+) -> torch.Tensor:
+    """One step on the batch (x, y): offset cross-entropy, backward, the optimiser's step; returns the loss."""
+    offset = math.sqrt(2) * settings.margin
+    with parametrize.cached():  # a parametrised weight computed once per step, as projunn train does
+        loss = offset_cross_entropy(model(x), y, offset=offset, temperature=settings.temperature)
+        optimizer.zero_grad()
+        loss.backward()
+    optimizer.step()
+    return loss
+
+
+def time_steps(settings: Settings, data: Data, methods: list[str], *, repeats: int) -> dict[str, float]:
+    """Seconds per training step of each available method, timed side by side in interleaved rounds
+    (:func:`projunn.harness.bench._measure.measure_interleaved`), so that the ratios do not depend on
+    what else the machine did while each method trained: the runs' own seconds per epoch do."""
+    from projunn.harness.bench._measure import measure_interleaved
+
+    x, y = data.train
+    batches = epoch_order(settings, 0, len(x)).split(settings.batch_size)
+    steps = {}
+    for method in methods:
+        if unavailable_reason(method) is not None:
+            continue
+        torch.manual_seed(settings.seed)
+        model = build_model(method, settings)
+        optimizer = build_optimizer(method, model, settings)
+        model.train()
+        steps[method] = _stepper(model, optimizer, x, y, batches, settings)
+    found = measure_interleaved(list(steps.values()), torch.device("cpu"), repeats=repeats, budget_s=30.0)
+    return {method: m.ms / 1e3 for method, m in zip(steps, found)}
+
+
+def _stepper(model, optimizer, x, y, batches, settings) -> Callable[[], torch.Tensor]:
+    """A training step on the next batch of the epoch's order at every call."""
+    drawn = iter(range(10**9))
+
+    def step() -> torch.Tensor:
+        batch = batches[next(drawn) % len(batches)]
+        return training_step(model, optimizer, x[batch], y[batch], settings)
+
+    return step
+
+
 def train_method(
     method: str,
     settings: Settings,
@@ -398,7 +443,7 @@ def train_method(
 
     x, y = data.train
     per_epoch = math.ceil(len(x) / settings.batch_size)
-    total, offset = settings.epochs * per_epoch, math.sqrt(2) * settings.margin
+    total = settings.epochs * per_epoch
     done_here = 0
     model.train()
     while position["epoch"] < settings.epochs:
@@ -409,11 +454,7 @@ def train_method(
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * learning_rate_factor(position["epoch"] * per_epoch + step, total)
             started = time.perf_counter()
-            with parametrize.cached():  # a parametrised weight computed once per step, as projunn train does
-                loss = offset_cross_entropy(model(x[batch]), y[batch], offset=offset, temperature=settings.temperature)
-                optimizer.zero_grad()
-                loss.backward()
-            optimizer.step()
+            loss = training_step(model, optimizer, x[batch], y[batch], settings)
             position["seconds"] += time.perf_counter() - started
             position["loss_sum"] += loss.item() * len(batch)
             position["step"], done_here = step + 1, done_here + 1
@@ -484,9 +525,13 @@ def summarise(
         "lipschitz_bound": bound,
         "norm_deviation_max": max(deviations),
         "norm_deviation_per_conv": deviations,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"torch threads: {torch.get_num_threads()}",
+        "machine": machine(),
     }
+
+
+def machine() -> str:
+    threads = torch.get_num_threads()
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, torch threads: {threads}"
 
 
 # ----------------------------------------------------------------------------- the table
@@ -505,6 +550,10 @@ def results_table(root: pathlib.Path) -> str:
         "max ‖J(x)‖₂",
         "max \\|‖Ax‖/‖x‖ - 1\\|",
     ]
+    timing_path = root / "step-times.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
+    if timing is not None:
+        header.insert(4, "s / epoch, side by side")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
     for method in METHODS:
@@ -516,6 +565,7 @@ def results_table(root: pathlib.Path) -> str:
                 s["convolution"],
                 f"{s['parameters']:,}",
                 f"{s['seconds_per_epoch']:.1f}",
+                *([_side_by_side(timing, method)] if timing is not None else []),
                 str(s["epochs"]),
                 f"{s['test_accuracy']:.1%}",
                 *(f"{s['test_certified'][f'{r:g}']:.1%}" for r in RADII),
@@ -531,13 +581,25 @@ def results_table(root: pathlib.Path) -> str:
             notes.append(f"- {reason}" if reason else f"- {method}: not run")
     first = next((json.loads(p.read_text()) for p in sorted(root.glob("*/summary.json"))), None)
     context = []
-    if first is not None:
+    if timing is not None:
         context = [
+            "s / epoch: the run's own training seconds per epoch (a shared machine, methods trained at different "
+            "times); side by side: one training step of every method timed in interleaved rounds of one process "
+            f"(`--time-steps`), times {timing['steps_per_epoch']} steps per epoch; machine: {timing['machine']}.",
+            "",
+        ]
+    if first is not None:
+        context += [
             f"Test images: {first['test_images']:,}; certified radii in [0, 1]-pixel L2 units with Lipschitz "
             f"constant 1; ‖J‖ over {first['jacobian_images']} test images; machine: {first['machine']}.",
             "",
         ]
     return "\n".join(context + lines + (["", *notes] if notes else [])) + "\n"
+
+
+def _side_by_side(timing: dict[str, Any], method: str) -> str:
+    seconds = timing["seconds_per_step"].get(method)
+    return "-" if seconds is None else f"{seconds * timing['steps_per_epoch']:.1f}"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -558,6 +620,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-root", type=pathlib.Path, default=ROOT)
     parser.add_argument("--resume", action="store_true", help="continue the runs in --out-root")
     parser.add_argument("--table-only", action="store_true", help="rebuild <out-root>/results.md and print it")
+    parser.add_argument(
+        "--time-steps",
+        type=int,
+        metavar="REPEATS",
+        help="only time every method's training step side by side (at most REPEATS rounds): <out-root>/step-times.json",
+    )
     return parser.parse_args(argv)
 
 
@@ -565,7 +633,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if not args.table_only:
+    if args.time_steps:
+        settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+        data = load_data(settings)
+        seconds = time_steps(settings, data, args.methods, repeats=args.time_steps)
+        per_epoch = math.ceil(len(data.train[0]) / settings.batch_size)
+        timing = {"seconds_per_step": seconds, "steps_per_epoch": per_epoch, "machine": machine()}
+        args.out_root.mkdir(parents=True, exist_ok=True)
+        (args.out_root / "step-times.json").write_text(json.dumps(timing, indent=2) + "\n")
+        print(json.dumps(timing, indent=2))
+    elif not args.table_only:
         settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
         stopping: list[int] = []
 

@@ -100,3 +100,18 @@ def test_a_run_refuses_to_resume_with_other_settings(tmp_path, capsys):
     assert peers.main(argv) == 0
     assert peers.main([*argv, "--resume", "--lr", "0.5"]) == 2
     assert "lr: 0.5 (the run has 0.001)" in capsys.readouterr().err
+
+
+def test_the_side_by_side_step_times_join_the_table(tmp_path):
+    argv = ["--data", "synthetic", "--limit-train", "32", "--batch-size", "16", "--epochs", "1"]
+    argv += ["--channels", "4", "--blocks", "1", "--methods", "projunn-t", "cayley", "--out-root", str(tmp_path)]
+    assert peers.main([*argv, "--time-steps", "1"]) == 0
+    timing = json.loads((tmp_path / "step-times.json").read_text())
+    assert set(timing["seconds_per_step"]) == {"projunn-t", "cayley"} and timing["steps_per_epoch"] == 2
+    assert all(seconds > 0 for seconds in timing["seconds_per_step"].values())
+    assert not (tmp_path / "projunn-t").exists()  # timing trains no run
+    assert peers.main(argv) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "s / epoch, side by side" in table
+    seconds = timing["seconds_per_step"]["cayley"] * 2
+    assert f"| {seconds:.1f} |" in table.split("| cayley |")[1].splitlines()[0] + "|"
