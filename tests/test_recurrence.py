@@ -338,3 +338,20 @@ def test_kernels_per_time_step_with_the_gpus_blocks(nonlinearity, dtype, most, m
     monkeypatch.setitem(_recurrence.DERIVATIVE_BLOCK, "cpu", _recurrence.DERIVATIVE_BLOCK["cuda"])
     forward, backward = _kernels_per_step(nonlinearity, dtype)
     assert forward <= most[0] and backward <= most[1], (forward, backward)
+
+
+def test_the_complex_modrelu_bias_gradient_keeps_its_accuracy_near_zero_modulus():
+    """|z| far below b: dL/dz holds terms of size b / |z| that cancel in the bias gradient, which is
+    therefore summed from dL/dh (Note [Derivatives by blocks of steps]): complex64 within rounding of
+    the complex128 result."""
+    generator = torch.Generator().manual_seed(0)
+    xw = 1e-5 * torch.randn(3, 256, 8, dtype=torch.complex128, generator=generator)
+    weight = torch.eye(8, dtype=torch.complex128)
+    bias = torch.full((8,), 0.5, dtype=torch.float64)
+    grads = []
+    for dtype in (torch.complex64, torch.complex128):
+        b = bias.to(dtype.to_real()).requires_grad_()
+        hs = unitary_recurrence(xw.to(dtype), weight.to(dtype), torch.zeros(256, 8, dtype=dtype), "modrelu", b)
+        hs.real.sum().backward()
+        grads.append(b.grad.double())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=0)

@@ -4,10 +4,10 @@ Autograd through a per-step cell records a dozen nodes per time step, and at
 T = 1000 their bookkeeping, not the arithmetic, dominates an iteration. Here
 the forward pass is one loop of ``addmm`` and an in-place activation into
 preallocated (T, B, H) buffers, and the backward pass is one loop of
-``addmm`` and a multiplication by precomputed activation derivatives. Every
-derivative that does not lie on the recurrent chain (the derivative factors,
-the gradient of U, of the modReLU bias and of the inputs) is computed for
-all steps at once, outside the loops.
+``addmm`` and a multiplication by activation derivatives computed ahead, a
+block of steps at a time (Note [Derivatives by blocks of steps]). The
+gradients that do not lie on the recurrent chain (of U and of the inputs) are
+computed for all steps at once after the loop, the modReLU bias's per block.
 
 Note [Fused readout]
 --------------------
@@ -226,7 +226,8 @@ class _Recurrence(torch.autograd.Function):
             _rows(grad_h[-1]).addmm_(grad_read[-1], readout_weight)
         # grad wrt h of F.linear(h, U) = h U^T is g U-bar (conjugate for complex).
         carry = weight.conj().resolve_conj() if weight.is_complex() else weight
-        backprop = _ActivationBackward(ctx.activation, hs, pre, bias, grad_h)
+        wants_bias_grad = bias is not None and ctx.needs_input_grad[3]
+        backprop = _ActivationBackward(ctx.activation, hs, pre, bias, grad_h, bias_grad=wants_bias_grad)
         carry_back = _carry_back(grad_h, grad_hs, carry, grad_read, readout_weight)
         with flush_denormals(hs.device):
             for t in range(steps - 1, -1, -1):
@@ -243,7 +244,7 @@ class _Recurrence(torch.autograd.Function):
             grad_weight = grad_pre[0].mT @ h0.conj()
             if steps > 1:
                 grad_weight = grad_weight + grad_pre[1:].reshape(-1, size).mT @ hs[:-1].reshape(-1, size).conj()
-        grad_bias = backprop.grad_bias() if bias is not None and ctx.needs_input_grad[3] else None
+        grad_bias = backprop.grad_bias() if wants_bias_grad else None
         grad_readout_weight = grad_readout_bias = None
         if grad_read is not None:
             read_rows = grad_read.reshape(-1, grad_read.shape[-1])
@@ -311,20 +312,33 @@ class _ActivationBackward:
     both are 0; at z = 0, alpha = relu(b), beta = 0 (Note [Gradients at zero modulus]). The bias
     gradient, sum_t Re(conj(dL/dh_t) sgn h_t), equals sum_t Re(conj(dL/dz_t) sgn h_t): where active,
     Re(conj(alpha g + beta conj g) u) = (alpha - k/2) Re(conj(g) u) and alpha - k/2 = c - k = 1;
-    elsewhere sgn h_t = 0. So it is summed over each finished block from the gradients in place.
+    elsewhere sgn h_t = 0. The real case's sum is taken from the converted gradients (there dL/dz = g
+    wherever sgn h != 0); the complex case's from conj(g), kept for the block anyway: from dL/dz it
+    would be a difference of terms of size b / |z|, which loses accuracy as |z| -> 0.
     """
 
-    def __init__(self, activation: str, hs: torch.Tensor, pre: torch.Tensor | None, bias, grad_h: torch.Tensor):
+    def __init__(
+        self,
+        activation: str,
+        hs: torch.Tensor,
+        pre: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        grad_h: torch.Tensor,
+        *,
+        bias_grad: bool = False,
+    ):
         self.activation, self.hs, self.pre, self.bias, self.grad_h = activation, hs, pre, bias, grad_h
         self.grad_steps = grad_h.unbind(0)
         self.hs_steps = hs.unbind(0)
         self.start = self.end = hs.shape[0]  # the block [start, end) whose derivatives are held
         self.block = DERIVATIVE_BLOCK.get(hs.device.type, DERIVATIVE_BLOCK["cuda"])
+        self.bias_grad = torch.zeros_like(bias) if bias_grad else None
         if activation == "modrelu":
-            self.bias_grad = torch.zeros_like(bias)
             self.at_zero = torch.relu(bias)  # Note [Gradients at zero modulus]
-            if hs.is_complex():
-                self.conj_g = torch.empty_like(hs[0])
+            if hs.is_complex():  # conj(dL/dh) of the block's steps, kept for the bias gradient
+                self.conj_g = torch.empty(
+                    (min(self.block, hs.shape[0]), *hs.shape[1:]), dtype=hs.dtype, device=hs.device
+                )
 
     def __call__(self, t: int) -> None:
         g = self.grad_steps[t]
@@ -340,8 +354,8 @@ class _ActivationBackward:
         if self.beta is None:
             g.mul_(self.alpha[i])
             return
-        torch.conj_physical(g, out=self.conj_g)
-        g.mul_(self.alpha[i]).addcmul_(self.beta[i], self.conj_g)
+        conj_g = torch.conj_physical(g, out=self.conj_g[i])
+        g.mul_(self.alpha[i]).addcmul_(self.beta[i], conj_g)
 
     def _next_block(self, t: int) -> None:
         """Sum the finished block's bias gradient, then hold the derivatives of the block ending at t."""
@@ -366,11 +380,14 @@ class _ActivationBackward:
         self.beta = torch.where(active, -half_k * self.sign.square(), 0.0)
 
     def _sum_bias_grad(self) -> None:
-        """Add the bias gradient of the steps [start, end), whose gradients are dL/dz now."""
-        if self.activation != "modrelu" or self.start == self.end:
+        """Add the bias gradient of the finished steps [start, end): sum Re(conj(dL/dh) sgn h)."""
+        if self.bias_grad is None or self.start == self.end:
             return
-        terms = _real(self.grad_h[self.start : self.end]) * _real(self.sign)
-        self.bias_grad += (terms.sum(-1) if self.hs.is_complex() else terms).sum((0, 1))
+        if self.hs.is_complex():
+            terms = (self.conj_g[: self.end - self.start] * self.sign).real
+        else:
+            terms = self.grad_h[self.start : self.end] * self.sign  # dL/dz, equal to dL/dh where sgn h != 0
+        self.bias_grad += terms.sum((0, 1))
 
     def grad_bias(self) -> torch.Tensor:
         self._sum_bias_grad()
