@@ -13,6 +13,7 @@ except ImportError:  # Windows: no advisory locks; folders are still created ato
     fcntl = None
 
 __all__ = [
+    "LOCK",
     "FolderBusyError",
     "atomic_write",
     "describe_os_error",
@@ -22,6 +23,9 @@ __all__ = [
     "unlock_folder",
     "visible_entries",
 ]
+
+#: The lock file inside a run folder; the process holding its lock owns the folder.
+LOCK = ".lock"
 
 
 class FolderBusyError(OSError):
@@ -78,28 +82,44 @@ def make_new_folder(base: pathlib.Path) -> pathlib.Path:
     raise FileExistsError(errno.EEXIST, "no free folder name", str(base))
 
 
-def lock_folder(folder: pathlib.Path) -> int | None:
-    """Take the exclusive lock of ``folder`` and return its descriptor (:func:`unlock_folder` releases it).
+def lock_folder(folder: pathlib.Path) -> int:
+    """Take the exclusive lock of ``folder`` and return its file descriptor (:func:`unlock_folder` releases it).
 
-    An advisory ``flock`` on the folder itself, not on a lock file inside it: nothing is left behind
-    to clean up or to race on, and the kernel releases the lock when the process ends, however it
-    ends. None where there are no advisory locks (Windows).
+    An advisory ``flock`` on a lock file inside the folder: the kernel releases it when the process
+    ends, however it ends, so a killed run never leaves a folder locked (only, then, the empty lock
+    file, which the next run reuses). A file, not the folder itself: Linux's NFS client forwards
+    ``flock`` on files to the server, so that runs on two machines sharing the storage exclude each
+    other, but keeps a lock on a directory to the machine that took it.
 
     Raises:
         FolderBusyError: another process holds the lock.
     """
-    if fcntl is None:
-        return None
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    path = folder / LOCK
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return descriptor
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise FolderBusyError(errno.EBUSY, "in use by another projunn process", str(folder)) from None
+        except BaseException:
+            os.close(descriptor)
+            raise
+        # The holder before us may have removed the file between our open and our lock (see
+        # unlock_folder): then we hold the lock of a file nobody else can see, so try again.
+        try:
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                return descriptor
+        except FileNotFoundError:
+            pass
         os.close(descriptor)
-        raise FolderBusyError(errno.EBUSY, "in use by another projunn process", str(folder)) from None
-    return descriptor
 
 
-def unlock_folder(descriptor: int | None) -> None:
-    """Release :func:`lock_folder`'s lock."""
-    if descriptor is not None:
+def unlock_folder(folder: pathlib.Path, descriptor: int) -> None:
+    """Release :func:`lock_folder`'s lock and remove the lock file (while still holding it)."""
+    try:
+        (folder / LOCK).unlink(missing_ok=True)
+    finally:
         os.close(descriptor)

@@ -59,7 +59,7 @@ CHECKPOINT_FORMAT = "projunn-run/1"
 _CHECKPOINT_KEYS = ("config", "step", "seconds", "history", "model", "optimizer")  # needed to continue a run
 #: What a run writes into its folder (``overwrite`` removes exactly these).
 _RUN_FILES = ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT, "certify.json")
-#: Every name a run puts into its folder (hidden ones aside: temporary files being written).
+#: Every name a run puts into its folder (hidden ones aside: the lock and temporary files).
 RUN_ENTRIES = frozenset({*_RUN_FILES, TENSORBOARD_DIR})
 METRIC_FIELDS = (
     "step",
@@ -193,7 +193,7 @@ class Claim:
     """A run folder this process writes into: its lock, and whether this start created the folder."""
 
     out: pathlib.Path
-    lock: int | None
+    lock: int
     created: bool
 
 
@@ -239,7 +239,7 @@ def claim_out_dir(out: pathlib.Path, config) -> Claim:
 
 
 def release(claim: Claim | None, *, failed_start: bool) -> None:
-    """Unlock the folder; after a start that never wrote a checkpoint, remove
+    """Unlock the folder (removing the lock file); after a start that never wrote a checkpoint, remove
     what it created.
 
     So a failed start leaves the folder as it found it (or no folder), which both
@@ -256,7 +256,7 @@ def release(claim: Claim | None, *, failed_start: bool) -> None:
             events.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # absent, or holding something else
             board.rmdir()
-    unlock_folder(claim.lock)
+    unlock_folder(claim.out, claim.lock)
     if removing and claim.created:
         with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
             claim.out.rmdir()
