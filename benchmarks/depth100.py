@@ -25,11 +25,16 @@ import argparse
 import csv
 import pathlib
 
-from projunn.harness.train import TrainConfig, train
+import torch
+
+from projunn.harness.train import RunError, TrainConfig, train
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "cnn"
-#: epochs.csv's columns: the epoch, the run's steps and training seconds so far, the figures of its test pass.
+#: epochs.csv's columns: the epoch, the run's steps and training seconds so far, the figures of the test pass
+#: that ended the epoch and of its last validation row, and the largest unitarity error of the run so far.
 COLUMNS = ("epoch", "steps", "seconds", "test_accuracy", "train_accuracy", "validation_accuracy", "max_unitarity_error")
+#: Steps per epoch: the 54,000 training images (the last tenth held out) at the task's batch of 64.
+STEPS_PER_EPOCH = 54_000 // 64
 
 
 def run_folder(root: pathlib.Path, depth: int, channels: int, method: str) -> pathlib.Path:
@@ -72,6 +77,11 @@ def train_epochs(method: str, args: argparse.Namespace) -> bool:
     """Continue ``method``'s run to ``args.epochs`` epochs; False if a stop signal ended the sitting."""
     folder = run_folder(args.out_root, args.depth, args.channels, method)
     rows = read_epochs(folder)
+    checkpoint = folder / "checkpoint.pt"
+    if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["step"] > (len(rows) + 1) * STEPS_PER_EPOCH:
+        raise SystemExit(
+            f"{folder}: the checkpoint is past the epochs epochs.csv records; remove the folder to start over"
+        )
     for epoch in range(len(rows) + 1, args.epochs + 1):
         config = TrainConfig(
             task="mnist",
@@ -85,7 +95,10 @@ def train_epochs(method: str, args: argparse.Namespace) -> bool:
             resume=(folder / "checkpoint.pt").exists(),
             quiet=True,
         )
-        summary = train(config)
+        try:
+            summary = train(config)
+        except RunError as error:  # a diverged run too: its last finite checkpoint is kept
+            raise SystemExit(f"{method}: {error}") from None
         if summary["interrupted"]:
             return False
         rows.append(epoch_row(epoch, summary, folder))

@@ -374,7 +374,11 @@ def time_steps(settings: Settings, data: Data, methods: list[str], *, repeats: i
         if unavailable_reason(method) is not None:
             continue
         torch.manual_seed(settings.seed)
-        model = build_model(method, settings)
+        try:
+            model = build_model(method, settings)
+        except UnavailableError as reason:
+            print(f"skipped {reason}")
+            continue
         optimizer = build_optimizer(method, model, settings)
         model.train()
         steps[method] = _stepper(model, optimizer, x, y, batches, settings)
@@ -565,7 +569,7 @@ def results_table(root: pathlib.Path) -> str:
                 s["convolution"],
                 f"{s['parameters']:,}",
                 f"{s['seconds_per_epoch']:.1f}",
-                *([_side_by_side(timing, method)] if timing is not None else []),
+                *([_side_by_side(timing, method, s["settings"])] if timing is not None else []),
                 str(s["epochs"]),
                 f"{s['test_accuracy']:.1%}",
                 *(f"{s['test_certified'][f'{r:g}']:.1%}" for r in RADII),
@@ -584,8 +588,9 @@ def results_table(root: pathlib.Path) -> str:
     if timing is not None:
         context = [
             "s / epoch: the run's own training seconds per epoch (a shared machine, methods trained at different "
-            "times); side by side: one training step of every method timed in interleaved rounds of one process "
-            f"(`--time-steps`), times {timing['steps_per_epoch']} steps per epoch; machine: {timing['machine']}.",
+            "times); side by side: the median of one training step of every method timed in interleaved rounds of "
+            f"one process (`--time-steps`, with the runs' settings; '-' otherwise), times {timing['steps_per_epoch']} "
+            f"steps per epoch; machine: {timing['machine']}.",
             "",
         ]
     if first is not None:
@@ -597,12 +602,22 @@ def results_table(root: pathlib.Path) -> str:
     return "\n".join(context + lines + (["", *notes] if notes else [])) + "\n"
 
 
-def _side_by_side(timing: dict[str, Any], method: str) -> str:
+def _side_by_side(timing: dict[str, Any], method: str, settings: dict[str, Any]) -> str:
+    """The method's median step time times the steps of an epoch, where it was timed with the run's settings."""
     seconds = timing["seconds_per_step"].get(method)
-    return "-" if seconds is None else f"{seconds * timing['steps_per_epoch']:.1f}"
+    if seconds is None or timing.get("settings") != settings:
+        return "-"
+    return f"{seconds * timing['steps_per_epoch']:.1f}"
 
 
 # ----------------------------------------------------------------------------- command line
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -622,7 +637,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--table-only", action="store_true", help="rebuild <out-root>/results.md and print it")
     parser.add_argument(
         "--time-steps",
-        type=int,
+        type=_positive,
         metavar="REPEATS",
         help="only time every method's training step side by side (at most REPEATS rounds): <out-root>/step-times.json",
     )
@@ -633,12 +648,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.time_steps:
+    if args.time_steps is not None:
         settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
         data = load_data(settings)
         seconds = time_steps(settings, data, args.methods, repeats=args.time_steps)
         per_epoch = math.ceil(len(data.train[0]) / settings.batch_size)
-        timing = {"seconds_per_step": seconds, "steps_per_epoch": per_epoch, "machine": machine()}
+        timing = {
+            "seconds_per_step": seconds,
+            "steps_per_epoch": per_epoch,
+            "settings": dataclasses.asdict(settings),
+            "machine": machine(),
+        }
         args.out_root.mkdir(parents=True, exist_ok=True)
         (args.out_root / "step-times.json").write_text(json.dumps(timing, indent=2) + "\n")
         print(json.dumps(timing, indent=2))

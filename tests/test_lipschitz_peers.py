@@ -106,12 +106,30 @@ def test_the_side_by_side_step_times_join_the_table(tmp_path):
     argv = ["--data", "synthetic", "--limit-train", "32", "--batch-size", "16", "--epochs", "1"]
     argv += ["--channels", "4", "--blocks", "1", "--methods", "projunn-t", "cayley", "--out-root", str(tmp_path)]
     assert peers.main([*argv, "--time-steps", "1"]) == 0
-    timing = json.loads((tmp_path / "step-times.json").read_text())
+    path = tmp_path / "step-times.json"
+    timing = json.loads(path.read_text())
     assert set(timing["seconds_per_step"]) == {"projunn-t", "cayley"} and timing["steps_per_epoch"] == 2
     assert all(seconds > 0 for seconds in timing["seconds_per_step"].values())
     assert not (tmp_path / "projunn-t").exists()  # timing trains no run
     assert peers.main(argv) == 0
-    table = (tmp_path / "results.md").read_text()
-    assert "s / epoch, side by side" in table
-    seconds = timing["seconds_per_step"]["cayley"] * 2
-    assert f"| {seconds:.1f} |" in table.split("| cayley |")[1].splitlines()[0] + "|"
+
+    def cells(method: str) -> list[str]:
+        row = next(
+            line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith(f"| {method} |")
+        )
+        return [cell.strip() for cell in row.strip("|").split("|")]
+
+    timing["seconds_per_step"] = {"projunn-t": 1.25, "cayley": 3.5}  # distinctive: 2.5 and 7.0 s per epoch
+    path.write_text(json.dumps(timing))
+    assert peers.main(["--table-only", "--out-root", str(tmp_path)]) == 0
+    assert cells("projunn-t")[4] == "2.5" and cells("cayley")[4] == "7.0"
+    timing["settings"]["channels"] = 8  # timed with other settings than the runs': not joined
+    path.write_text(json.dumps(timing))
+    assert peers.main(["--table-only", "--out-root", str(tmp_path)]) == 0
+    assert cells("projunn-t")[4] == "-"
+
+
+def test_time_steps_takes_a_positive_count(capsys):
+    with pytest.raises(SystemExit):
+        peers.main(["--time-steps", "0"])
+    assert "expected a positive integer" in capsys.readouterr().err

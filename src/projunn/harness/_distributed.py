@@ -88,8 +88,13 @@ class Replicas:
         return result[0]
 
     def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
+        """Close what was started here: the process group (with its subgroups), or else the control group."""
+        if not dist.is_initialized():
+            return
+        if self.owns_group:
             dist.destroy_process_group()
+        elif self.control is not None:
+            dist.destroy_process_group(self.control)
 
 
 def start_replicas(device_name: str) -> tuple[Replicas, str]:
