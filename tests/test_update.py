@@ -343,8 +343,8 @@ def test_thin_qr_of_up_to_four_columns_is_a_qr(dtype, case, columns, closed_form
         X[..., 1] = 0
     if case == "parallel":
         X[..., 1] = X[..., 0] * 3
-    if case == "dependent":  # the last column in the span of the others
-        X[..., -1] = X[..., 0] - 2 * X[..., 1]
+    if case == "dependent":  # the last column in the span of the others (two columns: parallel, negated)
+        X[..., -1] = X[..., 0] - 2 * X[..., -2]
     if case == "one column":
         X = X[..., :1]
     Q, R = thin_qr(X)

@@ -231,7 +231,9 @@ def _inverse_sqrt_2x2(A: torch.Tensor, dense_below: float) -> tuple[torch.Tensor
     For A = [[p, q], [conj q, r]] with determinant d = s^2 and trace tau, A^{1/2} = (A + s I) / t with
     t = sqrt(tau + 2 s), and det(A + s I) = s t^2, so A^{-1/2} = adj(A + s I) / (s t) =
     [[r + s, -q], [-conj q, p + s]] / (s t). The eigenvalues are tau / 2 +- sqrt(((p - r) / 2)^2 + |q|^2),
-    the smaller as d over the larger (no cancellation).
+    the smaller taken as d over the larger. A must be positive semidefinite (a Gram matrix, as I + S
+    is); d = p r - |q|^2 loses relative accuracy only where A is nearly singular, far below the
+    ``dense_below`` threshold that sends such matrices to the dense projection.
     """
     p, r, q = A[..., 0, 0].real, A[..., 1, 1].real, A[..., 0, 1]
     tiny = torch.finfo(p.dtype).tiny
