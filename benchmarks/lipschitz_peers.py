@@ -26,7 +26,10 @@ A method whose package is missing is skipped with its reason. Each method writes
 state and the per-epoch rows; replaced atomically), ``metrics.csv`` (one row per epoch: seconds of
 training, mean training loss, accuracy and certified accuracy on the held-out 10% of the training
 images) and, once the schedule ends, ``summary.json`` with the test figures, measured once on the
-final weights. ``<out-root>/results.md`` tabulates the summaries.
+final weights, and the soundness check: an L2 PGD attack on the first 500 test images, each
+certified one attacked just inside its radius (a sound certificate leaves nothing to find; a
+summary written before the check gets it on ``--resume``). ``<out-root>/results.md`` tabulates the
+summaries.
 
 Ctrl-C or SIGTERM ends a sitting after the current step with a checkpoint; ``--resume`` continues it
 on the same batches (with the same settings: changing one mid-schedule is refused).
@@ -61,7 +64,14 @@ from torch.nn.utils import parametrizations, parametrize
 
 from projunn.nn import ChannelPad, MaxMin, SpaceToDepth, StiefelLinear, UnitaryConv2d
 from projunn.optim import ProjUNN
-from projunn.robust import certified_accuracy, jacobian_norm, lipschitz_bound, offset_cross_entropy
+from projunn.robust import (
+    certified_accuracy,
+    certified_radius,
+    jacobian_norm,
+    lipschitz_bound,
+    offset_cross_entropy,
+    pgd_l2,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent / "results" / "lipschitz"
 METHODS = ("projunn-t", "projunn-d", "cayley", "aoc", "soc", "aol", "spectral")
@@ -69,6 +79,10 @@ METHODS = ("projunn-t", "projunn-d", "cayley", "aoc", "soc", "aol", "spectral")
 #: robustness literature report (e.g. BCOP, Li et al. 2019; GloRo, Leino et al. 2021), 0.5 and 1.0 below it.
 RADII = (0.5, 1.0, 1.58)
 JACOBIAN_IMAGES = 200
+#: The soundness check: an L2 PGD attack (50 steps, from the image and 2 random starts) on the first 500 test
+#: images, each certified one attacked just inside its radius (what it keeps clear of the edge: far above
+#: float32 rounding of the logits, so that rounding never reads as a broken certificate).
+ATTACK_IMAGES, ATTACK_STEPS, ATTACK_RESTARTS, ATTACK_SLACK = 500, 50, 2, 1e-4
 DEVIATION_INPUTS = 100
 EVAL_BATCH = 1000
 VALIDATION_FRACTION = 0.1
@@ -105,11 +119,13 @@ class Settings:
 
 @dataclass(frozen=True)
 class Data:
-    """Images (N, 1, 28, 28) float32, [0, 1] pixels less the training mean, and int64 labels."""
+    """Images (N, 1, 28, 28) float32, [0, 1] pixels less the training mean, and int64 labels; the range of
+    the pixel values (the attack keeps its images in it), None for synthetic data."""
 
     train: tuple[torch.Tensor, torch.Tensor]
     validation: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
+    pixel_range: tuple[float, float] | None = None
 
 
 class UnavailableError(Exception):
@@ -295,7 +311,10 @@ def load_data(settings: Settings) -> Data:
         train, validation, test_x, test_y = train[:limit], validation[:limit], test_x[:limit], test_y[:limit]
     mean = (x[train].double() / 255).mean().float()
     scaled = lambda images: images.float() / 255 - mean  # noqa: E731  radii stay in [0, 1] pixel units
-    return Data((scaled(x[train]), y[train]), (scaled(x[validation]), y[validation]), (scaled(test_x), test_y))
+    pixel_range = (-mean.item(), 1 - mean.item())
+    return Data(
+        (scaled(x[train]), y[train]), (scaled(x[validation]), y[validation]), (scaled(test_x), test_y), pixel_range
+    )
 
 
 def synthetic_data(count: int, seed: int) -> Data:
@@ -421,7 +440,13 @@ def train_method(
         raise ValueError(f"{folder} already holds a run: pass --resume to continue it, or choose another --out-root")
     if resume and summary_path.exists():
         log(f"{method}: finished earlier ({summary_path})")
-        return json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text())
+        if "attack" not in summary:  # finished before the soundness check was part of the summary
+            model = build_model(method, settings)
+            model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+            summary["attack"] = attack(model, data)
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
     torch.manual_seed(settings.seed)
     model = build_model(method, settings)
     optimizer = build_optimizer(method, model, settings)
@@ -491,8 +516,36 @@ def train_method(
             log(f"{method}: stopped after epoch {position['epoch']}; --resume continues")
             return None
     summary = summarise(method, settings, model, data, position["rows"])
+    summary["attack"] = attack(model, data)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def attack(model: torch.nn.Module, data: Data, count: int = ATTACK_IMAGES) -> dict[str, int]:
+    """L2 PGD on the first ``count`` test images: each certified one (radius margin / sqrt(2), Lipschitz
+    constant 1) attacked just inside its radius. A sound certificate leaves nothing to find:
+    ``broken_inside_radius`` counts the images misclassified there."""
+    x, y = (part[:count] for part in data.test)
+    model.eval()
+    with parametrize.cached():  # a parametrised weight computed once for the whole attack
+        with torch.no_grad():
+            radius = certified_radius(model(x), y)
+        certified = radius > 2 * ATTACK_SLACK
+        fooled = torch.zeros(0, dtype=torch.bool)
+        if certified.any():
+            inside = (0.999 * radius[certified]).clamp_max(radius[certified] - ATTACK_SLACK)
+            _, fooled = pgd_l2(
+                model,
+                x[certified],
+                y[certified],
+                inside,
+                steps=ATTACK_STEPS,
+                restarts=ATTACK_RESTARTS,
+                bounds=data.pixel_range,
+                generator=torch.Generator().manual_seed(0),
+            )
+    model.train()
+    return {"images": len(x), "attacked": int(certified.sum()), "broken_inside_radius": int(fooled.sum())}
 
 
 def summarise(
@@ -553,6 +606,7 @@ def results_table(root: pathlib.Path) -> str:
         *(f"certified @ {r:g}" for r in RADII),
         "max ‖J(x)‖₂",
         "max \\|‖Ax‖/‖x‖ - 1\\|",
+        "PGD: broken / attacked",
     ]
     timing_path = root / "step-times.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
@@ -575,6 +629,7 @@ def results_table(root: pathlib.Path) -> str:
                 *(f"{s['test_certified'][f'{r:g}']:.1%}" for r in RADII),
                 f"{s['jacobian_norm_max']:.4f}",
                 f"{s['norm_deviation_max']:.1e}",
+                f"{s['attack']['broken_inside_radius']} / {s['attack']['attacked']}" if "attack" in s else "-",
             ]
             lines.append("| " + " | ".join(cells) + " |")
         elif (folder / "metrics.csv").exists():
@@ -596,7 +651,9 @@ def results_table(root: pathlib.Path) -> str:
     if first is not None:
         context += [
             f"Test images: {first['test_images']:,}; certified radii in [0, 1]-pixel L2 units with Lipschitz "
-            f"constant 1; ‖J‖ over {first['jacobian_images']} test images; machine: {first['machine']}.",
+            f"constant 1; ‖J‖ over {first['jacobian_images']} test images; PGD: of the first {ATTACK_IMAGES} test "
+            f"images, those certified, attacked just inside their radius ({ATTACK_STEPS} steps, "
+            f"{ATTACK_RESTARTS} random restarts), and how many it misclassified there; machine: {first['machine']}.",
             "",
         ]
     return "\n".join(context + lines + (["", *notes] if notes else [])) + "\n"

@@ -80,6 +80,7 @@ def test_a_resumed_run_ends_on_the_weights_of_an_uninterrupted_one(tmp_path):
             assert torch.equal(value, parts_[key]), (method, key)
         summary = json.loads((tmp_path / "parts" / method / "summary.json").read_text())
         assert summary["epochs"] == 2 and set(summary["test_certified"]) == {"0.5", "1", "1.58"}
+        assert summary["attack"]["broken_inside_radius"] == 0 and summary["attack"]["images"] == 12
     table = (tmp_path / "parts" / "results.md").read_text()
     assert all(f"| {method} |" in table for method in AVAILABLE)
     assert peers.main(["--table-only", "--out-root", str(tmp_path / "parts")]) == 0
@@ -133,3 +134,18 @@ def test_time_steps_takes_a_positive_count(capsys):
     with pytest.raises(SystemExit):
         peers.main(["--time-steps", "0"])
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_a_finished_run_without_the_soundness_check_gets_it_on_resume(tmp_path):
+    argv = ["--data", "synthetic", "--limit-train", "32", "--batch-size", "16", "--epochs", "1", "--channels", "4"]
+    argv += ["--blocks", "1", "--methods", "projunn-t", "--out-root", str(tmp_path)]
+    assert peers.main(argv) == 0
+    path = tmp_path / "projunn-t" / "summary.json"
+    summary = json.loads(path.read_text())
+    check = summary.pop("attack")
+    path.write_text(json.dumps(summary))
+    assert peers.main(["--table-only", "--out-root", str(tmp_path)]) == 0
+    assert "| - |" in (tmp_path / "results.md").read_text()  # no check yet
+    assert peers.main([*argv, "--resume"]) == 0
+    assert json.loads(path.read_text())["attack"] == check  # the same final weights, the same seeded attack
+    assert f"| 0 / {check['attacked']} |" in (tmp_path / "results.md").read_text()
