@@ -16,6 +16,7 @@ scores the test set.)
 Usage:
     python benchmarks/paper_variants.py pmnist-h170-t-cayley --resume     # Ctrl-C ends the sitting
     python benchmarks/paper_variants.py pmnist-h170-expm-cayley --resume
+    python benchmarks/paper_variants.py pmnist-h170-eunn-cayley            # the first sitting of a baseline
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ VARIANTS = {
         dict(init="cayley", unitary_lr_divider=32),
         "the expRNN-style baseline (torch's matrix-exponential parametrisation) with exactly the settings "
         "of pmnist-h170-t-cayley, so that the two see the same batches under the same schedule",
+    ),
+    "pmnist-h170-eunn-cayley": (
+        "pmnist",
+        "eunn",
+        dict(init="cayley", unitary_lr_divider=32),
+        "the EUNN baseline (a mesh of 2 layers of rotations, its authors' default) with exactly the settings "
+        "of pmnist-h170-t-cayley, started from the same Cayley-initialised matrix",
+    ),
+    "pmnist-h170-none-cayley": (
+        "pmnist",
+        "none",
+        dict(init="cayley", unitary_lr_divider=32),
+        "the unconstrained baseline: the same model, initialisation, batches and schedule as "
+        "pmnist-h170-t-cayley, its recurrent matrix stepped by plain RMSprop",
     ),
 }
 
