@@ -15,7 +15,7 @@ from test_reproduction import _benchmark_script
 peers = _benchmark_script("lipschitz_peers")
 SMALL = peers.Settings(channels=4, blocks=1, stages=2)
 AVAILABLE = [m for m in peers.METHODS if peers.unavailable_reason(m) is None]
-PROJUNN = ("projunn-t", "projunn-d", "cayley")
+PROJUNN = ("projunn-t", "projunn-d", "projunn-t-k16", "cayley")
 
 
 @pytest.mark.parametrize("method", AVAILABLE)
@@ -149,3 +149,10 @@ def test_a_finished_run_without_the_soundness_check_gets_it_on_resume(tmp_path):
     assert peers.main([*argv, "--resume"]) == 0
     assert json.loads(path.read_text())["attack"] == check  # the same final weights, the same seeded attack
     assert f"| 0 / {check['attacked']} |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_rank_16_method_steps_each_convolution_at_rank_16_capped_by_its_channels():
+    model = peers.build_model("projunn-t-k16", SMALL)  # 4 channels, then 16
+    optimizer = peers.build_optimizer("projunn-t-k16", model, SMALL)
+    ranks = [group.get("rank") for group in optimizer.param_groups if group.get("unitary")]
+    assert ranks == [4, 16, None]  # the two stages' convolutions, then the head at --rank
