@@ -15,34 +15,21 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import pathlib
 
 import torch
-from torch.nn.utils import parametrize
 
+from paper_step_times import step_of
 from projunn.harness._build import pick_device
 from projunn.harness.bench import describe_machine, measure
-from projunn.harness.train import TrainConfig, build, resolve
+from projunn.harness.train import TrainConfig, resolve
 
 METHODS = ("t", "expm", "cayley", "none")
 
 
 def iteration_ms(hidden: int, seq_len: int, batch_size: int, method: str, repeats: int, device: torch.device) -> float:
-    torch.manual_seed(0)
     config = resolve(TrainConfig(task="copy", method=method, hidden=hidden, seq_len=seq_len, batch_size=batch_size))
-    built = build(config, device)  # the model constrained by the method and its optimiser, as projunn train builds them
-    cached = parametrize.cached if method in ("expm", "cayley") else contextlib.nullcontext
-    steps = iter(range(10**9))  # a fresh batch for every call
-
-    def one():
-        x, y = built.data.batch(next(steps))
-        with cached():
-            loss = built.data.loss(built.model, x, y)
-        loss.backward()
-        built.optimizer.step()
-        built.optimizer.zero_grad()
-
+    one = step_of(config, device)  # the model constrained by the method and its optimiser, as projunn train builds them
     # The whole budget of time goes to `repeats` calls at most (a large hidden size gets fewer).
     return measure(one, device, repeats=repeats, budget_s=60.0, warmup=3).ms
 

@@ -36,10 +36,14 @@ TASKS = {"copy": {"seq_len": 1000}, "pmnist": {}}
 
 def training_step(task: str, method: str, device: torch.device):
     """One training step of ``projunn train TASK --preset paper --method METHOD``, a fresh batch per call."""
+    return step_of(resolve(TrainConfig(task=task, method=method, preset="paper", **TASKS[task])), device)
+
+
+def step_of(config: TrainConfig, device: torch.device):
+    """One training step of a run with these (resolved) settings, built as ``projunn train`` builds it."""
     torch.manual_seed(0)
-    config = resolve(TrainConfig(task=task, method=method, preset="paper", **TASKS[task]))
     built = build(config, device)
-    cached = parametrize.cached if method in PARAMETRISED_METHODS else contextlib.nullcontext
+    cached = parametrize.cached if config.method in PARAMETRISED_METHODS else contextlib.nullcontext
     steps = itertools.count()
 
     def step():
