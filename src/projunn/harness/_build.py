@@ -37,9 +37,7 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name.startswith("cuda:"):  # one GPU per replica under torchrun
-        return torch.device(name)
-    if name not in ("cpu", "cuda"):
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):  # cuda:I: one GPU per replica under torchrun
         raise RunError(f"--device must be auto, cpu or cuda; got {name!r}")
     return torch.device(name)
 

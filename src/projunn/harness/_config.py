@@ -250,6 +250,8 @@ class TrainConfig:
     )
 
 
+#: Settings of projUNN's step, refused (when changed from their defaults) with the other methods.
+_PROJUNN_OPTIONS = ("rank", "sketch", "reorthogonalize_every", "drift_tolerance")
 #: Settings that may differ when a run is resumed.
 _RESUMABLE = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("resumable"))
 #: Settings only some tasks take (those in some task's ``options``); the others refuse them when set.
@@ -282,9 +284,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         _check_preset_agreement(task, config)
     layers = {**_GENERAL_DEFAULTS, **task.defaults, **(task.paper if config.preset == "paper" else {})}
     values = {f.name: getattr(config, f.name) for f in fields(config)}
-    for key, value in layers.items():
-        if values.get(key) is None:
-            values[key] = value
+    values |= {key: value for key, value in layers.items() if values.get(key) is None}
     if task.model_defaults:
         _fill_model_defaults(task, config, values)
     _check_choice("autocast", values["autocast"], (None, *AUTOCAST))
@@ -301,15 +301,9 @@ def _check_projunn_options(config: TrainConfig) -> None:
     """ProjUNN's own settings are refused with a method that takes no projUNN step, which would ignore them."""
     if config.method in ("t", "d"):
         return
-    given = {
-        "rank": config.rank != 1,
-        "sketch": config.sketch is not None,
-        "reorthogonalize_every": config.reorthogonalize_every != 0,
-        "drift_tolerance": config.drift_tolerance != "auto",
-    }
-    for name, set_here in given.items():
-        if set_here:
-            raise RunError(f"{flag(name)} sets projUNN's step (--method t or d), not --method {config.method}")
+    for f in fields(config):
+        if f.name in _PROJUNN_OPTIONS and getattr(config, f.name) != f.default:
+            raise RunError(f"{flag(f.name)} sets projUNN's step (--method t or d), not --method {config.method}")
 
 
 def _check_task_options(task, config: TrainConfig) -> None:
@@ -334,11 +328,10 @@ def _check_preset_agreement(task, config: TrainConfig) -> None:
     """
     for key, value in task.paper.items():
         given = getattr(config, key)
-        if key in task.paper_free or given is None or given == value:
-            continue
-        raise RunError(
-            f"--preset paper sets {flag(key)} {value} for the {task.name} task; {flag(key)} {given} contradicts it"
-        )
+        if key not in task.paper_free and given not in (None, value):
+            raise RunError(
+                f"--preset paper sets {flag(key)} {value} for the {task.name} task; {flag(key)} {given} contradicts it"
+            )
     if config.unitary_lr is not None and "unitary_lr_divider" in task.paper:
         raise RunError(
             f"--preset paper sets --unitary-lr-divider {task.paper['unitary_lr_divider']} for the {task.name} "

@@ -37,11 +37,8 @@ def atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], object]) ->
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        descriptor = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)  # the data is on disk before the rename makes it current
-        finally:
-            os.close(descriptor)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())  # the data is on disk before the rename makes it current
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

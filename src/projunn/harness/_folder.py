@@ -238,15 +238,13 @@ def claim_out_dir(out: pathlib.Path, config) -> Claim:
     return claim
 
 
-def release(claim: Claim | None, *, failed_start: bool) -> None:
+def release(claim: Claim, *, failed_start: bool) -> None:
     """Unlock the folder (removing the lock file); after a start that never wrote a checkpoint, remove
     what it created.
 
     So a failed start leaves the folder as it found it (or no folder), which both
     a rerun and ``resume`` of an earlier run accept.
     """
-    if claim is None:
-        return
     removing = failed_start and not (claim.out / CHECKPOINT).exists()
     if removing:
         for name in ("config.json", "metrics.csv"):

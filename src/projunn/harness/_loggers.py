@@ -57,9 +57,7 @@ class TensorBoardLogger:
     """
 
     def __init__(self, log_dir: str | pathlib.Path) -> None:
-        writer = _summary_writer()
-        self.log_dir = pathlib.Path(log_dir)
-        self._writer = writer(log_dir=str(self.log_dir))
+        self._writer = _summary_writer()(log_dir=str(log_dir))
 
     def log_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         for tag, value in scalars.items():

@@ -56,9 +56,8 @@ def figure(history: list[dict[str, Any]], summary: dict[str, Any]):
     baseline = measured[-1] if measured else summary.get("baseline_loss")
     if baseline is not None:
         ax.axhline(baseline, color="k", linestyle="--", linewidth=1, label="baseline predictor (same set)")
-    ax.set_yscale("log")
-    ax.set_ylabel(summary.get("loss") or task.loss_label)  # what the run's loss was (older summaries: the task's)
-    ax.set_title("loss")
+    # The y label is what the run's loss was (older summaries: the task's).
+    ax.set(yscale="log", ylabel=summary.get("loss") or task.loss_label, title="loss")
     ax = axes[1]
     errors = [max(row["max_unitarity_error"], 1e-16) for row in history]
     ax.plot(steps, errors, color="tab:red", **points)
@@ -74,8 +73,8 @@ def figure(history: list[dict[str, Any]], summary: dict[str, Any]):
     if has_accuracy:
         ax = axes[2]
         ax.plot(steps, [row.get("eval_accuracy") for row in history], color="tab:green", **points)
-        ax.set_ylim(-0.02, 1.04)  # a curve at 0 or 1 stays visible inside the frame
-        ax.set_title(f"held-out {task.accuracy_label}")
+        # A curve at 0 or 1 stays visible inside the frame.
+        ax.set(ylim=(-0.02, 1.04), title=f"held-out {task.accuracy_label}")
     shown = [("T", "seq_len"), ("hidden", "hidden"), ("model", "model"), ("depth", "depth"), ("channels", "channels")]
     details = "".join(f", {label} {summary[key]}" for label, key in shown if summary.get(key) is not None)
     fig.suptitle(f"{summary['task']}{details}, method {summary['method']}", fontsize=10)

@@ -179,12 +179,9 @@ def _run_train(config: TrainConfig) -> int:
         reuse_freed_memory()  # activation buffers are reallocated every step: see projunn.harness._allocator
     try:
         summary = train(config, log=print)
-    except RunDivergedError as error:
-        print(f"projunn train: error: {error}", file=sys.stderr)
-        return 1
     except (RunError, DatasetMissingError) as error:
         print(f"projunn train: error: {error}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, RunDivergedError) else 2  # 2: the run could not start as asked
     except KeyboardInterrupt as stop:  # a second stop signal, or one outside the training steps
         signum = getattr(stop, "signum", signal.SIGINT)
         print(f"projunn train: interrupted ({signal.Signals(signum).name})", file=sys.stderr)

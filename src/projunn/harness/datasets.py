@@ -133,13 +133,8 @@ def _from_idx_folder(folder: pathlib.Path, source: str) -> ImageSet | None:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
-    return ImageSet(
-        arrays["train_images"].astype(np.uint8),
-        arrays["train_labels"].astype(np.int64),
-        arrays["test_images"].astype(np.uint8),
-        arrays["test_labels"].astype(np.int64),
-        source,
-    )
+    typed = {key: array.astype(np.int64 if key.endswith("labels") else np.uint8) for key, array in arrays.items()}
+    return ImageSet(**typed, source=source)
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -217,14 +217,10 @@ def _open_run(
     trained = torch.nn.parallel.DistributedDataParallel(built.model) if replicated else built.model
     state = RunState() if checkpoint is None else _restore(built, checkpoint, out, device, log)
     claim = replicas.on_main(lambda: claim_out_dir(out, config))
-    if replicas.is_main:
-        cleanup.push(
-            lambda kind, error, trace: release(
-                claim, failed_start=kind is not None and not issubclass(kind, RunDivergedError)
-            )
-        )
     run = _Run(config, claim.out, replicas, device, built, trained, state, _above_bars(log))
     if replicas.is_main:
+        failed_start = lambda kind: kind is not None and not issubclass(kind, RunDivergedError)  # noqa: E731
+        cleanup.push(lambda kind, error, trace: release(claim, failed_start=failed_start(kind)))
         run.loggers = open_loggers(config, run.out, cleanup, loggers)
         write_json(run.out / "config.json", stored_settings(config))
     return run

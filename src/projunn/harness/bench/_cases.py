@@ -212,12 +212,7 @@ def layer_cases_full_rank(n: int, config, device: torch.device) -> Iterator[Case
     """The same layer step with torch's and geotorch's orthogonal parametrisations (O(N^3), rank-free)."""
     x, y = _layer_data(n, config, device)
     geotorch = _peer("geotorch")
-    peers = (
-        ("torch orthogonal", "matrix_exp"),
-        ("torch orthogonal", "cayley"),
-        ("geotorch", "expm"),
-        ("geotorch", "cayley"),
-    )
+    peers = [("torch orthogonal", m) for m in ("matrix_exp", "cayley")] + [("geotorch", m) for m in ("expm", "cayley")]
     for library, orthogonal_map in peers:
         name = f"{library} {orthogonal_map}"
         if n > config.peer_max:

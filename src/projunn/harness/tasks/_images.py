@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,8 +37,11 @@ class _ClassificationTask(Task):
     def __init__(self, **fields):
         super().__init__(loss_label="cross-entropy", has_accuracy=True, **fields)
 
-    def split(self, train_x, train_y, test_x, test_y) -> None:
+    def split(self, images, shaped: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Hold out validation images from ``images`` (an ``ImageSet``), each array made a tensor by ``shaped``."""
         config = self.config
+        train_x, train_y = shaped(torch.as_tensor(images.train_images)), torch.as_tensor(images.train_labels)
+        test_x, test_y = shaped(torch.as_tensor(images.test_images)), torch.as_tensor(images.test_labels)
         split = len(train_x) - len(train_x) // 10
         if split < config.batch_size:
             raise ValueError(f"batch size {config.batch_size} exceeds the {split} training images")
@@ -161,14 +165,7 @@ class PixelMNISTTask(_ClassificationTask):
         self.order = torch.arange(784)  # the pixel shown at each time step
         if self.permuted:
             self.order = torch.randperm(784, generator=torch.Generator().manual_seed(self.config.permutation_seed))
-        pixels = lambda array: torch.as_tensor(array).reshape(-1, 784)  # noqa: E731
-        labels = torch.as_tensor
-        self.split(
-            pixels(images.train_images),
-            labels(images.train_labels),
-            pixels(images.test_images),
-            labels(images.test_labels),
-        )
+        self.split(images, lambda x: x.reshape(-1, 784))
 
     def footprint(self, config, batch):
         return self.rnn_footprint(config, batch, 784), "--batch-size or --hidden"  # a pixel per time step
@@ -209,15 +206,12 @@ class ImageTask(_ClassificationTask):
             description=description,
             defaults=dict(
                 model="cnn",
-                depth=None,
-                channels=None,
                 epochs=1,
                 batch_size=64,
                 lr=1e-3,
                 optimizer="adam",
                 init="identity",
                 eval_every=100,
-                eval_limit=None,
             ),
             paper=dict(depth=100, channels=32, epochs=20, batch_size=64, lr=1e-3, unitary_lr_divider=10),
             options=frozenset({"model", "depth", "channels", "epochs", "eval_limit", "margin", "temperature"}),
@@ -247,18 +241,7 @@ class ImageTask(_ClassificationTask):
     def setup(self):
         data_dir = self.config.data_dir
         images = load_cifar10(data_dir) if self.dataset == "cifar10" else load_images(self.dataset, data_dir)
-
-        def with_channels(array) -> torch.Tensor:  # (N, C, n, m); grey images get C = 1
-            x = torch.as_tensor(array)
-            return x.unsqueeze(1) if x.dim() == 3 else x
-
-        labels = torch.as_tensor
-        self.split(
-            with_channels(images.train_images),
-            labels(images.train_labels),
-            with_channels(images.test_images),
-            labels(images.test_labels),
-        )
+        self.split(images, lambda x: x.unsqueeze(1) if x.dim() == 3 else x)  # (N, C, n, m); grey images get C = 1
         # Per-channel standardisation from the training split only: (1, C, 1, 1) each.
         scaled = self.splits["train"][0].float() / 255.0
         self.mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
