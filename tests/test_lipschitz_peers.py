@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from projunn.models import LipschitzCNN
-from projunn.nn import UnitaryConv2d
 from projunn.robust import lipschitz_bound
 from test_reproduction import _benchmark_script
 
@@ -38,14 +37,36 @@ def test_the_unitary_networks_are_one_lipschitz(method):
     assert lipschitz_bound(peers.build_model(method, SMALL)) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_the_norm_deviation_tells_an_orthogonal_conv_from_another():
+def test_the_spectra_bound_the_network_exactly_and_see_a_conv_that_left_the_group():
     torch.manual_seed(0)
-    orthogonal = UnitaryConv2d(4, (8, 8), init="haar", bias=True)
+    model = peers.build_model("projunn-t", SMALL)
+    image = torch.zeros(1, 1, 28, 28)
+    values = peers.spectra(model, image)
+    assert len(values) == len(peers.conv_layers(model)) + 1  # each conv, then the head
+    assert max((v - 1).abs().max().item() for v in values) < 1e-5
+    conv = peers.conv_layers(model)[1]
+    with torch.no_grad():  # one frequency's matrix stretched by 3: invisible to most random inputs
+        conv.weight_free[0, 0].mul_(3)
+    stretched = peers.spectra(model, image)[1]
+    assert stretched.max().item() == pytest.approx(3, rel=1e-5)
+    assert (stretched - 1).abs().max().item() == pytest.approx(2, rel=1e-5)
+
+
+def test_a_summary_certifies_with_the_network_bound_not_with_one():
+    settings = peers.Settings(channels=4, blocks=1, data="synthetic", limit_train=32)
+    data = peers.load_data(settings)
+    torch.manual_seed(0)
+    model = peers.build_model("projunn-t", settings)
+    conv = peers.conv_layers(model)[0]
     with torch.no_grad():
-        orthogonal.bias.normal_()  # the measure takes the bias out
-    assert peers.norm_deviation(orthogonal, (4, 8, 8)) < 1e-5
-    plain = torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")
-    assert peers.norm_deviation(plain, (4, 8, 8)) > 0.1
+        conv.weight_free.mul_(2)
+        conv.weight_self.mul_(2)
+    summary = peers.summarise("projunn-t", settings, model, data, rows=[])
+    assert summary["lipschitz_bound"] == pytest.approx(2, rel=1e-5)
+    assert summary["bound"] == peers.BOUND and summary["norm_deviation_max"] == pytest.approx(1, rel=1e-5)
+    for r in ("0.5", "1", "1.58"):
+        assert summary["test_certified"][r] <= summary["test_certified_at_lipschitz_1"][r]
+    assert summary["attack"]["broken_inside_radius"] == 0
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +106,12 @@ def test_a_resumed_run_ends_on_the_weights_of_an_uninterrupted_one(tmp_path):
     assert all(f"| {method} |" in table for method in AVAILABLE)
     assert peers.main(["--table-only", "--out-root", str(tmp_path / "parts")]) == 0
     assert (tmp_path / "parts" / "results.md").read_text() == table
+    # A summary written before certificates used the exact bound is recomputed from the checkpoint.
+    path = tmp_path / "parts" / AVAILABLE[0] / "summary.json"
+    summary = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in summary.items() if k != "bound"}))
+    assert peers.main([*parts, "--resume", "--methods", AVAILABLE[0]]) == 0
+    assert json.loads(path.read_text()) == summary
 
 
 def test_a_signal_ends_the_sitting_after_the_current_step(tmp_path):
@@ -136,19 +163,20 @@ def test_time_steps_takes_a_positive_count(capsys):
     assert "expected a positive integer" in capsys.readouterr().err
 
 
-def test_a_finished_run_without_the_soundness_check_gets_it_on_resume(tmp_path):
+def test_a_summary_written_before_the_exact_bound_and_the_attack_gets_them_on_resume(tmp_path):
     argv = ["--data", "synthetic", "--limit-train", "32", "--batch-size", "16", "--epochs", "1", "--channels", "4"]
     argv += ["--blocks", "1", "--methods", "projunn-t", "--out-root", str(tmp_path)]
     assert peers.main(argv) == 0
     path = tmp_path / "projunn-t" / "summary.json"
     summary = json.loads(path.read_text())
-    check = summary.pop("attack")
-    path.write_text(json.dumps(summary))
+    old = {k: v for k, v in summary.items() if k not in ("attack", "bound", "test_certified_at_lipschitz_1")}
+    path.write_text(json.dumps(old | {"lipschitz_bound": None}))  # as such summaries were written
     assert peers.main(["--table-only", "--out-root", str(tmp_path)]) == 0
-    assert "| - |" in (tmp_path / "results.md").read_text()  # no check yet
+    table = (tmp_path / "results.md").read_text()
+    assert "| - | 0." in table and "not yet its exact bound" in table  # no bound, no check yet
     assert peers.main([*argv, "--resume"]) == 0
-    assert json.loads(path.read_text())["attack"] == check  # the same final weights, the same seeded attack
-    assert f"| 0 / {check['attacked']} |" in (tmp_path / "results.md").read_text()
+    assert json.loads(path.read_text()) == summary  # the same final weights, the same seeded attack
+    assert f"| 0 / {summary['attack']['attacked']} |" in (tmp_path / "results.md").read_text()
 
 
 def test_the_rank_16_method_steps_each_convolution_at_rank_16_capped_by_its_channels():

@@ -15,6 +15,7 @@ from projunn.optim import ProjUNN
 from projunn.robust import (
     certified_accuracy,
     certified_radius,
+    conv_singular_values,
     jacobian_norm,
     lipschitz_bound,
     offset_cross_entropy,
@@ -68,6 +69,57 @@ def test_exported_conv2d_in_float32_agrees_to_float32_rounding():
 
 
 # -- radii and the bound -------------------------------------------------------------------------
+
+
+def _dense_operator(layer, shape, dtype=F64) -> torch.Tensor:
+    """The layer's linear part as a dense (output size) x (input size) matrix, column by column."""
+    size = math.prod(shape)
+    basis = torch.eye(size, dtype=dtype).reshape(size, *shape)
+    with torch.no_grad():
+        return (layer(basis) - layer(torch.zeros(1, *shape, dtype=dtype))).reshape(size, -1).T
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "kernel", "size"), [(3, 2, 3, (5, 4)), (2, 4, 5, (6, 6)), (3, 3, 1, (3, 5))])
+def test_conv_singular_values_are_those_of_the_dense_operator(c_in, c_out, kernel, size):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, padding_mode="circular", dtype=F64)
+    dense = torch.linalg.svdvals(_dense_operator(conv, (c_in, *size)))
+    ours = conv_singular_values(conv, (c_in, *size))
+    assert ours.shape == (*size, min(c_in, c_out))
+    # The dense operator's other singular values (beyond n * m * min(C_in, C_out)) are zeros.
+    assert torch.allclose(ours.flatten().sort(descending=True).values, dense[: ours.numel()], atol=1e-12)
+    assert (dense[ours.numel() :] < 1e-12).all()
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+def test_an_orthogonal_conv_with_a_bias_has_every_singular_value_one(complex_):
+    torch.manual_seed(0)
+    dtype = torch.complex128 if complex_ else F64
+    conv = UnitaryConv2d(4, (6, 6), init="haar", bias=True, dtype=dtype)
+    with torch.no_grad():
+        conv.bias.normal_()  # taken out as layer(x) - layer(0)
+    assert (conv_singular_values(conv, (4, 6, 6), dtype=dtype) - 1).abs().max() < 1e-13
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (torch.nn.Conv2d(3, 3, 3, padding=1, dtype=F64), "not a linear circular convolution"),  # zero padding
+        (
+            torch.nn.Sequential(
+                torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular", dtype=F64), torch.nn.ReLU()
+            ),
+            "not a linear circular convolution",
+        ),
+        (
+            torch.nn.Conv2d(3, 3, 3, stride=2, padding=1, padding_mode="circular", dtype=F64),
+            r"maps 6 x 6 images to \(3, 3\)",
+        ),
+    ],
+)
+def test_conv_singular_values_refuse_a_layer_that_is_no_circular_convolution(layer, message):
+    with pytest.raises(ValueError, match=message):
+        conv_singular_values(layer, (3, 6, 6))
 
 
 def test_certified_radius_is_the_margin_over_sqrt2_l():
