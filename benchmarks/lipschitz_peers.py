@@ -26,15 +26,16 @@ A method whose package is missing is skipped with its reason. Each method writes
 ``<out-root>/<method>/``: ``checkpoint.pt`` (model, optimiser, position in the schedule, random
 state and the per-epoch rows; replaced atomically), ``metrics.csv`` (one row per epoch: seconds of
 training, mean training loss, accuracy and certified accuracy on the held-out 10% of the training
-images, certified with Lipschitz constant 1) and, once the schedule ends, ``summary.json`` with the
-test figures, measured once on the final weights. Their certificates use each network's own bound,
-the product of its layers' largest singular values, every singular value of each convolution
-computed exactly (:func:`projunn.robust.conv_singular_values`): a package's layer that left the
-orthogonal group in training (a truncated series) shows in the bound rather than in an unsound
-certificate. Then the soundness checks: the largest Jacobian norm over 200 test images (from below)
-and an L2 PGD attack on the first 500 test images, each certified one attacked just inside its
-radius (a sound certificate leaves nothing to find). A summary written before either gets both on
-``--resume``. ``<out-root>/results.md`` tabulates the summaries.
+images, certified with the network's exact bound at that epoch, which the row gives; rows written
+before the bound was part of them certified with Lipschitz constant 1) and, once the schedule ends,
+``summary.json`` with the test figures, measured once on the final weights. Their certificates use
+each network's own bound, the product of its layers' largest singular values, every singular value
+of each convolution computed exactly (:func:`projunn.robust.conv_singular_values`): a package's
+layer that left the orthogonal group in training (a truncated series) shows in the bound rather than
+in an unsound certificate. Then the soundness checks: the largest Jacobian norm over 200 test images
+(from below) and an L2 PGD attack on the first 500 test images, each certified one attacked just
+inside its radius (a sound certificate leaves nothing to find). A summary written before either gets
+both on ``--resume``. ``<out-root>/results.md`` tabulates the summaries.
 
 Ctrl-C or SIGTERM ends a sitting after the current step with a checkpoint; ``--resume`` continues it
 on the same batches (with the same settings: changing one mid-schedule is refused).
@@ -379,7 +380,8 @@ def _save_atomically(value: Any, path: pathlib.Path) -> None:
 def _write_metrics(rows: list[dict[str, float]], path: pathlib.Path) -> None:
     partial = path.with_name(path.name + ".partial")
     with partial.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["epoch"])
+        # Rows written before a column was added leave it empty.
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)) or ["epoch"])
         writer.writeheader()
         writer.writerows(rows)
     os.replace(partial, path)
@@ -510,13 +512,15 @@ def train_method(
                 save()
                 log(f"{method}: stopped at epoch {position['epoch'] + 1}, step {position['step']}; --resume continues")
                 return None
-        scores = evaluate(model, *data.validation)
+        bound = math.prod(values.max().item() for values in spectra(model, x[:1]))
+        scores = evaluate(model, *data.validation, bound)
         row = {
             "epoch": position["epoch"] + 1,
             "seconds": position["seconds"],
             "train_loss": position["loss_sum"] / len(x),
             "val_accuracy": scores["accuracy"],
             **{f"val_certified_{r:g}": scores[f"{r:g}"] for r in RADII},
+            "val_lipschitz_bound": bound,
         }
         position = {
             "epoch": position["epoch"] + 1,
