@@ -281,8 +281,13 @@ def parameter_count(model: torch.nn.Module) -> int:
 def spectra(model: torch.nn.Sequential, image: torch.Tensor) -> list[torch.Tensor]:
     """Every singular value of each convolution of the skeleton at the size it sees, exactly
     (:func:`projunn.robust.conv_singular_values`), then the head's; float64."""
-    shapes = conv_input_shapes(model, image)
-    convs = [conv_singular_values(conv, shape) for conv, shape in zip(conv_layers(model), shapes)]
+    was_training = model.training
+    model.eval()  # a peer's layer may update state in a training-mode forward (a power iteration)
+    try:
+        shapes = conv_input_shapes(model, image)
+        convs = [conv_singular_values(conv, shape) for conv, shape in zip(conv_layers(model), shapes)]
+    finally:
+        model.train(was_training)
     return [*convs, torch.linalg.svdvals(model[-1].weight.detach().double())]
 
 
@@ -436,6 +441,19 @@ def _stepper(model, optimizer, x, y, batches, settings) -> Callable[[], torch.Te
     return step
 
 
+def check_settings(saved: dict[str, Any], settings: Settings, folder: pathlib.Path) -> None:
+    """Refuse to continue (or re-measure) a checkpoint with settings other than those it was trained with.
+
+    Raises:
+        ValueError: names each setting that differs.
+    """
+    changed = {k: (v, saved["settings"].get(k)) for k, v in dataclasses.asdict(settings).items()}
+    changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
+    if changed:
+        described = ", ".join(f"{k}: {new!r} (the run has {old!r})" for k, (new, old) in changed.items())
+        raise ValueError(f"{folder} was trained with other settings; {described}")
+
+
 def train_method(
     method: str,
     settings: Settings,
@@ -461,8 +479,11 @@ def train_method(
     if resume and summary_path.exists():
         log(f"{method}: finished earlier ({summary_path})")
         summary = json.loads(summary_path.read_text())
-        if summary.get("bound") != BOUND:  # finished before certificates used the network's exact bound
+        if summary.get("bound") != BOUND and not checkpoint.exists():
+            log(f"{method}: certified with Lipschitz constant 1; no checkpoint left to compute its exact bound from")
+        elif summary.get("bound") != BOUND:  # finished before certificates used the network's exact bound
             saved = torch.load(checkpoint, weights_only=True)
+            check_settings(saved, settings, folder)
             model = build_model(method, settings)
             model.load_state_dict(saved["model"])
             summary = summarise(method, settings, model, data, saved["position"]["rows"])
@@ -474,11 +495,7 @@ def train_method(
     position = {"epoch": 0, "step": 0, "loss_sum": 0.0, "seconds": 0.0, "rows": []}
     if resume and checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)
-        changed = {k: (v, saved["settings"].get(k)) for k, v in dataclasses.asdict(settings).items()}
-        changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
-        if changed:
-            described = ", ".join(f"{k}: {new!r} (the run has {old!r})" for k, (new, old) in changed.items())
-            raise ValueError(f"{folder} was trained with other settings; {described}")
+        check_settings(saved, settings, folder)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
@@ -663,10 +680,10 @@ def results_table(root: pathlib.Path) -> str:
             elif s["lipschitz_bound"] > 1 + LOOSE_BOUND:
                 claimed = " / ".join(f"{s['test_certified_at_lipschitz_1'][f'{r:g}']:.1%}" for r in RADII)
                 notes.append(
-                    f"- {method}: its convolutions left the orthogonal group in training (singular values "
-                    f"{s['norm_deviation_max']:.2f} from 1), so the network's bound is {s['lipschitz_bound']:.2f} and "
-                    f"its certificates shrink by that factor; at Lipschitz constant 1, as its package intends, it "
-                    f"would claim {claimed}, which its exact bound does not support."
+                    f"- {method}: its layers left the orthogonal group in training (a convolution's singular "
+                    f"values up to {s['norm_deviation_max']:.2f} from 1), so the network's bound is "
+                    f"{s['lipschitz_bound']:.2f} and its certificates shrink by that factor; at Lipschitz constant "
+                    f"1, as its package intends, it would claim {claimed}, which its exact bound does not support."
                 )
         elif (folder / "metrics.csv").exists():
             with (folder / "metrics.csv").open() as handle:

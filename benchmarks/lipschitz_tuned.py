@@ -5,7 +5,9 @@ steps that lr suits poorly is then compared at a handicap, so here each method f
 probes: the first epoch of the same 10-epoch cosine schedule at each of ``--lrs``, scored on the
 validation images (never the test images). The lr whose probe certifies the most validation images
 at the largest radius (1.58; ties: clean validation accuracy) then trains the whole schedule into
-``<out-root>/<method>/``, which `lipschitz_peers`'s summary and soundness checks finish as before.
+``<out-root>/<method>/``, which `lipschitz_peers`'s summary and soundness checks finish as before. The
+chosen probe is that run's first epoch (the same seed, batches and schedule), so the run continues
+from it.
 
 ``<out-root>/selection.json`` records every probe's validation row and each method's choice;
 ``<out-root>/results.md`` is `lipschitz_peers`'s table of the tuned runs with the probes beneath.
@@ -23,7 +25,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -47,13 +51,16 @@ def probe(
     method: str, lr: float, settings: peers.Settings, data: peers.Data, root: pathlib.Path, stop: Callable[[], bool]
 ) -> dict[str, float] | None:
     """The validation row after the first epoch of ``method``'s schedule at ``lr`` (None: the sitting stopped)."""
-    folder = probe_folder(root, method, lr)
+    folder, tried = probe_folder(root, method, lr), dataclasses.replace(settings, lr=lr)
     checkpoint = folder / "checkpoint.pt"
-    position = torch.load(checkpoint, weights_only=True)["position"] if checkpoint.exists() else None
+    position = None
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True)
+        peers.check_settings(saved, tried, folder)  # a probe of another schedule must not decide this one
+        position = saved["position"]
     if position is None or not position["rows"]:
         per_epoch = math.ceil(len(data.train[0]) / settings.batch_size)
         done = 0 if position is None else position["step"]
-        tried = dataclasses.replace(settings, lr=lr)
         peers.train_method(
             method, tried, data, folder, resume=position is not None, max_steps=per_epoch - done, stop=stop
         )
@@ -79,6 +86,8 @@ def tune(
     chosen = choose(rows)
     selection = {"probes": {f"{lr:g}": row for lr, row in rows.items()}, "chosen_lr": chosen, "ranked_by": RANKED_BY}
     _record(root, method, selection)
+    if not (root / method).exists():  # the chosen probe is the run's first epoch: same seed, batches and schedule
+        shutil.copytree(probe_folder(root, method, chosen), root / method)
     summary = peers.train_method(
         method,
         dataclasses.replace(settings, lr=chosen),
@@ -93,7 +102,9 @@ def tune(
 def _record(root: pathlib.Path, method: str, selection: dict[str, Any]) -> None:
     path = root / "selection.json"
     recorded = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**recorded, method: selection}, indent=2) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({**recorded, method: selection}, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def selection_table(root: pathlib.Path) -> str:
@@ -102,18 +113,20 @@ def selection_table(root: pathlib.Path) -> str:
     if not path.exists():
         return ""
     recorded = json.loads(path.read_text())
+    lrs = sorted({lr for selection in recorded.values() for lr in selection["probes"]}, key=float)
     lines = [
         "Probes: the first epoch of the schedule at each lr, validation images; clean / certified at "
         f"{peers.RADII[-1]:g}; the chosen lr in bold.",
         "",
-        "| method | " + " | ".join(f"lr {lr}" for lr in next(iter(recorded.values()))["probes"]) + " |",
-        "|---|" + "---|" * len(next(iter(recorded.values()))["probes"]),
+        "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
     ]
     for method, selection in recorded.items():
         cells = []
-        for lr, row in selection["probes"].items():
-            cell = f"{row['val_accuracy']:.1%} / {row[RANKED_BY[0]]:.1%}"
-            cells.append(f"**{cell}**" if float(lr) == selection["chosen_lr"] else cell)
+        for lr in lrs:
+            row = selection["probes"].get(lr)
+            cell = "-" if row is None else f"{row['val_accuracy']:.1%} / {row[RANKED_BY[0]]:.1%}"
+            cells.append(f"**{cell}**" if lr == f"{selection['chosen_lr']:g}" else cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -152,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             data = peers.load_data(settings)
             for method in args.methods:
-                if tune(method, tuple(args.lrs), settings, data, args.out_root, lambda: bool(stopping)) is None:
-                    return 1
+                lrs = tuple(dict.fromkeys(args.lrs))
+                try:
+                    if tune(method, lrs, settings, data, args.out_root, lambda: bool(stopping)) is None:
+                        return 1
+                except ValueError as error:
+                    print(f"lipschitz_tuned: {error}", file=sys.stderr)
+                    return 2
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

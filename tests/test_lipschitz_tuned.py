@@ -30,12 +30,17 @@ def test_each_method_trains_at_the_lr_its_probes_chose_and_a_second_start_needs_
         assert position["position"]["rows"] == [row] and position["settings"]["lr"] == lr
     run = torch.load(tmp_path / "projunn-t" / "checkpoint.pt", weights_only=True)
     assert run["settings"]["lr"] == selection["chosen_lr"] and len(run["position"]["rows"]) == 2
+    assert run["position"]["rows"][0] == rows[selection["chosen_lr"]]  # the chosen probe was its first epoch
     assert json.loads((tmp_path / "projunn-t" / "summary.json").read_text())["epochs"] == 2
     table = (tmp_path / "results.md").read_text()
     assert "| projunn-t |" in table and "**" in table
     assert tuned.main(argv) == 2 and "pass --resume" in capsys.readouterr().err
     assert tuned.main([*argv, "--resume"]) == 0
     assert (tmp_path / "results.md").read_text() == table
+    # Probes of another schedule must not decide this one: refused in a line, nothing changed.
+    assert tuned.main([*argv, "--resume", "--epochs", "3"]) == 2
+    assert "trained with other settings; epochs: 3 (the run has 2)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "selection.json").read_text())["projunn-t"] == selection
 
 
 def test_a_probe_stopped_midway_resumes_to_the_row_of_an_uninterrupted_one(tmp_path):

@@ -101,25 +101,65 @@ def test_an_orthogonal_conv_with_a_bias_has_every_singular_value_one(complex_):
     assert (conv_singular_values(conv, (4, 6, 6), dtype=dtype) - 1).abs().max() < 1e-13
 
 
+def test_conv_singular_values_of_a_float32_conv_at_a_real_size_match_float64():
+    """64 channels at 14 x 14, as in the Lipschitz benchmark: accepted, and to float32 rounding."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular")
+    wide = torch.nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular", dtype=F64)
+    wide.load_state_dict(conv.state_dict())
+    ours, exact = conv_singular_values(conv, (64, 14, 14)), conv_singular_values(wide, (64, 14, 14))
+    assert torch.allclose(ours, exact, rtol=1e-5, atol=1e-5 * exact.max().item())
+
+
+def _near_identity(padding_mode: str) -> torch.nn.Conv2d:
+    """An identity-initialised 3 x 3 conv after a little training: off-centre taps of 3e-4."""
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, padding_mode=padding_mode, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(3e-4 * torch.randn(16, 16, 3, 3, generator=torch.Generator().manual_seed(0)))
+        conv.weight[range(16), range(16), 1, 1] = 1
+    return conv
+
+
+class _Masked(torch.nn.Module):
+    """A circular conv, then a fixed mask over the pixels: linear, but no convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular", dtype=F64)
+
+    def forward(self, x):
+        return self.conv(x) * torch.linspace(0.5, 1.0, x.shape[-1], dtype=F64)
+
+
 @pytest.mark.parametrize(
-    ("layer", "message"),
+    ("layer", "shape", "message"),
     [
-        (torch.nn.Conv2d(3, 3, 3, padding=1, dtype=F64), "not a linear circular convolution"),  # zero padding
+        (_near_identity("zeros"), (16, 14, 14), "does not commute with circular shifts"),
+        (torch.nn.Conv2d(3, 3, 3, padding=1, dtype=F64), (3, 6, 6), "does not commute with circular shifts"),
+        (_Masked(), (3, 6, 6), "does not commute with circular shifts"),
         (
             torch.nn.Sequential(
-                torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular", dtype=F64), torch.nn.ReLU()
+                torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular", dtype=F64), torch.nn.Tanh()
             ),
-            "not a linear circular convolution",
+            (3, 6, 6),
+            "is not a linear map",
         ),
         (
             torch.nn.Conv2d(3, 3, 3, stride=2, padding=1, padding_mode="circular", dtype=F64),
+            (3, 6, 6),
             r"maps 6 x 6 images to \(3, 3\)",
         ),
     ],
 )
-def test_conv_singular_values_refuse_a_layer_that_is_no_circular_convolution(layer, message):
+def test_conv_singular_values_refuse_a_layer_that_is_no_circular_convolution(layer, shape, message):
     with pytest.raises(ValueError, match=message):
-        conv_singular_values(layer, (3, 6, 6))
+        conv_singular_values(layer, shape)
+    assert layer.training  # measured in evaluation mode, and left as it was
+
+
+def test_the_near_identity_conv_is_accepted_with_circular_padding():
+    values = conv_singular_values(_near_identity("circular"), (16, 14, 14))
+    assert abs(values.max().item() - 1) < 0.05
 
 
 def test_certified_radius_is_the_margin_over_sqrt2_l():

@@ -21,6 +21,7 @@ adversarial example inside a certified radius).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -171,8 +172,10 @@ def conv_singular_values(
     max |sigma - 1| its exact distance from orthogonality, where random inputs only see
     the mean square of the singular values. A bias is removed as ``layer(x) - layer(0)``.
 
-    The layer is checked first: its impulse responses must reproduce its output on a
-    random image to rounding (relative error below the square root of the dtype's eps).
+    The layer is measured in evaluation mode (as it certifies) and checked first: impulses
+    moved by half the image must give the moved responses (to 100 eps of the largest), and
+    the responses must reproduce its output on a probe image of small integers (to the
+    square root of the dtype's eps, relative).
 
     Args:
         layer: a module mapping (B, C_in, n, m) to (B, C_out, n, m), real or complex.
@@ -184,33 +187,49 @@ def conv_singular_values(
         (n, m, min(C_out, C_in)) float64 singular values, descending per frequency.
 
     Raises:
-        ValueError: the layer changes the image size, or is not a linear circular
-            convolution at this shape (zero padding, a nonlinearity, a stride); the message says which.
+        ValueError: the layer changes the image size (a stride), does not commute with circular
+            shifts (zero padding), or is not linear (a nonlinearity); the message says which.
     """
     channels, n, m = shape
-    parameter = next(layer.parameters(), None)
+    tensor = next(itertools.chain(layer.parameters(), layer.buffers()), None)
     if dtype is None:
-        dtype = parameter.dtype.to_real() if parameter is not None else torch.get_default_dtype()
-    device = parameter.device if parameter is not None else None
-    impulses = torch.zeros(channels, channels, n, m, dtype=dtype, device=device)
-    impulses[range(channels), range(channels), 0, 0] = 1
-    probe = torch.randn(1, channels, n, m, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
-    with torch.no_grad():
-        responses = layer(torch.cat([impulses, probe, torch.zeros_like(probe)]))
-        if responses.shape[-2:] != (n, m):
-            raise ValueError(f"{type(layer).__name__} maps {n} x {m} images to {tuple(responses.shape[-2:])}")
-        responses = (responses[:-1] - responses[-1:]).to(torch.complex128)
+        dtype = tensor.dtype.to_real() if tensor is not None else torch.get_default_dtype()
+    device = tensor.device if tensor is not None else None
+    # One impulse per input channel at pixel (0, 0), the same at (n // 2, m // 2), a probe of small
+    # integers (exact in any float format, so reduced-precision kernels round only the weights), zero.
+    impulses = torch.zeros(2, channels, channels, n, m, dtype=dtype, device=device)
+    impulses[0, range(channels), range(channels), 0, 0] = 1
+    impulses[1, range(channels), range(channels), n // 2, m // 2] = 1
+    draw = torch.Generator().manual_seed(0)
+    probe = torch.randint(-4, 5, (2 if dtype.is_complex else 1, channels, n, m), generator=draw).to(dtype)
+    probe = (probe[0] + 1j * probe[1] if dtype.is_complex else probe[0]).to(device)
+    was_training = layer.training
+    layer.eval()  # measured as it certifies: a BatchNorm or a dropout in training mode would change the answer
+    try:
+        with torch.no_grad():
+            batch = torch.cat([impulses.flatten(0, 1), probe[None], torch.zeros_like(probe[None])])
+            responses = layer(batch)
+    finally:
+        layer.train(was_training)
+    if responses.shape[-2:] != (n, m):
+        raise ValueError(f"{type(layer).__name__} maps {n} x {m} images to {tuple(responses.shape[-2:])}")
+    responses = (responses[:-1] - responses[-1:]).to(torch.complex128)
+    at_origin, at_centre, expected = responses[:channels], responses[channels:-1], responses[-1]
+    eps, name = torch.finfo(dtype).eps, type(layer).__name__
+    # Shift equivariance, to rounding: an impulse moved moves its response (zero padding cuts taps at the border).
+    shifted = torch.roll(at_origin, (n // 2, m // 2), dims=(-2, -1))
+    if not (at_centre - shifted).abs().max() <= 100 * eps * at_origin.abs().max().clamp_min(1e-300):
+        raise ValueError(f"{name} does not commute with circular shifts of {tuple(shape)} images (zero padding?)")
     # transfer[f1, f2] = the C_out x C_in matrix by which frequency (f1, f2) of the input is multiplied.
-    transfer = torch.fft.fft2(responses[:channels]).permute(2, 3, 1, 0)
-    rebuilt = torch.fft.ifft2(
-        (transfer @ torch.fft.fft2(probe[0].to(torch.complex128)).permute(1, 2, 0)[..., None])[..., 0].permute(2, 0, 1)
-    )
-    expected = responses[channels]
+    transfer = torch.fft.fft2(at_origin).permute(2, 3, 1, 0)
+    spectrum = torch.fft.fft2(probe.to(torch.complex128)).permute(1, 2, 0)[..., None]
+    rebuilt = torch.fft.ifft2((transfer @ spectrum)[..., 0].permute(2, 0, 1))
+    # Linearity: the impulse responses must reproduce the output on the probe.
     error = torch.linalg.vector_norm(rebuilt - expected) / torch.linalg.vector_norm(expected).clamp_min(1e-300)
-    if not error <= torch.finfo(dtype).eps ** 0.5:
+    if not error <= eps**0.5:
         raise ValueError(
-            f"{type(layer).__name__} is not a linear circular convolution of {tuple(shape)} images: its impulse "
-            f"responses reproduce its output to a relative {error.item():.1e} only (zero padding, a nonlinearity?)"
+            f"{name} is not a linear map of {tuple(shape)} images: its impulse responses reproduce its output to "
+            f"a relative {error.item():.1e} only (a nonlinearity?)"
         )
     return torch.linalg.svdvals(transfer)
 
