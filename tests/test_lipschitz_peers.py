@@ -72,6 +72,7 @@ def test_a_summary_certifies_with_the_network_bound_not_with_one(monkeypatch):
     assert summary["lipschitz_bound"] == pytest.approx(2, rel=1e-5)
     assert summary["bound"] == peers.BOUND and summary["norm_deviation_max"] == pytest.approx(1, rel=1e-5)
     assert constants == [summary["lipschitz_bound"], 1.0]  # the test figures, then those at the package's claim
+    assert set(summary["attack_at_lipschitz_1"]) == {"images", "attacked", "broken_inside_radius"}  # bound > 1
     logits = peers._logits(model, data.test[0])
     certified = certified_accuracy(logits, data.test[1], peers.RADII, summary["lipschitz_bound"])
     assert summary["test_certified"] == {f"{r:g}": certified[r] for r in peers.RADII}
@@ -110,6 +111,7 @@ def test_a_resumed_run_ends_on_the_weights_of_an_uninterrupted_one(tmp_path):
         summary = json.loads((tmp_path / "parts" / method / "summary.json").read_text())
         assert summary["epochs"] == 2 and set(summary["test_certified"]) == {"0.5", "1", "1.58"}
         assert summary["attack"]["broken_inside_radius"] == 0 and summary["attack"]["images"] == 12
+        assert ("attack_at_lipschitz_1" in summary) == (summary["lipschitz_bound"] > 1 + peers.LOOSE_BOUND)
     table = (tmp_path / "parts" / "results.md").read_text()
     assert all(f"| {method} |" in table for method in AVAILABLE)
     assert peers.main(["--table-only", "--out-root", str(tmp_path / "parts")]) == 0
