@@ -31,7 +31,7 @@ before the bound was part of them certified with Lipschitz constant 1) and, once
 ``summary.json`` with the test figures, measured once on the final weights. Their certificates use
 each network's own bound, the product of its layers' largest singular values, every singular value
 of each convolution computed exactly (:func:`projunn.robust.conv_singular_values`): a package's
-layer that left the orthogonal group in training (a truncated series) shows in the bound rather than
+layer that left the orthogonal group in training shows in the bound rather than
 in an unsound certificate. Then the soundness checks: the largest Jacobian norm over 200 test images
 (from below) and an L2 PGD attack on the first 500 test images, each certified one attacked just
 inside its radius (a sound certificate leaves nothing to find). A summary written before either gets
@@ -50,6 +50,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import importlib.metadata
@@ -61,7 +62,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,6 +290,12 @@ def spectra(model: torch.nn.Sequential, image: torch.Tensor) -> list[torch.Tenso
     finally:
         model.train(was_training)
     return [*convs, torch.linalg.svdvals(model[-1].weight.detach().double())]
+
+
+def network_bound(values: list[torch.Tensor]) -> float:
+    """A sound L2 Lipschitz bound of the skeleton from its layers' :func:`spectra`: the product of their largest
+    singular values (channel padding, space-to-depth, MaxMin and flattening are 1-Lipschitz)."""
+    return math.prod(v.max().item() for v in values)
 
 
 def conv_input_shapes(model: torch.nn.Sequential, image: torch.Tensor) -> list[tuple[int, ...]]:
@@ -532,7 +539,7 @@ def train_method(
                 save()
                 log(f"{method}: stopped at epoch {position['epoch'] + 1}, step {position['step']}; --resume continues")
                 return None
-        bound = math.prod(values.max().item() for values in spectra(model, x[:1]))
+        bound = network_bound(spectra(model, x[:1]))
         scores = evaluate(model, *data.validation, bound)
         row = {
             "epoch": position["epoch"] + 1,
@@ -602,7 +609,7 @@ def summarise(
     model.train()
     # A package's layer may drift from orthogonality (a truncated series, an iteration stopped early): its
     # certificates use the network's exact bound, not the Lipschitz constant 1 the package aims for.
-    bound = math.prod(v.max().item() for v in values)
+    bound = network_bound(values)
     logits = _logits(model, test_x)
     scores, at_one = _scores(logits, test_y, bound), _scores(logits, test_y, 1.0)
     deviations = [(v - 1).abs().max().item() for v in values[:-1]]
@@ -738,6 +745,24 @@ def _side_by_side(timing: dict[str, Any], method: str, settings: dict[str, Any])
 # ----------------------------------------------------------------------------- command line
 
 
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """While inside, SIGINT and SIGTERM only ask for a stop at the next step boundary; yields whether one was
+    asked for. The previous handlers are restored on leaving."""
+    requested: list[int] = []
+
+    def request(signum, frame) -> None:
+        requested.append(signum)
+        print(f"signal {signum}: stopping after this step", file=sys.stderr)
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -789,14 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(timing, indent=2))
     elif not args.table_only:
         settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-        stopping: list[int] = []
-
-        def request_stop(signum, frame) -> None:
-            stopping.append(signum)
-            print(f"signal {signum}: stopping after this step", file=sys.stderr)
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with stop_requests() as stop:
             data = load_data(settings)
             for method in args.methods:
                 reason = unavailable_reason(method)
@@ -812,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                         folder,
                         resume=args.resume,
                         max_steps=args.max_steps,
-                        stop=lambda: bool(stopping),
+                        stop=stop,
                     )
                 except UnavailableError as reason:
                     print(f"skipped {reason}")
@@ -820,11 +838,8 @@ def main(argv: list[str] | None = None) -> int:
                 except ValueError as error:
                     print(f"lipschitz_peers: {error}", file=sys.stderr)
                     return 2
-                if stopping:
+                if stop():
                     return 1
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
     args.out_root.mkdir(parents=True, exist_ok=True)
     table = results_table(args.out_root)
     (args.out_root / "results.md").write_text(table)
