@@ -9,7 +9,9 @@ at the largest radius (1.58; ties: clean validation accuracy) then trains the wh
 chosen probe is that run's first epoch (the same seed, batches and schedule), so the run continues
 from it.
 
-``<out-root>/selection.json`` records every probe's validation row and each method's choice;
+A finished probe keeps its ``metrics.csv`` and ``probe.json`` (its settings and validation row); its
+checkpoint is removed once the choice is made. ``<out-root>/selection.json`` records every probe's
+validation row and each method's choice;
 ``<out-root>/results.md`` is `lipschitz_peers`'s table of the tuned runs with the probes beneath.
 Every probe and run resumes (Ctrl-C or SIGTERM ends a sitting after the current step).
 
@@ -28,7 +30,6 @@ import math
 import os
 import pathlib
 import shutil
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,8 @@ ROOT = pathlib.Path(__file__).resolve().parent / "results" / "lipschitz-tuned"
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2)
 #: What a probe is ranked by: certified validation accuracy at the largest radius, then clean accuracy.
 RANKED_BY = (f"val_certified_{peers.RADII[-1]:g}", "val_accuracy")
+#: A finished probe's settings and validation row, in its folder.
+PROBE_RECORD = "probe.json"
 
 
 def probe_folder(root: pathlib.Path, method: str, lr: float) -> pathlib.Path:
@@ -52,11 +55,15 @@ def probe(
 ) -> dict[str, float] | None:
     """The validation row after the first epoch of ``method``'s schedule at ``lr`` (None: the sitting stopped)."""
     folder, tried = probe_folder(root, method, lr), dataclasses.replace(settings, lr=lr)
-    checkpoint = folder / "checkpoint.pt"
+    checkpoint, record = folder / "checkpoint.pt", folder / PROBE_RECORD
+    if record.exists():
+        saved = json.loads(record.read_text())
+        peers.check_settings(saved, tried, folder)  # a probe of another schedule must not decide this one
+        return saved["row"]
     position = None
     if checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)
-        peers.check_settings(saved, tried, folder)  # a probe of another schedule must not decide this one
+        peers.check_settings(saved, tried, folder)
         position = saved["position"]
     if position is None or not position["rows"]:
         per_epoch = math.ceil(len(data.train[0]) / settings.batch_size)
@@ -65,7 +72,10 @@ def probe(
             method, tried, data, folder, resume=position is not None, max_steps=per_epoch - done, stop=stop
         )
         position = torch.load(checkpoint, weights_only=True)["position"]
-    return position["rows"][0] if position["rows"] else None
+    if not position["rows"]:
+        return None
+    record.write_text(json.dumps({"settings": dataclasses.asdict(tried), "row": position["rows"][0]}, indent=2) + "\n")
+    return position["rows"][0]
 
 
 def choose(rows: dict[float, dict[str, float]]) -> float:
@@ -87,7 +97,9 @@ def tune(
     selection = {"probes": {f"{lr:g}": row for lr, row in rows.items()}, "chosen_lr": chosen, "ranked_by": RANKED_BY}
     _record(root, method, selection)
     if not (root / method).exists():  # the chosen probe is the run's first epoch: same seed, batches and schedule
-        shutil.copytree(probe_folder(root, method, chosen), root / method)
+        shutil.copytree(probe_folder(root, method, chosen), root / method, ignore=shutil.ignore_patterns(PROBE_RECORD))
+    for lr in lrs:  # each probe's record is all that is kept of it (a checkpoint is 25 MB at the defaults)
+        (probe_folder(root, method, lr) / "checkpoint.pt").unlink(missing_ok=True)
     summary = peers.train_method(
         method,
         dataclasses.replace(settings, lr=chosen),
@@ -158,23 +170,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         chosen = {k: getattr(args, k) for k in ("epochs", "limit_train", "data", "batch_size", "channels", "blocks")}
         settings = peers.Settings(**chosen)
-        stopping: list[int] = []
-        previous = {
-            s: signal.signal(s, lambda signum, frame: stopping.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
+        lrs = tuple(dict.fromkeys(args.lrs))
+        with peers.stop_requests() as stop:
             data = peers.load_data(settings)
             for method in args.methods:
-                lrs = tuple(dict.fromkeys(args.lrs))
                 try:
-                    if tune(method, lrs, settings, data, args.out_root, lambda: bool(stopping)) is None:
+                    if tune(method, lrs, settings, data, args.out_root, stop) is None:
                         return 1
                 except ValueError as error:
                     print(f"lipschitz_tuned: {error}", file=sys.stderr)
                     return 2
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
     args.out_root.mkdir(parents=True, exist_ok=True)
     table = peers.results_table(args.out_root) + "\n" + selection_table(args.out_root)
     (args.out_root / "results.md").write_text(table)

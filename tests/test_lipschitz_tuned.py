@@ -26,8 +26,11 @@ def test_each_method_trains_at_the_lr_its_probes_chose_and_a_second_start_needs_
     rows = {float(lr): row for lr, row in selection["probes"].items()}
     assert set(rows) == {0.001, 0.03} and selection["chosen_lr"] == tuned.choose(rows)
     for lr, row in rows.items():  # each probe stopped after the schedule's first epoch, scored on validation
-        position = torch.load(tuned.probe_folder(tmp_path, "projunn-t", lr) / "checkpoint.pt", weights_only=True)
-        assert position["position"]["rows"] == [row] and position["settings"]["lr"] == lr
+        folder = tuned.probe_folder(tmp_path, "projunn-t", lr)
+        record = json.loads((folder / tuned.PROBE_RECORD).read_text())
+        assert record["row"] == row and record["settings"]["lr"] == lr
+        assert len((folder / "metrics.csv").read_text().splitlines()) == 2  # the header and the first epoch
+        assert not (folder / "checkpoint.pt").exists()  # once the choice is made, the record is what is kept
     run = torch.load(tmp_path / "projunn-t" / "checkpoint.pt", weights_only=True)
     assert run["settings"]["lr"] == selection["chosen_lr"] and len(run["position"]["rows"]) == 2
     assert run["position"]["rows"][0] == rows[selection["chosen_lr"]]  # the chosen probe was its first epoch
