@@ -22,8 +22,6 @@ __all__ = ["Built", "build", "build_optimizer", "check_fits", "constrain", "max_
 
 #: ``method`` -> the ``orthogonal_map`` of torch's orthogonal parametrisation.
 _TORCH_MAPS = {"expm": "matrix_exp", "cayley": "cayley"}
-#: ``capacity`` "full": as many layers of rotations as the matrix has rows.
-_FULL_CAPACITY = "full"
 _BASE_OPTIMIZERS = {
     "rmsprop": lambda groups, lr: torch.optim.RMSprop(groups, lr=lr),
     "adam": lambda groups, lr: torch.optim.Adam(groups, lr=lr),
@@ -78,15 +76,10 @@ def constrain(slots: list[tuple[torch.nn.Module, str]], method: str, capacity: i
         if method in _TORCH_MAPS:
             parametrizations.orthogonal(module, name, orthogonal_map=_TORCH_MAPS[method])
         elif method == "eunn":
-            _eunn_from_weight(module, name, capacity)
-
-
-def _eunn_from_weight(module: torch.nn.Module, name: str, capacity: int | str) -> None:
-    """An EUNN mesh of ``capacity`` layers (as resolved) on ``module.name``, starting from its value."""
-    try:
-        eunn(module, name, capacity=None if capacity == _FULL_CAPACITY else capacity)
-    except ValueError as error:  # the library names the weights it can start from
-        raise RunError(f"--method eunn --capacity {capacity}: {error} (here: --capacity full)") from None
+            try:  # capacity "full": as many layers of rotations as the matrix has rows (the library's None)
+                eunn(module, name, capacity=None if capacity == "full" else capacity)
+            except ValueError as error:  # the library names the weights it can start from
+                raise RunError(f"--method eunn --capacity {capacity}: {error} (here: --capacity full)") from None
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> ProjUNN:

@@ -34,6 +34,7 @@ from ._files import (
     visible_entries,
 )
 from ._loggers import TENSORBOARD_DIR
+from ._state import STATE_ENTRIES
 
 __all__ = [
     "CHECKPOINT",
@@ -56,7 +57,7 @@ CHECKPOINT = "checkpoint.pt"
 #: (the device type it was written on), ``model`` and ``optimizer`` (state dicts), and the run state
 #: (see :class:`projunn.harness._state.RunState`).
 CHECKPOINT_FORMAT = "projunn-run/1"
-_CHECKPOINT_KEYS = ("config", "step", "seconds", "history", "model", "optimizer")  # needed to continue a run
+_CHECKPOINT_KEYS = ("config", *STATE_ENTRIES, "model", "optimizer")  # needed to continue a run
 #: What a run writes into its folder (``overwrite`` removes exactly these).
 _RUN_FILES = ("config.json", "metrics.csv", "summary.json", "curves.png", CHECKPOINT, "certify.json")
 #: Every name a run puts into its folder (hidden ones aside: the lock and temporary files).

@@ -6,7 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RunState"]
+__all__ = ["STATE_ENTRIES", "RunState"]
+
+#: The checkpoint entries of a :class:`RunState` (the checkpoint format keeps these names).
+STATE_ENTRIES = ("step", "seconds", "history", "window", "nonfinite_losses", "failing")
 
 
 @dataclass
@@ -33,7 +36,7 @@ class RunState:
     saved_step: int | None = None
 
     def to_checkpoint(self) -> dict[str, Any]:
-        """The checkpoint entries of the state (the checkpoint format keeps these names)."""
+        """The checkpoint entries of the state (:data:`STATE_ENTRIES`)."""
         return {
             "step": self.step,
             "seconds": self.seconds,
@@ -45,18 +48,10 @@ class RunState:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> RunState:
-        """The state a checkpoint saved; entries added after the first format default to a fresh run's."""
-        window_loss, window_count = checkpoint.get("window", (0.0, 0))
-        return cls(
-            step=checkpoint["step"],
-            seconds=checkpoint["seconds"],
-            history=checkpoint["history"],
-            window_loss=window_loss,
-            window_count=window_count,
-            nonfinite_losses=checkpoint.get("nonfinite_losses", 0),
-            failing=checkpoint.get("failing", 0),
-            saved_step=checkpoint["step"],
-        )
+        """The state a checkpoint saved (:func:`projunn.harness._folder.read_checkpoint` checked its entries)."""
+        window_loss, window_count = checkpoint["window"]
+        kept = {key: checkpoint[key] for key in STATE_ENTRIES if key != "window"}
+        return cls(**kept, window_loss=window_loss, window_count=window_count, saved_step=checkpoint["step"])
 
     @property
     def best_loss(self) -> float:

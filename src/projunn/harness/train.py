@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
 
 from ._build import Built, build, check_fits, max_unitarity_error, pick_device
 from ._config import (
@@ -152,7 +153,9 @@ def train(config: TrainConfig, *, log=print, loggers=()) -> dict[str, Any]:
 def _train_steps(run: _Run, stops: _StopSignals) -> _Outcome:
     """Train until the last step, the time budget, divergence or Ctrl-C; say which ended the run."""
     state, config, total = run.state, run.config, run.built.data.total_steps
-    clock = _Clock(state.seconds, config.max_minutes)
+    # The seconds column continues across resumes; the time budget counts this invocation only.
+    seconds_before, started = state.seconds, time.perf_counter()
+    budget = math.inf if config.max_minutes is None else 60 * config.max_minutes
     with stops.deferred(run.log), _progress_bar(run) as bar:
         try:
             while state.step < total:
@@ -160,10 +163,11 @@ def _train_steps(run: _Run, stops: _StopSignals) -> _Outcome:
                 bar.update(1)
                 if state.failing >= config.max_nonfinite:
                     return _Outcome.DIVERGED
+                elapsed = time.perf_counter() - started
                 # Replicas stop at the same step, whichever of them ran out of time or was signalled.
-                out_of_time, signum = run.replicas.largest(float(clock.out_of_time()), float(stops.requested))
+                out_of_time, signum = run.replicas.largest(float(elapsed > budget), float(stops.requested))
                 if state.step % config.eval_every == 0 or state.step == total or out_of_time:
-                    state.seconds = clock.seconds()
+                    state.seconds = seconds_before + elapsed
                     _evaluation_row(run, bar)
                     if out_of_time:
                         bar.close()  # the bar's last state above the message, not redrawn below it
@@ -171,7 +175,7 @@ def _train_steps(run: _Run, stops: _StopSignals) -> _Outcome:
                         return _Outcome.OUT_OF_TIME
                 if signum:
                     run.stop_signal = signal.Signals(int(signum)).name
-                    state.seconds = clock.seconds()
+                    state.seconds = seconds_before + elapsed
                     _save_checkpoint(run)  # at a clean step boundary: the checkpoint continues exactly
                     bar.close()
                     run.log(f"interrupted at step {state.step}; checkpoint saved in {run.out} (continue with --resume)")
@@ -284,7 +288,6 @@ def _training_step(run: _Run) -> None:
         loss.backward()
         factor = learning_rate_factor(run.config, state.step)
         for group in optimizer.param_groups:
-            # setdefault: checkpoints written before schedules existed carry no initial_lr.
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
         optimizer.step()
     optimizer.zero_grad()
@@ -418,22 +421,6 @@ def _summary(run: _Run, outcome: _Outcome, final: dict[str, float]) -> dict[str,
 # -- around the steps ----------------------------------------------------------------------
 
 
-class _Clock:
-    """Seconds of training, continuing the run's count across resumes, and this invocation's time budget."""
-
-    def __init__(self, seconds_before: float, max_minutes: float | None):
-        now = time.perf_counter()
-        self.started = now - seconds_before  # the seconds column continues across resumes
-        self.budget_started = now  # max_minutes counts this invocation only
-        self.max_minutes = max_minutes
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
-
-    def out_of_time(self) -> bool:
-        return self.max_minutes is not None and time.perf_counter() - self.budget_started > 60 * self.max_minutes
-
-
 class Interrupted(KeyboardInterrupt):
     """A stop signal (Ctrl-C's SIGINT, or SIGTERM) that ends a run at once; ``signum`` says which."""
 
@@ -487,8 +474,6 @@ class _StopSignals:
 def _scoring_bar(run: _Run):
     """Bars for the passes over held-out data, shown where the training bar is (scoring ~26,000 images
     takes minutes) and removed when a pass ends; ``--eval-limit`` shortens the image tasks' passes."""
-    from tqdm.auto import tqdm
-
     return functools.partial(tqdm, leave=False, disable=run.lines or not run.replicas.is_main)
 
 
@@ -497,8 +482,6 @@ def _above_bars(log):
     (Ctrl-C's "stopping after this step") does not land inside a bar."""
 
     def say(message: str) -> None:
-        from tqdm.auto import tqdm
-
         with tqdm.external_write_mode():
             log(message)
 
@@ -507,8 +490,6 @@ def _above_bars(log):
 
 def _progress_bar(run: _Run):
     """A tqdm bar on rank 0 where someone watches it (see ``_Run.lines``); disabled otherwise."""
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=run.built.data.total_steps,
         initial=run.state.step,

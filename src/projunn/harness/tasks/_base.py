@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ...models import SequenceModel
+
 __all__ = ["Task", "Unwatched"]
 
 #: Settings shared by the recurrent tasks (the paper: RMSprop, unitary lr = lr / 32).
@@ -128,6 +130,22 @@ class Task:
     def rnn_footprint(self, config, batch: int, length: int) -> int:
         """:meth:`footprint` of a unitary RNN of ``config.hidden`` units over ``length`` time steps."""
         return WEIGHT_COPIES * config.hidden**2 + RNN_SAVED_VALUES * batch * length * config.hidden
+
+    def rnn_model(self, input_size: int, output_size: int, *, tokens: bool = False) -> SequenceModel:
+        """The unitary RNN of the sequence tasks: ``config.hidden`` units with the run's RNN settings;
+        ``tokens``: one-hot symbols in, a prediction at every step out (copy)."""
+        config = self.config
+        return SequenceModel(
+            input_size,
+            config.hidden,
+            output_size,
+            tokens=tokens,
+            every_step=tokens,
+            nonlinearity=config.nonlinearity,
+            dtype=weight_dtype(config),
+            init=config.init,
+            input_init=config.input_init or "he",
+        )
 
     def baseline(self, config) -> float | None:
         return None

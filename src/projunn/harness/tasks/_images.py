@@ -9,10 +9,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...models import DeepUnitaryCNN, LipschitzCNN, SequenceModel, UnitaryResNet9
+from ...models import DeepUnitaryCNN, LipschitzCNN, UnitaryResNet9
 from ...robust import certified_radius, lipschitz_bound, offset_cross_entropy
 from ..datasets import load_cifar10, load_images
-from ._base import RNN_DEFAULTS, RNN_OPTIONS, WEIGHT_COPIES, Task, Unwatched, evaluating, stream, weight_dtype
+from ._base import RNN_DEFAULTS, RNN_OPTIONS, WEIGHT_COPIES, Task, Unwatched, evaluating, stream
 
 __all__ = ["ImageTask", "PixelMNISTTask"]
 
@@ -174,16 +174,7 @@ class PixelMNISTTask(_ClassificationTask):
         return (self.to_device(pixels[:, self.order], torch.get_default_dtype()) / 255.0).unsqueeze(-1)
 
     def build_model(self) -> torch.nn.Module:
-        config = self.config
-        return SequenceModel(
-            1,
-            config.hidden,
-            10,
-            nonlinearity=config.nonlinearity,
-            dtype=weight_dtype(config),
-            init=config.init,
-            input_init=config.input_init or "he",
-        )
+        return self.rnn_model(1, 10)  # a pixel in, ten class scores out
 
 
 class ImageTask(_ClassificationTask):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...models import SequenceModel
-from ._base import RNN_DEFAULTS, RNN_OPTIONS, Task, Unwatched, evaluating, stream, weight_dtype
+from ._base import RNN_DEFAULTS, RNN_OPTIONS, Task, Unwatched, evaluating, stream
 from ._synthetic import COPY_ALPHABET, COPY_SYMBOLS, adding_baseline, adding_batch, copy_baseline, copy_batch
 
 __all__ = ["ADDING_TOLERANCE", "EVAL_CHUNK", "EVAL_SIZE", "AddingTask", "CopyTask"]
@@ -51,18 +50,7 @@ class _SequenceTask(Task):
         return values, "--batch-size, --seq-len or --hidden"
 
     def build_model(self) -> torch.nn.Module:
-        config = self.config
-        return SequenceModel(
-            self.input_size,
-            config.hidden,
-            self.output_size,
-            tokens=self.tokens,
-            every_step=self.tokens,
-            nonlinearity=config.nonlinearity,
-            dtype=weight_dtype(config),
-            init=config.init,
-            input_init=config.input_init or "he",
-        )
+        return self.rnn_model(self.input_size, self.output_size, tokens=self.tokens)
 
     def batch(self, step):
         # Drawn on the CPU (where the generator lives), so every device sees the same batches.
