@@ -145,15 +145,16 @@ def test_a_garbage_checkpoint_is_refused_without_torchs_advice(tmp_path, capsys,
     assert "weights_only" not in err and err.count("\n") == 1
 
 
-def test_a_checkpoint_without_its_step_names_the_missing_entry(tmp_path, capsys):
+@pytest.mark.parametrize("entry", ["step", "window", "failing"])
+def test_a_checkpoint_without_an_entry_of_its_run_state_names_the_missing_entry(tmp_path, capsys, entry):
     out = _train(tmp_path, "--steps", "2")
     checkpoint = torch.load(out / CHECKPOINT, weights_only=True)
-    del checkpoint["step"]
+    del checkpoint[entry]
     torch.save(checkpoint, out / CHECKPOINT)
     capsys.readouterr()
     assert main(["train", "copy", *RUN, "--steps", "4", "--resume", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "is not a complete projunn checkpoint: it has no 'step' entry" in err and err.count("\n") == 1
+    assert f"is not a complete projunn checkpoint: it has no {entry!r} entry" in err and err.count("\n") == 1
 
 
 def test_a_truncated_checkpoint_is_refused_and_kept(tmp_path, capsys):
